@@ -1,0 +1,382 @@
+"""Whole age files: encrypt a stream to recipients, and read any age file at random offsets.
+
+`AgeReader` is the random-access reader the vault and the mount build on: it authenticates the
+final chunk on open (so the plaintext size is trusted), then maps any (offset, length) to the
+chunks covering it. `decrypt_stream` is the sequential reader with age's streaming semantics
+(the authenticated prefix is released, then the error), used for files of unknown provenance.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO, Protocol
+
+from . import parallel
+from .errors import FormatError, PayloadError
+from .header import MAX_HEADER, Header, TruncatedHeader, parse_header
+from .keys import Identity, Recipient, new_file_key, unwrap, wrap_all
+from .stream import (
+    CHUNK,
+    CT_CHUNK,
+    NONCE_SIZE,
+    TAG,
+    chunk_count,
+    decrypt_chunk_into,
+    encrypt_chunk_into,
+    payload_aead,
+    plaintext_size,
+    wipe,
+)
+
+
+class RangeSource(Protocol):
+    """Random access to one stored object (a local file, an S3 object, bytes in memory)."""
+
+    size: int
+
+    def preadinto(self, offset: int, buf: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class BytesSource:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        part = self.data[offset : offset + len(buf)]
+        buf[: len(part)] = part
+        return len(part)
+
+    def close(self) -> None:
+        pass
+
+
+class FileSource:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        total = 0
+        while total < len(buf):
+            n = os.preadv(self.fd, [buf[total:]], offset + total)
+            if n == 0:
+                break
+            total += n
+        return total
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def pread(src: RangeSource, offset: int, length: int) -> bytes:
+    buf = bytearray(max(0, min(length, src.size - offset)))
+    n = src.preadinto(offset, memoryview(buf))
+    return bytes(buf[:n])
+
+
+def read_header(src: RangeSource, hint: int = 4096) -> Header:
+    """Parse the header at the start of `src`, reading more only if the first read ends inside it."""
+    want = hint
+    while True:
+        data = pread(src, 0, want)
+        try:
+            return parse_header(data)
+        except TruncatedHeader:
+            if len(data) < want or want >= MAX_HEADER:
+                raise FormatError("age header is truncated") from None
+            want *= 4
+
+
+class AgeReader:
+    """Random-access plaintext view of one age file. Thread-safe for concurrent reads."""
+
+    def __init__(
+        self,
+        src: RangeSource,
+        file_key: bytes | bytearray | None = None,
+        identities: Sequence[Identity] = (),
+        header: Header | None = None,
+    ) -> None:
+        self.src = src
+        self.header = header if header is not None else read_header(src)
+        if file_key is None:
+            file_key = unwrap(self.header, identities)
+        else:
+            self.header.verify_mac(file_key)
+        hlen = self.header.length
+        if src.size < hlen + NONCE_SIZE:
+            raise FormatError("payload nonce is missing (truncated file)")
+        nonce = pread(src, hlen, NONCE_SIZE)
+        self.aead = payload_aead(file_key, nonce)
+        self.payload_start = hlen + NONCE_SIZE
+        self.size = plaintext_size(src.size - self.payload_start)
+        self.chunks = chunk_count(self.size)
+        # Authenticate the final chunk now: only then is `size` (from the object size) trusted.
+        scratch = bytearray(CHUNK)
+        try:
+            self.read_chunks_into(self.chunks - 1, 1, memoryview(scratch))
+        finally:
+            wipe(scratch)
+
+    def chunk_plain_len(self, index: int) -> int:
+        return min(CHUNK, self.size - index * CHUNK) if index < self.chunks - 1 else (
+            self.size - (self.chunks - 1) * CHUNK
+        )
+
+    def read_chunks_into(
+        self, first: int, count: int, out: memoryview, ct_buf: memoryview | None = None
+    ) -> int:
+        """Decrypt chunks [first, first+count) into `out`; returns plaintext bytes written.
+
+        One backend read covers all the chunks. On a failed chunk, everything this call wrote
+        into `out` is wiped before PayloadError propagates.
+        """
+        last_index = min(first + count, self.chunks) - 1
+        if first < 0 or first > last_index:
+            return 0
+        ct_start = self.payload_start + first * CT_CHUNK
+        ct_len = min(self.src.size, self.payload_start + (last_index + 1) * CT_CHUNK) - ct_start
+        if ct_buf is None or len(ct_buf) < ct_len:
+            ct_buf = memoryview(bytearray(ct_len))
+        got = self.src.preadinto(ct_start, ct_buf[:ct_len])
+        if got != ct_len:
+            raise PayloadError("object shrank while reading (truncated)", first)
+        pos = 0
+        written = 0
+        try:
+            for i in range(first, last_index + 1):
+                clen = min(CT_CHUNK, ct_len - pos)
+                written += decrypt_chunk_into(
+                    self.aead, i, i == self.chunks - 1, ct_buf[pos : pos + clen], out[written:]
+                )
+                pos += clen
+        except PayloadError:
+            wipe(out[:written])
+            raise
+        return written
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Plaintext bytes [offset, offset+length), clipped to the file size."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        buf = bytearray((last - first + 1) * CHUNK)
+        try:
+            self.read_chunks_into(first, last - first + 1, memoryview(buf))
+            return bytes(buf[offset - first * CHUNK : end - first * CHUNK])
+        finally:
+            wipe(buf)
+
+    def iter_range(self, offset: int, length: int) -> Iterator[memoryview]:
+        """Yield the plaintext of [offset, offset+length) in order, decrypted in parallel batches.
+        Each yielded view is valid only until the next one is requested."""
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        batch = parallel.BATCH
+        pt_pool = parallel.BufferPool(batch * CHUNK, parallel.DEPTH + 2)
+        ct_pool = parallel.BufferPool(batch * CT_CHUNK, parallel.DEPTH + 2)
+
+        def job(start: int, count: int) -> Callable[[], tuple[int, bytearray, int]]:
+            def run() -> tuple[int, bytearray, int]:
+                pt, ct = pt_pool.get(), ct_pool.get()
+                try:
+                    n = self.read_chunks_into(start, count, memoryview(pt), memoryview(ct))
+                except BaseException:
+                    pt_pool.put(pt)
+                    raise
+                finally:
+                    ct_pool.put(ct, dirty=False)
+                return start, pt, n
+
+            return run
+
+        jobs = (job(s, min(batch, last + 1 - s)) for s in range(first, last + 1, batch))
+        try:
+            for start, pt, n in parallel.ordered(jobs):
+                base = start * CHUNK
+                lo = max(offset, base) - base
+                hi = min(end, base + n) - base
+                try:
+                    yield memoryview(pt)[lo:hi]
+                finally:
+                    pt_pool.put(pt)
+        finally:
+            pt_pool.close()
+            ct_pool.close()
+
+
+def open_age(src: RangeSource, identities: Sequence[Identity]) -> AgeReader:
+    return AgeReader(src, identities=identities)
+
+
+# ------------------------------------------------------------------------- encryption ----
+
+
+def _readfull(f: BinaryIO, buf: memoryview) -> int:
+    total = 0
+    while total < len(buf):
+        n = f.readinto(buf[total:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        total += n
+    return total
+
+
+def encrypt_stream(
+    src: BinaryIO,
+    write: Callable[[memoryview | bytes], object],
+    recipients: Sequence[Recipient],
+    progress: Callable[[int], None] | None = None,
+    file_key: bytearray | None = None,
+) -> tuple[Header, int]:
+    """Encrypt all of `src` as one age file, in constant memory; returns (header, plaintext size).
+
+    Reads one batch ahead so the final chunk (nonce flag 0x01) is known when it is encrypted.
+    """
+    if not recipients:
+        raise FormatError("no recipients to encrypt to")
+    fk = file_key if file_key is not None else new_file_key()
+    try:
+        header = Header.build(wrap_all(fk, recipients), fk)
+        nonce = os.urandom(NONCE_SIZE)
+        aead = payload_aead(fk, nonce)
+    finally:
+        wipe(fk)
+    write(header.encode())
+    write(nonce)
+
+    batch = parallel.BATCH
+    pt_pool = parallel.BufferPool(batch * CHUNK, parallel.DEPTH + 3)
+    ct_pool = parallel.BufferPool(batch * CT_CHUNK, parallel.DEPTH + 3)
+    total = 0
+
+    def job(
+        first: int, pt: bytearray, n: int, final: bool
+    ) -> Callable[[], tuple[bytearray, int, int]]:
+        def run() -> tuple[bytearray, int, int]:
+            ct = ct_pool.get()
+            out = memoryview(ct)
+            src_mv = memoryview(pt)
+            count = chunk_count(n) if final else n // CHUNK
+            pos = 0
+            for k in range(count):
+                lo = k * CHUNK
+                hi = min(n, lo + CHUNK)
+                pos += encrypt_chunk_into(
+                    aead, first + k, final and k == count - 1, src_mv[lo:hi], out[pos:]
+                )
+            pt_pool.put(pt)
+            return ct, pos, n
+
+        return run
+
+    def jobs() -> Iterator[Callable[[], tuple[bytearray, int, int]]]:
+        nonlocal total
+        index = 0
+        cur = pt_pool.get()
+        n = _readfull(src, memoryview(cur))
+        while True:
+            if n < len(cur):  # short read: end of input, this batch holds the final chunk
+                total += n
+                yield job(index, cur, n, True)
+                return
+            nxt = pt_pool.get()
+            m = _readfull(src, memoryview(nxt))
+            total += n
+            if m == 0:
+                pt_pool.put(nxt, dirty=False)
+                yield job(index, cur, n, True)
+                return
+            yield job(index, cur, n, False)
+            index += n // CHUNK
+            cur, n = nxt, m
+
+    try:
+        for ct, length, plain in parallel.ordered(jobs()):
+            write(memoryview(ct)[:length])
+            ct_pool.put(ct, dirty=False)
+            if progress is not None:
+                progress(plain)
+    finally:
+        pt_pool.close()
+        ct_pool.close()
+    return header, total
+
+
+def decrypt_stream(
+    src: BinaryIO, identities: Sequence[Identity], write: Callable[[bytes], object]
+) -> int:
+    """Sequentially decrypt an age file of unknown origin (age's own semantics): each chunk is
+    released once authenticated; a missing final chunk or trailing data is a PayloadError after
+    the valid prefix. Returns the plaintext size."""
+    data = b""
+    header: Header | None = None
+    while header is None:
+        more = src.read(4096)
+        data += more
+        try:
+            header = parse_header(data)
+        except TruncatedHeader:
+            if not more:
+                raise FormatError("age header is truncated") from None
+    fk = unwrap(header, identities)
+    try:
+        buf = data[header.length :]
+        while len(buf) < NONCE_SIZE:
+            more = src.read(NONCE_SIZE - len(buf))
+            if not more:
+                raise FormatError("payload nonce is missing (truncated file)")
+            buf += more
+        aead = payload_aead(fk, buf[:NONCE_SIZE])
+    finally:
+        wipe(fk)
+    buf = buf[NONCE_SIZE:]
+    out = bytearray(CHUNK)
+    index = total = 0
+
+    def take(n: int) -> bytes:
+        nonlocal buf
+        while len(buf) < n:
+            more = src.read(n - len(buf))
+            if not more:
+                break
+            buf += more
+        got, buf = buf[:n], buf[n:]
+        return got
+
+    try:
+        while True:
+            ct = take(CT_CHUNK)
+            if not ct:
+                raise PayloadError("payload ended without a final chunk (truncated)", index)
+            if len(ct) < TAG:
+                raise PayloadError(f"chunk {index} is truncated", index)
+            last = len(ct) < CT_CHUNK
+            try:
+                n = decrypt_chunk_into(aead, index, last, ct, memoryview(out))
+            except PayloadError:
+                if last:
+                    raise
+                # A full chunk may be the final one: age tries the final flag second.
+                last = True
+                n = decrypt_chunk_into(aead, index, last, ct, memoryview(out))
+            write(bytes(out[:n]))
+            total += n
+            index += 1
+            if last:
+                if take(1):
+                    raise PayloadError("trailing data after the final chunk", index)
+                return total
+    finally:
+        wipe(out)

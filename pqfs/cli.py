@@ -1,0 +1,537 @@
+"""The `pqfs` command. This is the error boundary for the CLI: every PqfsError / OSError becomes
+one line on stderr and a non-zero exit; a traceback is printed only with PQFS_DEBUG=1."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import NoReturn
+
+from . import __version__
+from .catalog import Entry, normpath, put_op
+from .errors import NotFound, PayloadError, PqfsError, VaultError
+from .keys import (
+    HybridIdentity,
+    Recipient,
+    X25519Identity,
+    identity_file_text,
+    parse_recipient,
+)
+from .progress import Progress, human
+from .unlock import ENV_NEW_PASSPHRASE, identity_file, passphrase
+from .vault import COMMIT_EVERY_FILES, COMMIT_EVERY_SECONDS, Vault
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+
+
+def warn(msg: str) -> None:
+    print(f"pqfs: warning: {msg}", file=sys.stderr)
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ------------------------------------------------------------------------- helpers ----
+
+
+def _recipients(texts: Sequence[str] | None) -> list[Recipient]:
+    out = []
+    for t in texts or []:
+        r = parse_recipient(t)
+        if not r.post_quantum:
+            warn(f"{t[:16]}... is an X25519 recipient: files wrapped to it are not post-quantum")
+        out.append(r)
+    return out
+
+
+def _open(args: argparse.Namespace, unlock: bool) -> Vault:
+    v = Vault.open(args.vault)
+    if unlock:
+        if getattr(args, "identity", None):
+            v.unlock_with(identity_file(args.identity))
+        else:
+            v.unlock(passphrase(getattr(args, "passphrase_file", None)))
+    return v
+
+
+def _can_unlock(args: argparse.Namespace) -> bool:
+    return bool(
+        getattr(args, "identity", None)
+        or getattr(args, "passphrase_file", None)
+        or os.environ.get("PQFS_PASSPHRASE")
+    )
+
+
+def _nonneg(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return n
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+# ------------------------------------------------------------------------- commands ----
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    extra = _recipients(args.recipient)
+    pw = passphrase(args.passphrase_file, confirm=True, prompt="New vault passphrase")
+    if args.classic:
+        warn("--classic adds an X25519 identity: files are also wrapped to a non-post-quantum key")
+    v = Vault.create(args.vault, pw, extra, classic=args.classic)
+    info(f"created vault {args.vault}")
+    for r in v.recipients:
+        info(f"  recipient: {r.encode()}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    ident: HybridIdentity | X25519Identity = (
+        X25519Identity.generate() if args.classic else HybridIdentity.generate()
+    )
+    text = identity_file_text([ident])
+    if args.output and args.output != "-":
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise PqfsError(f"{args.output} exists; refusing to overwrite an identity") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    info(f"Public key: {ident.recipient().encode()}")
+    if args.classic:
+        warn("an X25519 identity is not post-quantum")
+    return 0
+
+
+def _walk(src: str) -> tuple[list[tuple[str, str]], list[str], int]:
+    """(files as (path, relative), dirs as relative, total bytes) of a tree, sorted."""
+    files: list[tuple[str, str]] = []
+    dirs: list[str] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(src, onerror=_walk_error):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, src)
+        dirs.append("" if rel == "." else rel)
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                warn(f"skipping symbolic link {full}")
+            elif not stat.S_ISREG(st.st_mode):
+                warn(f"skipping special file {full}")
+            else:
+                files.append((full, os.path.relpath(full, src)))
+                total += st.st_size
+    return files, dirs, total
+
+
+def _walk_error(e: OSError) -> None:
+    raise e
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    src = args.src
+    if not os.path.exists(src):
+        raise PqfsError(f"no such file or directory: {src}")
+    extra = _recipients(args.recipient)
+    v = _open(args, unlock=_can_unlock(args))
+    known = {}
+    if v.unlocked:
+        known = {e.path: e for e in v.catalog().files()}
+    if os.path.isdir(src):
+        base = normpath(args.dest if args.dest is not None else os.path.basename(os.path.abspath(src)))
+        files, dirs, total = _walk(src)
+    else:
+        if args.dest is None:
+            base = os.path.basename(src)
+        elif args.dest.endswith("/"):
+            base = normpath(args.dest + os.path.basename(src))
+        else:
+            base = normpath(args.dest)
+        files, dirs, total = [(src, "")], [], os.path.getsize(src)
+    if not base:
+        raise VaultError("destination path is empty")
+
+    progress = Progress(total, "")
+    ops: list[dict[str, object]] = []
+    added = skipped = 0
+    last_commit = time.monotonic()
+    try:
+        for rel in dirs:
+            ops.append(put_op(v.dir_entry(os.path.join(src, rel), normpath(f"{base}/{rel}"))))
+        for full, rel in files:
+            dest = normpath(f"{base}/{rel}") if rel else base
+            st = os.stat(full)
+            old = known.get(dest)
+            if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                skipped += 1
+                progress.update(st.st_size, dest)
+                continue
+            progress.label = dest
+            ops.append(put_op(v.add_file(full, dest, extra, progress.update)))
+            added += 1
+            now = time.monotonic()
+            if len(ops) >= COMMIT_EVERY_FILES or now - last_commit > COMMIT_EVERY_SECONDS:
+                v.commit(ops)
+                ops, last_commit = [], now
+    finally:
+        # Whatever completed is recorded, even on Ctrl-C or an error: nothing is lost, and a
+        # re-run with the identity available skips what is already in.
+        v.commit(ops)
+        progress.finish()
+    note = f", {skipped} unchanged skipped" if skipped else ""
+    info(f"added {added} file(s), {human(total)} to {args.vault}{note}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    dest = args.dest if args.dest is not None else os.path.basename(args.src).removesuffix(".age")
+    entry = v.import_age(args.src, dest)
+    v.commit([put_op(entry)])
+    info(f"imported {args.src} as {entry.path} ({human(entry.size)}, not re-encrypted)")
+    return 0
+
+
+def _fmt_entry(e: Entry, long: bool) -> str:
+    name = e.path.rsplit("/", 1)[-1] + ("/" if e.type == "dir" else "")
+    if not long:
+        return name
+    mode = stat.filemode((stat.S_IFDIR if e.type == "dir" else stat.S_IFREG) | e.mode)
+    when = datetime.fromtimestamp(e.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+    return f"{mode} {e.size:>14} {when} {name}"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    cat = v.catalog()
+    path = normpath(args.path or "")
+    e = cat.get(path)
+    if e is None:
+        raise NotFound(f"no such file in the vault: {path}")
+    entries = [e] if e.type == "file" else cat.listdir(path)
+    if args.recursive and e.type == "dir":
+        prefix = path + "/" if path else ""
+        entries = sorted(
+            (x for x in cat.entries.values() if x.path.startswith(prefix)), key=lambda x: x.path
+        )
+        lines = [
+            (_fmt_entry(x, args.long).rsplit(" ", 1)[0] + " " if args.long else "")
+            + x.path[len(prefix) :] + ("/" if x.type == "dir" else "")
+            for x in entries
+        ]
+    else:
+        lines = [_fmt_entry(x, args.long) for x in entries]
+    out = "\n".join(lines)
+    if out:
+        sys.stdout.write(out + "\n")
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    reader = v.open_reader(args.path)
+    length = reader.size if args.length is None else args.length
+    fd = sys.stdout.fileno()
+    try:
+        for piece in reader.iter_range(args.offset, length):
+            _write_all(fd, piece)
+    finally:
+        reader.src.close()
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    if args.out == "-":
+        args.offset, args.length = 0, None
+        return cmd_cat_reader(v, args.path)
+    if os.path.exists(args.out) and not args.force:
+        raise PqfsError(f"{args.out} exists (use --force to overwrite)")
+    reader = v.open_reader(args.path)
+    tmp = f"{args.out}.pqfs-partial-{os.getpid()}"
+    progress = Progress(reader.size, args.path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for piece in reader.iter_range(0, reader.size):
+                _write_all(fd, piece)
+                progress.update(len(piece))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        e = v.entry(args.path)
+        os.chmod(tmp, e.mode)
+        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+        os.replace(tmp, args.out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        reader.src.close()
+        progress.finish()
+    return 0
+
+
+def cmd_cat_reader(v: Vault, path: str) -> int:
+    reader = v.open_reader(path)
+    try:
+        for piece in reader.iter_range(0, reader.size):
+            _write_all(sys.stdout.fileno(), piece)
+    finally:
+        reader.src.close()
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    e = v.entry(args.path)
+    if e.type == "dir" and not args.recursive:
+        raise VaultError(f"{e.path or '/'} is a directory (use -r)")
+    gone = v.remove(args.path)
+    v.maybe_compact()
+    info(f"removed {len([g for g in gone if g.type == 'file'])} file(s)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    failed = checked = 0
+    total = 0
+    for e, err in v.verify(args.path or ""):
+        checked += 1
+        total += e.size
+        if err is not None:
+            failed += 1
+            where = f" (chunk {err.chunk})" if isinstance(err, PayloadError) and err.chunk is not None else ""
+            print(f"FAILED {e.path}{where}: {err}")
+    if failed:
+        print(f"{failed} of {checked} file(s) failed verification")
+        return EXIT_ERROR
+    print(f"verified {checked} file(s), {human(total)}: every chunk authentic")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=_can_unlock(args))
+    for k, val in v.stats().items():
+        if isinstance(val, list):
+            for item in val:
+                print(f"{k}: {item}")
+        elif k.endswith("bytes") and isinstance(val, int):
+            print(f"{k}: {val} ({human(val)})")
+        else:
+            print(f"{k}: {val}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    v = Vault.open(args.vault)
+    v.unlock(passphrase(args.passphrase_file, prompt="Current passphrase"))
+    new = passphrase(
+        args.new_passphrase_file, env=ENV_NEW_PASSPHRASE, confirm=True, prompt="New passphrase"
+    )
+    v.passwd(new)
+    info("passphrase changed")
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    recipients = _recipients(args.recipient)
+    v = _open(args, unlock=True)
+    e = v.share(args.path, recipients)
+    info(f"{e.path}: added {len(recipients)} recipient(s); content not re-encrypted")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    count, freed = v.gc()
+    info(f"deleted {count} unreferenced object(s), {human(freed)} freed; catalog compacted")
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    v = _open(args, unlock=True)
+    text = v.identity_text(classic_only=args.classic_only)
+    if args.output and args.output != "-":
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise PqfsError(f"{args.output} exists; refusing to overwrite") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ------------------------------------------------------------------------- parser ----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pqfs", description="Post-quantum encrypted vaults for media (age v1 format).")
+    p.add_argument("--version", action="version", version=f"pqfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Parser:
+        sp: Parser = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    def unlock_opts(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("unlocking (default: prompt for the passphrase)")
+        g.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+        g.add_argument("-i", "--identity", metavar="FILE",
+                       help="an unencrypted identity file (mode 0600) instead of the passphrase")
+
+    sp = add("init", cmd_init, "create a new vault with a fresh post-quantum identity")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("-r", "--recipient", action="append", metavar="R",
+                    help="also encrypt every file to this age recipient (repeatable)")
+    sp.add_argument("--classic", action="store_true",
+                    help="also create an X25519 identity, so plain age (without PQ) can open files")
+    sp.add_argument("--passphrase-file", metavar="FILE", help="read the new passphrase from FILE")
+
+    sp = add("keygen", cmd_keygen, "generate an age identity (mlkem768x25519 by default)")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600)")
+    sp.add_argument("--classic", action="store_true", help="an X25519 identity (not post-quantum)")
+
+    sp = add("add", cmd_add, "encrypt a file or a directory tree into the vault")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("src", metavar="SRC")
+    sp.add_argument("dest", metavar="DEST", nargs="?",
+                    help="path in the vault (default: the name of SRC)")
+    sp.add_argument("-r", "--recipient", action="append", metavar="R",
+                    help="also encrypt to this age recipient (repeatable)")
+    unlock_opts(sp)
+
+    sp = add("import", cmd_import, "import an age file (no re-encryption) into the vault")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("src", metavar="AGEFILE")
+    sp.add_argument("dest", metavar="DEST", nargs="?")
+    unlock_opts(sp)
+
+    sp = add("ls", cmd_ls, "list a directory of the vault")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH", nargs="?")
+    sp.add_argument("-l", "--long", action="store_true", help="mode, size and mtime")
+    sp.add_argument("-R", "--recursive", action="store_true", help="the whole tree")
+    unlock_opts(sp)
+
+    sp = add("cat", cmd_cat, "write a file's plaintext (or a byte range of it) to stdout")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("--offset", type=_nonneg, default=0, metavar="N")
+    sp.add_argument("--length", type=_nonneg, default=None, metavar="N")
+    unlock_opts(sp)
+
+    sp = add("get", cmd_get, "decrypt a file of the vault to OUT")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("out", metavar="OUT")
+    sp.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
+    unlock_opts(sp)
+
+    sp = add("rm", cmd_rm, "remove a file (or with -r a directory) from the vault")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("-r", "--recursive", action="store_true")
+    unlock_opts(sp)
+
+    sp = add("verify", cmd_verify, "authenticate every chunk; exit 1 if any file fails")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH", nargs="?")
+    unlock_opts(sp)
+
+    sp = add("info", cmd_info, "show the vault's format, recipients and sizes")
+    sp.add_argument("vault", metavar="VAULT")
+    unlock_opts(sp)
+
+    sp = add("passwd", cmd_passwd, "change the vault passphrase")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
+    sp.add_argument("--new-passphrase-file", metavar="FILE",
+                    help="the new passphrase (or PQFS_NEW_PASSPHRASE)")
+
+    sp = add("share", cmd_share, "add recipients to one file without re-encrypting it")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("-r", "--recipient", action="append", metavar="R", required=True)
+    unlock_opts(sp)
+
+    sp = add("gc", cmd_gc, "delete unreferenced objects and compact the catalog")
+    sp.add_argument("vault", metavar="VAULT")
+    unlock_opts(sp)
+
+    sp = add("identity", cmd_identity, "export the vault identity (for use with age -d)")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600)")
+    sp.add_argument("--classic-only", action="store_true",
+                    help="only the X25519 identity (for age releases without post-quantum support)")
+    unlock_opts(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(os.environ.get("PQFS_DEBUG"))
+    try:
+        rc: int = args.func(args)
+        return rc
+    except PqfsError as e:
+        if debug:
+            raise
+        print(f"pqfs: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("pqfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`pqfs cat ... | head`): not an error worth a message.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pqfs: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # the last line of defence: never a traceback for a user
+        if debug:
+            raise
+        print(f"pqfs: internal error: {type(e).__name__} (rerun with PQFS_DEBUG=1)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Exception hierarchy.
+
+Every error a user can cause derives from PqfsError and carries a one-line message that is safe
+to print: it never contains key material, passphrases or plaintext. The CLI and (later) the FUSE
+layer are the only places that turn these into exit codes / errno values.
+"""
+
+from __future__ import annotations
+
+
+class PqfsError(Exception):
+    """A user-facing error with a one-line, secret-free message."""
+
+
+class FormatError(PqfsError):
+    """Input is not a well-formed age file / vault object (header failure)."""
+
+
+class NoIdentityMatch(PqfsError):
+    """The header parsed, but none of the identities can unwrap any stanza."""
+
+
+class HeaderMacError(PqfsError):
+    """The header MAC does not verify: the header was modified or the wrong key was used."""
+
+
+class PayloadError(PqfsError):
+    """A payload chunk failed authentication, or the payload is truncated or extended.
+
+    `chunk` names the first chunk index at fault when known.
+    """
+
+    def __init__(self, message: str, chunk: int | None = None) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+
+
+class BadPassphrase(PqfsError):
+    """The passphrase does not decrypt the vault identity."""
+
+
+class VaultError(PqfsError):
+    """Vault-level problem: missing vault, unknown path, conflicting path, corrupt catalog."""
+
+
+class NotFound(VaultError):
+    """A path that is not in the vault."""
+
+
+class Locked(PqfsError):
+    """The operation needs the identity, and the vault is locked."""

@@ -1,0 +1,136 @@
+"""Where vault objects live. The vault core only speaks this interface, so a backend for S3
+(range GETs, multipart uploads) slots in without touching the format code.
+
+Keys are relative POSIX paths ("objects/3f/3f...age"). Every write is atomic: a reader sees
+either the old object, the whole new one, or nothing; an interrupted write leaves no visible
+object (only a hidden temp file that the next write of the same kind can ignore).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .agefile import FileSource, RangeSource
+from .errors import VaultError
+
+TMP_PREFIX = ".tmp-"
+
+
+class Storage(ABC):
+    @abstractmethod
+    def open_source(self, key: str) -> RangeSource:
+        """Random access to an object; raises FileNotFoundError when it is absent."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def writer(self, key: str, exclusive: bool = False) -> contextlib.AbstractContextManager[BinaryIO]:
+        """Stream a new object; it appears at `key` only when the block exits without error.
+        With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent)."""
+
+    def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
+        with self.writer(key, exclusive) as f:
+            f.write(data)
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under `prefix`, temp files excluded."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise VaultError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def open_source(self, key: str) -> RangeSource:
+        return FileSource(self._path(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    @contextlib.contextmanager
+    def writer(self, key: str, exclusive: bool = False) -> Iterator[BinaryIO]:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
+        f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            if exclusive:
+                os.link(tmp, final)  # fails with EEXIST: atomic create-if-absent
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        base = self._path(prefix) if prefix else self.root
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    size = os.stat(full).st_size
+                except FileNotFoundError:
+                    continue
+                out.append((os.path.relpath(full, self.root).replace(os.sep, "/"), size))
+        return out
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def describe(self) -> str:
+        return str(self.root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # some filesystems refuse O_DIRECTORY opens; durability is best effort
+        if e.errno in (errno.EACCES, errno.EINVAL):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_storage(location: str) -> Storage:
+    if location.startswith("s3://"):
+        raise VaultError("S3 vaults are not supported yet")
+    return LocalStorage(location)

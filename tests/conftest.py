@@ -1,0 +1,67 @@
+"""Shared fixtures. Vaults here use a low scrypt work factor (PQFS_SCRYPT_LOG_N) so that tests
+stay fast; the production default is tuned to ~1 s (see vault.tune_scrypt)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pqfs.vault import Vault
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+VECTORS = SHARED / "vectors"
+PASSPHRASE = b"correct horse battery staple"
+
+os.environ.setdefault("PQFS_SCRYPT_LOG_N", "10")
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Vault:
+    """A fresh, unlocked vault (post-quantum identity plus an X25519 one for age interop)."""
+    return Vault.create(str(tmp_path / "vault"), PASSPHRASE, classic=True, log_n=10)
+
+
+@pytest.fixture
+def pq_vault(tmp_path: Path) -> Vault:
+    """A fresh, unlocked vault with only the post-quantum identity."""
+    return Vault.create(str(tmp_path / "pqvault"), PASSPHRASE, log_n=10)
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = dict(os.environ)
+    env["PQFS_PASSPHRASE"] = PASSPHRASE.decode()
+    env["PQFS_SCRYPT_LOG_N"] = "10"
+    env.pop("PQFS_DEBUG", None)
+    yield env
+
+
+def run_pqfs(
+    *args: str, env: dict[str, str] | None = None, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the real `pqfs` entry point in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pqfs", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"pqfs {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes: to assert that nothing changed on disk."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
