@@ -239,10 +239,14 @@ def encrypt_stream(
     recipients: Sequence[Recipient],
     progress: Callable[[int], None] | None = None,
     file_key: bytearray | None = None,
+    pwrite: Callable[[memoryview | bytes, int], None] | None = None,
 ) -> tuple[Header, int]:
     """Encrypt all of `src` as one age file, in constant memory; returns (header, plaintext size).
 
     Reads one batch ahead so the final chunk (nonce flag 0x01) is known when it is encrypted.
+    With `pwrite(data, offset)` (a sink with positional writes: a local file, a multipart
+    upload), each worker writes its own batch at its final offset, so the sink's work runs in
+    parallel too; otherwise `write` receives the batches in order.
     """
     if not recipients:
         raise FormatError("no recipients to encrypt to")
@@ -253,8 +257,12 @@ def encrypt_stream(
         aead = payload_aead(fk, nonce)
     finally:
         wipe(fk)
-    write(header.encode())
-    write(nonce)
+    head = header.encode() + nonce
+    if pwrite is not None:
+        pwrite(head, 0)
+    else:
+        write(head)
+    base = len(head)
 
     batch = parallel.BATCH
     pt_pool = parallel.BufferPool(batch * CHUNK, parallel.DEPTH + 3)
@@ -277,6 +285,8 @@ def encrypt_stream(
                     aead, first + k, final and k == count - 1, src_mv[lo:hi], out[pos:]
                 )
             pt_pool.put(pt)
+            if pwrite is not None:
+                pwrite(out[:pos], base + first * CT_CHUNK)
             return ct, pos, n
 
         return run
@@ -304,7 +314,8 @@ def encrypt_stream(
 
     try:
         for ct, length, plain in parallel.ordered(jobs()):
-            write(memoryview(ct)[:length])
+            if pwrite is None:
+                write(memoryview(ct)[:length])
             ct_pool.put(ct, dirty=False)
             if progress is not None:
                 progress(plain)
@@ -312,6 +323,16 @@ def encrypt_stream(
         pt_pool.close()
         ct_pool.close()
     return header, total
+
+
+def fd_pwriter(fd: int) -> Callable[[memoryview | bytes, int], None]:
+    def pwrite(data: memoryview | bytes, offset: int) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = os.pwrite(fd, mv, offset)
+            mv, offset = mv[n:], offset + n
+
+    return pwrite
 
 
 def decrypt_stream(

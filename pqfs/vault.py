@@ -25,6 +25,7 @@ from .agefile import (
     RangeSource,
     decrypt_stream,
     encrypt_stream,
+    fd_pwriter,
     read_header,
 )
 from .catalog import Catalog, Entry, del_op, normpath, put_op
@@ -234,7 +235,10 @@ class Vault:
         """Encrypt a stream into a new content object; returns (object id, header, size)."""
         object_id = os.urandom(16).hex()
         with self.storage.writer(object_key(object_id), exclusive=True) as f:
-            header, size = encrypt_stream(src, f.write, [*self.recipients, *recipients], progress)
+            pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
+            header, size = encrypt_stream(
+                src, f.write, [*self.recipients, *recipients], progress, pwrite=pw
+            )
         return object_id, header, size
 
     def add_file(

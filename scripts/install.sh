@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what pqfs needs on a Debian machine (run as root, or with sudo available):
+# system packages, a virtualenv in .venv with pqfs (and with --test its test extras), and a
+# `pqfs` command in /usr/local/bin. Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+pkgs=(fuse3 libfuse3-dev pkg-config ffmpeg age gcc python3-dev python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install: apt-get install ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+py=""
+for cand in python3.13 python3.12 python3.11 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        py="$cand"; break
+    fi
+done
+[ -n "$py" ] || { echo "install: error: Python >= 3.11 is required" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+if [ -w /usr/local/bin ] || [ -n "$SUDO" ]; then
+    $SUDO ln -sf "$PWD/.venv/bin/pqfs" /usr/local/bin/pqfs
+fi
+echo "install: pqfs $(.venv/bin/pqfs --version | cut -d' ' -f2) ready ($(command -v pqfs || echo .venv/bin/pqfs))"
