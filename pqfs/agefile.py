@@ -125,8 +125,10 @@ class AgeReader:
             wipe(scratch)
 
     def chunk_plain_len(self, index: int) -> int:
-        return min(CHUNK, self.size - index * CHUNK) if index < self.chunks - 1 else (
-            self.size - (self.chunks - 1) * CHUNK
+        return (
+            min(CHUNK, self.size - index * CHUNK)
+            if index < self.chunks - 1
+            else (self.size - (self.chunks - 1) * CHUNK)
         )
 
     def read_chunks_into(

@@ -164,7 +164,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     if v.unlocked:
         known = {e.path: e for e in v.catalog().files()}
     if os.path.isdir(src):
-        base = normpath(args.dest if args.dest is not None else os.path.basename(os.path.abspath(src)))
+        base = normpath(
+            args.dest if args.dest is not None else os.path.basename(os.path.abspath(src))
+        )
         files, dirs, total = _walk(src)
     else:
         if args.dest is None:
@@ -242,7 +244,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
         lines = [
             (_fmt_entry(x, args.long).rsplit(" ", 1)[0] + " " if args.long else "")
-            + x.path[len(prefix) :] + ("/" if x.type == "dir" else "")
+            + x.path[len(prefix) :]
+            + ("/" if x.type == "dir" else "")
             for x in entries
         ]
     else:
@@ -329,7 +332,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         total += e.size
         if err is not None:
             failed += 1
-            where = f" (chunk {err.chunk})" if isinstance(err, PayloadError) and err.chunk is not None else ""
+            where = (
+                f" (chunk {err.chunk})"
+                if isinstance(err, PayloadError) and err.chunk is not None
+                else ""
+            )
             print(f"FAILED {e.path}{where}: {err}")
     if failed:
         print(f"{failed} of {checked} file(s) failed verification")
@@ -409,15 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
     def unlock_opts(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("unlocking (default: prompt for the passphrase)")
         g.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
-        g.add_argument("-i", "--identity", metavar="FILE",
-                       help="an unencrypted identity file (mode 0600) instead of the passphrase")
+        g.add_argument(
+            "-i",
+            "--identity",
+            metavar="FILE",
+            help="an unencrypted identity file (mode 0600) instead of the passphrase",
+        )
 
     sp = add("init", cmd_init, "create a new vault with a fresh post-quantum identity")
     sp.add_argument("vault", metavar="VAULT")
-    sp.add_argument("-r", "--recipient", action="append", metavar="R",
-                    help="also encrypt every file to this age recipient (repeatable)")
-    sp.add_argument("--classic", action="store_true",
-                    help="also create an X25519 identity, so plain age (without PQ) can open files")
+    sp.add_argument(
+        "-r",
+        "--recipient",
+        action="append",
+        metavar="R",
+        help="also encrypt every file to this age recipient (repeatable)",
+    )
+    sp.add_argument(
+        "--classic",
+        action="store_true",
+        help="also create an X25519 identity, so plain age (without PQ) can open files",
+    )
     sp.add_argument("--passphrase-file", metavar="FILE", help="read the new passphrase from FILE")
 
     sp = add("keygen", cmd_keygen, "generate an age identity (mlkem768x25519 by default)")
@@ -427,10 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("add", cmd_add, "encrypt a file or a directory tree into the vault")
     sp.add_argument("vault", metavar="VAULT")
     sp.add_argument("src", metavar="SRC")
-    sp.add_argument("dest", metavar="DEST", nargs="?",
-                    help="path in the vault (default: the name of SRC)")
-    sp.add_argument("-r", "--recipient", action="append", metavar="R",
-                    help="also encrypt to this age recipient (repeatable)")
+    sp.add_argument(
+        "dest", metavar="DEST", nargs="?", help="path in the vault (default: the name of SRC)"
+    )
+    sp.add_argument(
+        "-r",
+        "--recipient",
+        action="append",
+        metavar="R",
+        help="also encrypt to this age recipient (repeatable)",
+    )
     unlock_opts(sp)
 
     sp = add("import", cmd_import, "import an age file (no re-encryption) into the vault")
@@ -478,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("passwd", cmd_passwd, "change the vault passphrase")
     sp.add_argument("vault", metavar="VAULT")
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
-    sp.add_argument("--new-passphrase-file", metavar="FILE",
-                    help="the new passphrase (or PQFS_NEW_PASSPHRASE)")
+    sp.add_argument(
+        "--new-passphrase-file", metavar="FILE", help="the new passphrase (or PQFS_NEW_PASSPHRASE)"
+    )
 
     sp = add("share", cmd_share, "add recipients to one file without re-encrypting it")
     sp.add_argument("vault", metavar="VAULT")
@@ -494,8 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("identity", cmd_identity, "export the vault identity (for use with age -d)")
     sp.add_argument("vault", metavar="VAULT")
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600)")
-    sp.add_argument("--classic-only", action="store_true",
-                    help="only the X25519 identity (for age releases without post-quantum support)")
+    sp.add_argument(
+        "--classic-only",
+        action="store_true",
+        help="only the X25519 identity (for age releases without post-quantum support)",
+    )
     unlock_opts(sp)
     return p
 
@@ -529,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # the last line of defence: never a traceback for a user
         if debug:
             raise
-        print(f"pqfs: internal error: {type(e).__name__} (rerun with PQFS_DEBUG=1)", file=sys.stderr)
+        print(
+            f"pqfs: internal error: {type(e).__name__} (rerun with PQFS_DEBUG=1)", file=sys.stderr
+        )
         return EXIT_INTERNAL
 
 

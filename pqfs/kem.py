@@ -153,8 +153,8 @@ class HybridKey:
             pk_x = self._x.public_key().public_bytes_raw()
             if backend == "cryptography":
                 m = mlkem.MLKEM768PrivateKey.from_seed_bytes(bytes(expanded[:64]))
-                self._native: hpke.MLKEM768X25519PrivateKey | None = (
-                    hpke.MLKEM768X25519PrivateKey(m, self._x)
+                self._native: hpke.MLKEM768X25519PrivateKey | None = hpke.MLKEM768X25519PrivateKey(
+                    m, self._x
                 )
                 pk_m = m.public_key().public_bytes_raw()
                 self._mlkem: MLKEMBackend | None = None
@@ -199,7 +199,9 @@ class HybridKey:
             raise UnwrapFailed from None
 
 
-def seal(public_bytes: bytes, plaintext: bytes, info: bytes, backend: str = "cryptography") -> bytes:
+def seal(
+    public_bytes: bytes, plaintext: bytes, info: bytes, backend: str = "cryptography"
+) -> bytes:
     """HPKE SealBase to an MLKEM768-X25519 public key; returns enc || ciphertext."""
     if len(public_bytes) != PK_SIZE:
         raise PqfsError("an MLKEM768-X25519 public key must be 1216 bytes")

@@ -8,6 +8,7 @@ parallel. Results come back in submission order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import deque
@@ -56,10 +57,8 @@ def ordered(jobs: Iterable[Callable[[], T]], depth: int = DEPTH) -> Iterator[T]:
             f.cancel()
         for f in pending:
             if not f.cancelled():
-                try:
+                with contextlib.suppress(Exception):
                     f.result()
-                except Exception:
-                    pass
 
 
 class BufferPool:

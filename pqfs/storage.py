@@ -31,7 +31,9 @@ class Storage(ABC):
     def read_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def writer(self, key: str, exclusive: bool = False) -> contextlib.AbstractContextManager[BinaryIO]:
+    def writer(
+        self, key: str, exclusive: bool = False
+    ) -> contextlib.AbstractContextManager[BinaryIO]:
         """Stream a new object; it appears at `key` only when the block exits without error.
         With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent)."""
 

@@ -92,7 +92,8 @@ class Vault:
         self.storage = storage
         self.config = config
         self.recipients: list[Recipient] = [
-            parse_recipient(str(r)) for r in config.get("recipients", [])  # type: ignore[attr-defined]
+            parse_recipient(str(r))
+            for r in config.get("recipients", [])  # type: ignore[attr-defined]
         ]
         self._identities: list[HybridIdentity | X25519Identity] = []
         self._catalog: Catalog | None = None
@@ -125,7 +126,9 @@ class Vault:
             "recipients": [r.encode() for r in recipients],
         }
         text = identity_file_text(idents).encode()
-        storage.put_bytes(IDENTITY, _encrypt_bytes(text, [ScryptRecipient(passphrase, log_n or tune_scrypt())]))
+        storage.put_bytes(
+            IDENTITY, _encrypt_bytes(text, [ScryptRecipient(passphrase, log_n or tune_scrypt())])
+        )
         cat_mod.append(storage, recipients, [], snapshot=True)
         # The config is written last: a vault without it is an interrupted init, not a vault.
         storage.put_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode(), exclusive=True)
@@ -149,7 +152,9 @@ class Vault:
         except (ValueError, AttributeError):
             raise VaultError(f"{location}: {CONFIG} is not a pqfs vault config") from None
         if config.get("version") != FORMAT_VERSION:
-            raise VaultError(f"{location}: unsupported vault format version {config.get('version')}")
+            raise VaultError(
+                f"{location}: unsupported vault format version {config.get('version')}"
+            )
         return cls(storage, config)
 
     # ------------------------------------------------------------------ identities ----
@@ -257,8 +262,14 @@ class Vault:
                 raise VaultError(f"not a regular file: {src_path}")
             object_id, header, size = self.write_object(f, recipients, progress)
         return Entry(
-            dest, "file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, size, object_id,
-            header.length, b64encode(header.mac),
+            dest,
+            "file",
+            stat.S_IMODE(st.st_mode),
+            st.st_mtime_ns,
+            size,
+            object_id,
+            header.length,
+            b64encode(header.mac),
         )
 
     def dir_entry(self, src_path: str, dest: str) -> Entry:
@@ -285,8 +296,14 @@ class Vault:
                 wipe(fk)
             st = os.stat(src_path)
             return Entry(
-                dest, "file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, reader.size, object_id,
-                new.length, b64encode(new.mac),
+                dest,
+                "file",
+                stat.S_IMODE(st.st_mode),
+                st.st_mtime_ns,
+                reader.size,
+                object_id,
+                new.length,
+                b64encode(new.mac),
             )
         finally:
             src.close()
@@ -413,9 +430,7 @@ class Vault:
         """Authenticate every chunk of every file under `path`; yields (entry, error or None)."""
         cat = self.catalog()
         p = normpath(path)
-        targets = [
-            e for e in cat.files() if not p or e.path == p or e.path.startswith(p + "/")
-        ]
+        targets = [e for e in cat.files() if not p or e.path == p or e.path.startswith(p + "/")]
         if p and not targets and cat.get(p) is None:
             raise NotFound(f"no such file in the vault: {p}")
         for e in sorted(targets, key=lambda x: x.path):
@@ -457,4 +472,3 @@ def _encrypt_bytes(data: bytes, recipients: Sequence[Recipient]) -> bytes:
     out = io.BytesIO()
     encrypt_stream(io.BytesIO(data), out.write, recipients)
     return out.getvalue()
-

@@ -33,7 +33,9 @@ def _write_random(path: Path, size: int, block: int = 1 << 20, unique: bool = Tr
     return h.hexdigest()
 
 
-def _max_rss_mib(args: list[str], env: dict[str, str], stdout: int | None = None) -> tuple[int, float]:
+def _max_rss_mib(
+    args: list[str], env: dict[str, str], stdout: int | None = None
+) -> tuple[int, float]:
     """Run a child; return (exit status, peak RSS in MiB) from wait4's rusage."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pqfs", *args], env=env, stdout=stdout, stderr=subprocess.PIPE

@@ -27,7 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 
-def run(cmd: list[str], stdout: object = subprocess.DEVNULL, env: dict[str, str] | None = None) -> float:
+def run(
+    cmd: list[str], stdout: object = subprocess.DEVNULL, env: dict[str, str] | None = None
+) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, check=True, env=env)  # type: ignore[arg-type]
     return time.perf_counter() - t0
@@ -47,10 +49,11 @@ def warm_memory(work: Path, mib: int) -> None:
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -87,7 +90,9 @@ def unwrap_latency(n: int = 2000) -> tuple[float, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -107,12 +112,19 @@ def main() -> int:
         warm_memory(work, 4 * args.size_mib)
         key = work / "age.key"
         subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
-        recipient = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True).stdout.strip()
+        recipient = subprocess.run(
+            ["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True
+        ).stdout.strip()
         env = dict(os.environ, PQFS_PASSPHRASE="bench", PQFS_SCRYPT_LOG_N="12")
         vault = work / "vault"
         subprocess.run([*pqfs, "init", str(vault)], env=env, check=True, capture_output=True)
         ident = work / "pqfs.key"
-        subprocess.run([*pqfs, "identity", str(vault), "-o", str(ident)], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [*pqfs, "identity", str(vault), "-o", str(ident)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         env.pop("PQFS_PASSPHRASE")
 
         enc = {"age -e": [], "pqfs add": []}
@@ -122,19 +134,33 @@ def main() -> int:
             enc["age -e"].append(run(["age", "-e", "-r", recipient, "-o", str(age_file), str(big)]))
             enc["pqfs add"].append(run([*pqfs, "add", str(vault), str(big), f"big{r}"], env=env))
             dec["age -d"].append(run(["age", "-d", "-i", str(key), str(age_file)]))
-            dec["pqfs cat"].append(run([*pqfs, "cat", "-i", str(ident), str(vault), f"big{r}"], env=env))
+            dec["pqfs cat"].append(
+                run([*pqfs, "cat", "-i", str(ident), str(vault), f"big{r}"], env=env)
+            )
             # Untimed: the copy must be the original; then free its space so that every round
             # writes into memory the same way (see warm_memory).
-            check = subprocess.run([*pqfs, "cat", "-i", str(ident), str(vault), f"big{r}"], env=env, check=True, capture_output=True).stdout
+            check = subprocess.run(
+                [*pqfs, "cat", "-i", str(ident), str(vault), f"big{r}"],
+                env=env,
+                check=True,
+                capture_output=True,
+            ).stdout
             assert check == big.read_bytes(), "pqfs cat output differs from the original"
             del check
-            subprocess.run([*pqfs, "rm", "-i", str(ident), str(vault), f"big{r}"], env=env, check=True, capture_output=True)
+            subprocess.run(
+                [*pqfs, "rm", "-i", str(ident), str(vault), f"big{r}"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             age_file.unlink()
 
         cold, hot = unwrap_latency()
         print(f"pqfs core benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
         print(f"machine: {machine()}")
-        print(f"file: {args.size_mib} MiB random, {args.rounds} alternating rounds, work dir {work.parent}")
+        print(
+            f"file: {args.size_mib} MiB random, {args.rounds} alternating rounds, work dir {work.parent}"
+        )
         print()
         print(f"{'operation':<12} {'median s':>9} {'MB/s':>8}")
         for group in (enc, dec):
@@ -146,7 +172,9 @@ def main() -> int:
         print()
         print(f"pqfs add is {ratio_enc:.2f}x the speed of age -e")
         print(f"pqfs cat is {ratio_dec:.2f}x the speed of age -d")
-        print(f"file-key unwrap (mlkem768x25519), median: cold {cold * 1e6:.0f} us, cached {hot * 1e6:.2f} us")
+        print(
+            f"file-key unwrap (mlkem768x25519), median: cold {cold * 1e6:.0f} us, cached {hot * 1e6:.2f} us"
+        )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
