@@ -181,6 +181,8 @@ class AgeReader:
     def iter_range(self, offset: int, length: int) -> Iterator[memoryview]:
         """Yield the plaintext of [offset, offset+length) in order, decrypted in parallel batches.
         Each yielded view is valid only until the next one is requested."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
         end = min(self.size, offset + length)
         if offset >= end:
             return

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -66,6 +66,14 @@ def _aead_unwrap(key: bytes, body: bytes) -> bytearray | None:
         return None
 
 
+def _check_x25519_public(pk: bytes, what: str) -> None:
+    """A low-order X25519 point makes every shared secret zero: such a recipient is invalid."""
+    try:
+        x25519.X25519PrivateKey.generate().exchange(x25519.X25519PublicKey.from_public_bytes(pk))
+    except ValueError:
+        raise FormatError(f"invalid {what} recipient (low-order X25519 key)") from None
+
+
 # ---------------------------------------------------------------- mlkem768x25519 (hybrid) ----
 
 
@@ -75,6 +83,11 @@ class HybridRecipient:
     def __init__(self, public_bytes: bytes, backend: str | None = None) -> None:
         if len(public_bytes) != kem.PK_SIZE:
             raise FormatError("malformed age1pq recipient (wrong length)")
+        try:  # refuse at parse time a key that could never be encrypted to
+            mlkem.MLKEM768PublicKey.from_public_bytes(public_bytes[: kem.MLKEM_PK])
+        except ValueError:
+            raise FormatError("invalid age1pq recipient (bad ML-KEM-768 key)") from None
+        _check_x25519_public(public_bytes[kem.MLKEM_PK :], "age1pq")
         self.public_bytes = public_bytes
         self.backend = backend or kem.default_backend()
 
@@ -132,6 +145,7 @@ class X25519Recipient:
     def __init__(self, public_bytes: bytes) -> None:
         if len(public_bytes) != 32:
             raise FormatError("malformed age1 recipient (wrong length)")
+        _check_x25519_public(public_bytes, "age1")
         self.public_bytes = public_bytes
 
     def wrap(self, file_key: bytes | bytearray) -> Stanza:

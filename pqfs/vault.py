@@ -125,6 +125,26 @@ class Vault:
             "version": FORMAT_VERSION,
             "recipients": [r.encode() for r in recipients],
         }
+        try:
+            cls._write_new(storage, idents, recipients, config, passphrase, log_n)
+        except BaseException:
+            # Nothing half-made is left behind: remove whatever this init wrote.
+            for key, _size in storage.list(""):
+                storage.delete(key)
+            raise
+        v = cls(storage, config)
+        v._identities = idents
+        return v
+
+    @staticmethod
+    def _write_new(
+        storage: Storage,
+        idents: Sequence[HybridIdentity | X25519Identity],
+        recipients: Sequence[Recipient],
+        config: dict[str, object],
+        passphrase: bytes,
+        log_n: int | None,
+    ) -> None:
         text = identity_file_text(idents).encode()
         storage.put_bytes(
             IDENTITY, _encrypt_bytes(text, [ScryptRecipient(passphrase, log_n or tune_scrypt())])
@@ -132,9 +152,6 @@ class Vault:
         cat_mod.append(storage, recipients, [], snapshot=True)
         # The config is written last: a vault without it is an interrupted init, not a vault.
         storage.put_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode(), exclusive=True)
-        v = cls(storage, config)
-        v._identities = idents
-        return v
 
     @classmethod
     def open(cls, location: str) -> Vault:
@@ -164,18 +181,17 @@ class Vault:
             raw = self.storage.read_bytes(IDENTITY)
         except FileNotFoundError:
             raise VaultError("the vault has no identity file") from None
-        out = io.BytesIO()
+        plain = bytearray()
         try:
-            decrypt_stream(io.BytesIO(raw), [ScryptIdentity(passphrase)], out.write)
-        except NoIdentityMatch:
-            raise BadPassphrase("wrong passphrase") from None
-        text = out.getvalue()
-        try:
-            self._identities = parse_identity_file(text.decode("ascii"))
+            try:
+                decrypt_stream(io.BytesIO(raw), [ScryptIdentity(passphrase)], plain.extend)
+            except NoIdentityMatch:
+                raise BadPassphrase("wrong passphrase") from None
+            except PqfsError as e:
+                raise VaultError(f"the vault identity file is damaged ({e})") from None
+            self._identities = parse_identity_file(plain.decode("ascii"))
         finally:
-            wipe(memoryview(bytearray(len(text))))
-            del text
-        out.close()
+            wipe(plain)  # the str made for parsing cannot be wiped; this is the long-lived copy
 
     def unlock_with(self, identities: Sequence[HybridIdentity | X25519Identity]) -> None:
         mine = {r.encode() for r in self.recipients}

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tests.conftest import PASSPHRASE
 
 from pqfs.agefile import AgeReader, encrypt_stream
 from pqfs.catalog import Entry, put_op
 from pqfs.errors import PayloadError, PqfsError, VaultError
 from pqfs.stream import CHUNK, CT_CHUNK, NONCE_SIZE, TAG, chunk_count
 from pqfs.vault import Vault, object_key
+from tests.conftest import PASSPHRASE
 
 SIZE = 4 * CHUNK + 1000  # five chunks: four full ones and a 1000-byte final one
 NCHUNKS = chunk_count(SIZE)
@@ -234,7 +234,9 @@ def test_flip_every_header_byte(s: Setup) -> None:
                         got = read_all(v, "a.bin")
                     except PqfsError:
                         continue
-                    undetected.append((pos, mask, "same data" if got == s.data["a.bin"] else "DIFF"))
+                    undetected.append(
+                        (pos, mask, "same data" if got == s.data["a.bin"] else "DIFF")
+                    )
                 if pos % 97 == 0:  # verify() too, on a sample of positions (it is slower)
                     res = {e.path: err for e, err in s.vault.verify()}
                     if res["a.bin"] is None:
@@ -592,8 +594,13 @@ def test_catalog_replace_middle_segment_by_forged_one(cs: Setup) -> None:
     """Anyone can encrypt to the public recipients, so a well-formed segment 3 (right seq, right
     kind, right `prev`) can be forged; segment 4 then no longer follows it."""
     prev = hashlib.sha256(_seg(cs, 2, "delta").read_bytes()).hexdigest()
-    doc = {"pqfs_catalog": 1, "seq": 3, "kind": "delta", "prev": prev,
-           "ops": [{"op": "del", "path": "a.bin"}]}
+    doc = {
+        "pqfs_catalog": 1,
+        "seq": 3,
+        "kind": "delta",
+        "prev": prev,
+        "ops": [{"op": "del", "path": "a.bin"}],
+    }
     out = io.BytesIO()
     encrypt_stream(io.BytesIO(json.dumps(doc).encode()), out.write, cs.vault.recipients)
     _seg(cs, 3, "delta").write_bytes(out.getvalue())
