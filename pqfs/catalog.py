@@ -105,6 +105,15 @@ class Catalog:
                 children[full] = e
         return [children[k] for k in sorted(children)]
 
+    def walk(self, path: str) -> list[Entry]:
+        """Every entry below `path`, implied directories included, depth-first in name order."""
+        out: list[Entry] = []
+        for child in self.listdir(path):
+            out.append(child)
+            if child.type == "dir":
+                out.extend(self.walk(child.path))
+        return out
+
     def files(self) -> list[Entry]:
         return [e for e in self.entries.values() if e.type == "file"]
 

@@ -78,7 +78,7 @@ def _can_unlock(args: argparse.Namespace) -> bool:
 
 def _nonneg(text: str) -> int:
     try:
-        n = int(text, 0)
+        n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if n < 0:
@@ -220,8 +220,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_entry(e: Entry, long: bool) -> str:
-    name = e.path.rsplit("/", 1)[-1] + ("/" if e.type == "dir" else "")
+def _fmt_entry(e: Entry, long: bool, name: str | None = None) -> str:
+    if name is None:
+        name = e.path.rsplit("/", 1)[-1]
+    name += "/" if e.type == "dir" else ""
     if not long:
         return name
     mode = stat.filemode((stat.S_IFDIR if e.type == "dir" else stat.S_IFREG) | e.mode)
@@ -236,23 +238,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     e = cat.get(path)
     if e is None:
         raise NotFound(f"no such file in the vault: {path}")
-    entries = [e] if e.type == "file" else cat.listdir(path)
-    if args.recursive and e.type == "dir":
+    if e.type == "file":
+        lines = [_fmt_entry(e, args.long)]
+    elif args.recursive:
         prefix = path + "/" if path else ""
-        entries = sorted(
-            (x for x in cat.entries.values() if x.path.startswith(prefix)), key=lambda x: x.path
-        )
-        lines = [
-            (_fmt_entry(x, args.long).rsplit(" ", 1)[0] + " " if args.long else "")
-            + x.path[len(prefix) :]
-            + ("/" if x.type == "dir" else "")
-            for x in entries
-        ]
+        lines = [_fmt_entry(x, args.long, x.path[len(prefix) :]) for x in cat.walk(path)]
     else:
-        lines = [_fmt_entry(x, args.long) for x in entries]
-    out = "\n".join(lines)
-    if out:
-        sys.stdout.write(out + "\n")
+        lines = [_fmt_entry(x, args.long) for x in cat.listdir(path)]
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 

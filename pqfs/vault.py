@@ -301,8 +301,18 @@ class Vault:
             try:
                 header = read_header(src)
             except FormatError as e:
-                raise FormatError(f"{src_path} is not an age file ({e})") from None
-            fk = unwrap(header, self.identities)
+                raise FormatError(f"{src_path}: {e}") from None
+            if any(s.args[:1] == ["scrypt"] for s in header.stanzas):
+                raise VaultError(
+                    f"{src_path} is passphrase-encrypted (age -p); import takes files encrypted "
+                    "to a vault recipient (age -e -r)"
+                )
+            try:
+                fk = unwrap(header, self.identities)
+            except NoIdentityMatch:
+                raise NoIdentityMatch(
+                    f"{src_path} is not encrypted to this vault (no vault identity opens it)"
+                ) from None
             try:
                 reader = AgeReader(src, file_key=fk, header=header)
                 for _ in reader.iter_range(0, reader.size):

@@ -49,8 +49,11 @@ def pqfs(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[
     return run_pqfs(*map(str, args), env=env, input=b"")
 
 
-def user_error(*args: str | Path, env: dict[str, str], usage: bool = False) -> str:
-    """Run a command that must fail as a user error; returns its one stderr line."""
+def failing(
+    *args: str | Path, env: dict[str, str], usage: bool = False
+) -> tuple[str, subprocess.CompletedProcess[bytes]]:
+    """Run a command that must fail as a user error: non-zero exit (1, or 2 for a usage error),
+    exactly one line on stderr, no traceback. Returns that line and the process."""
     proc = run_pqfs(*map(str, args), env=env, input=b"", check=False)
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode != 0, f"pqfs {args} succeeded: {err}"
@@ -63,7 +66,11 @@ def user_error(*args: str | Path, env: dict[str, str], usage: bool = False) -> s
     else:
         assert lines[0].startswith("pqfs: error:"), err
         assert proc.returncode == 1, err
-    return lines[0]
+    return lines[0], proc
+
+
+def user_error(*args: str | Path, env: dict[str, str], usage: bool = False) -> str:
+    return failing(*args, env=env, usage=usage)[0]
 
 
 def root_of(v: Vault) -> Path:
@@ -372,11 +379,10 @@ def test_corrupt_object_cat_get_verify(
         paths[name].write_bytes(bytes(raw))
     before = tree_snapshot(root)
 
-    proc = run_pqfs("cat", str(root), "a.bin", env=cli_env, input=b"", check=False)
-    assert proc.returncode == 1
+    line, proc = failing("cat", root, "a.bin", env=cli_env)
+    assert "chunk 1" in line
     assert data["a.bin"].startswith(proc.stdout), "cat released bytes that are not the original"
     assert len(proc.stdout) <= CHUNK, "cat released data of (or after) the damaged chunk"
-    assert "chunk 1" in user_error("cat", root, "a.bin", env=cli_env)
 
     out = tmp_path / "a.out"
     assert "chunk 1" in user_error("get", root, "a.bin", out, env=cli_env)
