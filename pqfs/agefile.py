@@ -9,11 +9,12 @@ chunks covering it. `decrypt_stream` is the sequential reader with age's streami
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 from . import parallel
-from .errors import FormatError, PayloadError
+from .errors import FormatError, PayloadError, PqfsError
 from .header import MAX_HEADER, Header, TruncatedHeader, parse_header
 from .keys import Identity, Recipient, new_file_key, unwrap, wrap_all
 from .stream import (
@@ -274,12 +275,20 @@ def encrypt_stream(
     total = 0
 
     def job(
-        first: int, pt: bytearray, n: int, final: bool
+        first: int, pt: bytearray | None, n: int, final: bool, src_off: int = 0
     ) -> Callable[[], tuple[bytearray, int, int]]:
         def run() -> tuple[bytearray, int, int]:
+            if pt is None:  # positional source: this worker reads its own batch
+                buf = pt_pool.get()
+                got = _preadfull(positional[0], memoryview(buf)[:n], src_off)  # type: ignore[index]
+                if got != n:
+                    pt_pool.put(buf, dirty=False)
+                    raise PqfsError("the source file shrank while it was being encrypted")
+            else:
+                buf = pt
             ct = ct_pool.get()
             out = memoryview(ct)
-            src_mv = memoryview(pt)
+            src_mv = memoryview(buf)
             count = chunk_count(n) if final else n // CHUNK
             pos = 0
             for k in range(count):
@@ -288,12 +297,27 @@ def encrypt_stream(
                 pos += encrypt_chunk_into(
                     aead, first + k, final and k == count - 1, src_mv[lo:hi], out[pos:]
                 )
-            pt_pool.put(pt)
+            # Not wiped per batch: the input is the caller's plaintext and the buffer is overwritten
+            # by the next batch; the pool wipes every buffer when it closes.
+            pt_pool.put(buf, dirty=False)
             if pwrite is not None:
                 pwrite(out[:pos], base + first * CT_CHUNK)
             return ct, pos, n
 
         return run
+
+    positional = _regular_file(src)
+
+    def positional_jobs() -> Iterator[Callable[[], tuple[bytearray, int, int]]]:
+        # A regular file's size is known, so the final batch is known without reading ahead and
+        # every worker can read, encrypt and write its batch independently.
+        assert positional is not None
+        _fd, start, size = positional
+        span = batch * CHUNK
+        batches = max(1, -(-size // span))
+        for b in range(batches):
+            off = b * span
+            yield job(b * batch, None, min(span, size - off), b == batches - 1, start + off)
 
     def jobs() -> Iterator[Callable[[], tuple[bytearray, int, int]]]:
         nonlocal total
@@ -317,7 +341,7 @@ def encrypt_stream(
             cur, n = nxt, m
 
     try:
-        for ct, length, plain in parallel.ordered(jobs()):
+        for ct, length, plain in parallel.ordered(positional_jobs() if positional else jobs()):
             if pwrite is None:
                 write(memoryview(ct)[:length])
             ct_pool.put(ct, dirty=False)
@@ -326,7 +350,35 @@ def encrypt_stream(
     finally:
         pt_pool.close()
         ct_pool.close()
+    if positional is not None:
+        fd, start, size = positional
+        if os.fstat(fd).st_size != start + size:
+            raise PqfsError("the source file changed size while it was being encrypted")
+        total = size
     return header, total
+
+
+def _regular_file(src: BinaryIO) -> tuple[int, int, int] | None:
+    """(fd, start offset, bytes to read) when `src` is a regular file, else None."""
+    try:
+        fd = src.fileno()
+        st = os.fstat(fd)
+        start = src.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return fd, start, max(0, st.st_size - start)
+
+
+def _preadfull(fd: int, buf: memoryview, offset: int) -> int:
+    total = 0
+    while total < len(buf):
+        n = os.preadv(fd, [buf[total:]], offset + total)
+        if n == 0:
+            break
+        total += n
+    return total
 
 
 def fd_pwriter(fd: int) -> Callable[[memoryview | bytes, int], None]:
