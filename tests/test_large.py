@@ -33,19 +33,33 @@ def _write_random(path: Path, size: int, block: int = 1 << 20, unique: bool = Tr
     return h.hexdigest()
 
 
+# Runs the real CLI entry point, then records the peak RSS of this process's own address space.
+# (wait4's ru_maxrss is no good here: Linux folds the parent's peak RSS into the child's at exec.)
+_HWM_WRAPPER = """
+import sys
+from pqfs.cli import main
+rc = main(sys.argv[2:])
+with open("/proc/self/status") as f:
+    hwm = next(line for line in f if line.startswith("VmHWM:"))
+with open(sys.argv[1], "w") as out:
+    out.write(hwm.split()[1])
+sys.exit(rc)
+"""
+
+
 def _max_rss_mib(
-    args: list[str], env: dict[str, str], stdout: int | None = None
-) -> tuple[int, float]:
-    """Run a child; return (exit status, peak RSS in MiB) from wait4's rusage."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pqfs", *args], env=env, stdout=stdout, stderr=subprocess.PIPE
+    args: list[str], env: dict[str, str], tmp: Path, stdout: int | None = None
+) -> float:
+    """Run `pqfs ARGS`; return its peak RSS in MiB (VmHWM, read by the process itself)."""
+    hwm_file = tmp / "hwm"
+    proc = subprocess.run(
+        [sys.executable, "-c", _HWM_WRAPPER, str(hwm_file), *args],
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode(errors="replace")
-    assert proc.returncode == 0, err
-    return proc.returncode, usage.ru_maxrss / 1024
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return int(hwm_file.read_text()) / 1024
 
 
 def test_one_gib_round_trip_and_slices(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -96,12 +110,12 @@ def test_four_gib_add_and_cat_stay_under_100_mib(tmp_path: Path, cli_env: dict[s
     vault = str(tmp_path / "v")
     run_pqfs("init", vault, env=cli_env)
 
-    _, rss_add = _max_rss_mib(["add", vault, str(src), "huge"], cli_env)
+    rss_add = _max_rss_mib(["add", vault, str(src), "huge"], cli_env, tmp_path)
     src.unlink()  # free the space and the page cache; the digest is kept
 
     out = tmp_path / "out.bin"
     with open(out, "wb") as f:
-        _, rss_cat = _max_rss_mib(["cat", vault, "huge"], cli_env, stdout=f.fileno())
+        rss_cat = _max_rss_mib(["cat", vault, "huge"], cli_env, tmp_path, stdout=f.fileno())
     h = hashlib.sha256()
     with open(out, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
