@@ -104,7 +104,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     v = Vault.create(args.vault, pw, extra, classic=args.classic)
     info(f"created vault {args.vault}")
     for r in v.recipients:
-        info(f"  recipient: {r.encode()}")
+        text = r.encode()
+        shown = text if len(text) <= 80 else f"{text[:24]}...{text[-12:]} (full text: pqfs info)"
+        info(f"  recipient: {shown}")
     return 0
 
 

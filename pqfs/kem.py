@@ -235,6 +235,33 @@ def available_backends() -> list[str]:
     return names
 
 
+_configured: str | None = None
+
+
+def set_default_backend(name: str) -> None:
+    """Choose the backend from a vault config ("auto", "cryptography", "liboqs")."""
+    global _configured
+    if name != "auto" and name not in available_backends():
+        raise PqfsError(f"ML-KEM backend {name!r} is not available on this machine")
+    _configured = None if name == "auto" else name
+
+
 def default_backend() -> str:
-    """`PQFS_KEM_BACKEND` or the vault config may choose; otherwise the native suite."""
-    return os.environ.get("PQFS_KEM_BACKEND", "cryptography")
+    """`PQFS_KEM_BACKEND`, else the vault config's `kem_backend`, else auto-detection: the
+    native suite of pyca/cryptography, or liboqs where cryptography lacks ML-KEM."""
+    env = os.environ.get("PQFS_KEM_BACKEND")
+    if env:
+        return env
+    if _configured:
+        return _configured
+    return (
+        "cryptography" if _native_mlkem() else ("liboqs" if liboqs_available() else "cryptography")
+    )
+
+
+def _native_mlkem() -> bool:
+    try:
+        mlkem.MLKEM768PrivateKey.generate()
+    except Exception:  # built against an OpenSSL without ML-KEM
+        return False
+    return True

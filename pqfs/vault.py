@@ -19,6 +19,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import catalog as cat_mod
+from . import kem
 from .agefile import (
     AgeReader,
     FileSource,
@@ -92,6 +93,9 @@ class Vault:
     def __init__(self, storage: Storage, config: dict[str, object]) -> None:
         self.storage = storage
         self.config = config
+        backend = config.get("kem_backend")
+        if isinstance(backend, str):
+            kem.set_default_backend(backend)
         self.recipients: list[Recipient] = [
             parse_recipient(str(r))
             for r in config.get("recipients", [])  # type: ignore[attr-defined]
