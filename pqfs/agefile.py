@@ -61,13 +61,7 @@ class FileSource:
         self.size = os.fstat(self.fd).st_size
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
-        total = 0
-        while total < len(buf):
-            n = os.preadv(self.fd, [buf[total:]], offset + total)
-            if n == 0:
-                break
-            total += n
-        return total
+        return _preadfull(self.fd, buf, offset)
 
     def close(self) -> None:
         if self.fd >= 0:

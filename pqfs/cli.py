@@ -86,6 +86,29 @@ def _nonneg(text: str) -> int:
     return n
 
 
+def _write_secret(output: str | None, text: str) -> None:
+    """An identity to stdout, or to a new file created mode 0600 (never over an existing one)."""
+    if not output or output == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise PqfsError(f"{output} exists; refusing to overwrite an identity") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _stream(v: Vault, path: str, offset: int = 0, length: int | None = None) -> None:
+    reader = v.open_reader(path)
+    fd = sys.stdout.fileno()
+    try:
+        for piece in reader.iter_range(offset, reader.size if length is None else length):
+            _write_all(fd, piece)
+    finally:
+        reader.src.close()
+
+
 def _write_all(fd: int, data: memoryview | bytes) -> None:
     mv = memoryview(data)
     while mv:
@@ -114,16 +137,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     ident: HybridIdentity | X25519Identity = (
         X25519Identity.generate() if args.classic else HybridIdentity.generate()
     )
-    text = identity_file_text([ident])
-    if args.output and args.output != "-":
-        try:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise PqfsError(f"{args.output} exists; refusing to overwrite an identity") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    _write_secret(args.output, identity_file_text([ident]))
     info(f"Public key: {ident.recipient().encode()}")
     if args.classic:
         warn("an X25519 identity is not post-quantum")
@@ -253,23 +267,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    v = _open(args, unlock=True)
-    reader = v.open_reader(args.path)
-    length = reader.size if args.length is None else args.length
-    fd = sys.stdout.fileno()
-    try:
-        for piece in reader.iter_range(args.offset, length):
-            _write_all(fd, piece)
-    finally:
-        reader.src.close()
+    _stream(_open(args, unlock=True), args.path, args.offset, args.length)
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     if args.out == "-":
-        args.offset, args.length = 0, None
-        return cmd_cat_reader(v, args.path)
+        _stream(v, args.path)
+        return 0
     if os.path.exists(args.out) and not args.force:
         raise PqfsError(f"{args.out} exists (use --force to overwrite)")
     reader = v.open_reader(args.path)
@@ -295,16 +301,6 @@ def cmd_get(args: argparse.Namespace) -> int:
     finally:
         reader.src.close()
         progress.finish()
-    return 0
-
-
-def cmd_cat_reader(v: Vault, path: str) -> int:
-    reader = v.open_reader(path)
-    try:
-        for piece in reader.iter_range(0, reader.size):
-            _write_all(sys.stdout.fileno(), piece)
-    finally:
-        reader.src.close()
     return 0
 
 
@@ -382,16 +378,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_identity(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
-    text = v.identity_text(classic_only=args.classic_only)
-    if args.output and args.output != "-":
-        try:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise PqfsError(f"{args.output} exists; refusing to overwrite") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    _write_secret(args.output, v.identity_text(classic_only=args.classic_only))
     return 0
 
 
