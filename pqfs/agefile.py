@@ -119,13 +119,6 @@ class AgeReader:
         finally:
             wipe(scratch)
 
-    def chunk_plain_len(self, index: int) -> int:
-        return (
-            min(CHUNK, self.size - index * CHUNK)
-            if index < self.chunks - 1
-            else (self.size - (self.chunks - 1) * CHUNK)
-        )
-
     def read_chunks_into(
         self, first: int, count: int, out: memoryview, ct_buf: memoryview | None = None
     ) -> int:

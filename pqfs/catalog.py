@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -74,7 +73,6 @@ class Catalog:
         self.head_seq = 0
         self.head_digest = ""
         self.deltas_since_snapshot = 0
-        self.superseded: list[Entry] = []  # files replaced by a later put (objects kept for gc)
 
     # ---------------------------------------------------------------- tree queries ----
 
@@ -124,10 +122,7 @@ class Catalog:
         if kind == "put":
             e = Entry(**{k: v for k, v in op.items() if k != "op"})
             e.path = normpath(e.path)
-            old = self.entries.get(e.path)
-            if old is not None and old.type == "file" and old.object != e.object:
-                self.superseded.append(old)
-            self.entries[e.path] = e
+            self.entries[e.path] = e  # a replaced file's object stays until `pqfs gc`
         elif kind == "del":
             path = normpath(op["path"])
             self.entries.pop(path, None)
@@ -157,11 +152,9 @@ def list_segments(storage: Storage) -> list[Segment]:
 
 
 def _decode_segment(raw: bytes, identities: Sequence[Identity], seg: Segment) -> dict[str, Any]:
-    out = io.BytesIO()
     reader = open_age(BytesSource(raw), identities)
-    out.write(reader.read(0, reader.size))
     try:
-        doc = json.loads(out.getvalue())
+        doc = json.loads(reader.read(0, reader.size))
     except ValueError:
         raise FormatError(f"catalog segment {seg.seq} is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("pqfs_catalog") != FORMAT or doc.get("seq") != seg.seq:
@@ -249,12 +242,3 @@ def compact(storage: Storage, recipients: Sequence[Recipient], cat: Catalog) -> 
     for seg in list_segments(storage):
         if seg.seq <= cat.head_seq:
             storage.delete(seg.key)
-
-
-def parent_dirs(path: str) -> list[str]:
-    out = []
-    d = posixpath.dirname(path)
-    while d:
-        out.append(d)
-        d = posixpath.dirname(d)
-    return out

@@ -84,7 +84,7 @@ def _check_arg(a: bytes) -> str:
 def parse_header(data: bytes) -> Header:
     """Parse a header from the start of `data`; `data` may hold payload bytes after it.
 
-    Raises FormatError with `needs_more` set when `data` ends before the header does.
+    Raises TruncatedHeader (a FormatError) when `data` ends before the header does.
     """
     pos = 0
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .stream import wipe
@@ -26,7 +26,6 @@ class CachedKey:
     file_key: bytearray
     aead: Any = None  # payload ChaCha20Poly1305, derived on first use
     expires: float = 0.0
-    payload_nonce: bytes = field(default=b"")
 
     def wipe(self) -> None:
         wipe(self.file_key)

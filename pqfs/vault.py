@@ -13,7 +13,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
@@ -81,12 +80,6 @@ def tune_scrypt(target_seconds: float = 1.0) -> int:
     Scrypt(b"pqfs-calibration", 32, 1 << 16, 8, 1).derive(b"x")
     dt = max(time.perf_counter() - t0, 1e-4)
     return max(15, min(22, 16 + round(math.log2(target_seconds / dt))))
-
-
-@dataclass
-class AddResult:
-    entry: Entry
-    bytes_in: int
 
 
 class Vault:
@@ -384,7 +377,7 @@ class Vault:
         return new_entry
 
     def remove(self, path: str) -> list[Entry]:
-        e = self.entry(path)
+        self.entry(path)  # NotFound for an unknown path
         cat = self.catalog()
         p = normpath(path)
         if not p:
@@ -394,7 +387,6 @@ class Vault:
         for x in gone:
             if x.type == "file":
                 self.storage.delete(object_key(x.object))
-        del e
         return gone
 
     def gc(self) -> tuple[int, int]:

@@ -120,6 +120,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
+def assert_import_refused(root: Path, enc: Path, env: dict[str, str], expect: str) -> None:
+    """`pqfs import` of `enc` fails with one line containing `expect`; the vault is unchanged.
+    stdin is not a terminal: pqfs must neither prompt for anything nor crash."""
+    before = tree_snapshot(root)
+    proc = run_pqfs("import", str(root), str(enc), env=env, check=False, input=b"")
+    assert expect in assert_one_line_error(proc)
+    assert tree_snapshot(root) == before
+
+
 # ------------------------------------------------------------------------------ tests ----
 
 
@@ -249,10 +258,7 @@ def test_import_file_for_unrelated_key_fails_cleanly(
     plain.write_bytes(os.urandom(5000))
     enc = tmp_path / "p.age"
     assert age("-e", "-r", other, "-o", str(enc), str(plain)).returncode == 0
-    before = tree_snapshot(root)
-    proc = run_pqfs("import", str(root), str(enc), "p", env=cli_env, check=False)
-    assert "identity" in assert_one_line_error(proc)
-    assert tree_snapshot(root) == before
+    assert_import_refused(root, enc, cli_env, "identity")
 
 
 def test_import_passphrase_encrypted_file_fails_cleanly(
@@ -263,11 +269,7 @@ def test_import_passphrase_encrypted_file_fails_cleanly(
     plain.write_bytes(b"passphrase protected\n" * 100)
     enc = tmp_path / "secret.txt.age"
     age_encrypt_with_passphrase(plain, enc, b"interop-secret")
-    before = tree_snapshot(root)
-    # stdin is not a terminal: pqfs must neither prompt for the file's passphrase nor crash
-    proc = run_pqfs("import", str(root), str(enc), env=cli_env, check=False, input=b"")
-    assert "passphrase-encrypted" in assert_one_line_error(proc)
-    assert tree_snapshot(root) == before
+    assert_import_refused(root, enc, cli_env, "passphrase-encrypted")
 
 
 def test_import_corrupted_age_file_fails_cleanly(
@@ -283,10 +285,7 @@ def test_import_corrupted_age_file_fails_cleanly(
     raw = bytearray(enc.read_bytes())
     raw[parse_header(bytes(raw)).length + NONCE_SIZE + CHUNK + 100] ^= 1  # inside chunk 1
     enc.write_bytes(bytes(raw))
-    before = tree_snapshot(root)
-    proc = run_pqfs("import", str(root), str(enc), env=cli_env, check=False)
-    assert "chunk 1" in assert_one_line_error(proc)
-    assert tree_snapshot(root) == before
+    assert_import_refused(root, enc, cli_env, "chunk 1")
 
 
 def test_parse_recipient_accepts_age_keygen_output(tmp_path: Path) -> None:
