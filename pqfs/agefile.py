@@ -8,10 +8,13 @@ chunks covering it. `decrypt_stream` is the sequential reader with age's streami
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from . import parallel
 from .errors import FormatError, PayloadError, PqfsError
@@ -38,6 +41,9 @@ class RangeSource(Protocol):
 
     def preadinto(self, offset: int, buf: memoryview) -> int: ...
 
+    def will_need(self, offset: int, length: int) -> None:
+        """A hint that [offset, offset+length) will be read soon (start fetching, don't wait)."""
+
     def close(self) -> None: ...
 
 
@@ -51,6 +57,9 @@ class BytesSource:
         buf[: len(part)] = part
         return len(part)
 
+    def will_need(self, offset: int, length: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -62,6 +71,12 @@ class FileSource:
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
         return _preadfull(self.fd, buf, offset)
+
+    def will_need(self, offset: int, length: int) -> None:
+        # The kernel starts reading ahead asynchronously: readahead decrypts then find the
+        # ciphertext in the page cache instead of waiting on the disk, one job at a time.
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -86,6 +101,52 @@ def read_header(src: RangeSource, hint: int = 4096) -> Header:
             if len(data) < want or want >= MAX_HEADER:
                 raise FormatError("age header is truncated") from None
             want *= 4
+
+
+def decrypt_chunks(
+    aead: ChaCha20Poly1305,
+    src: RangeSource,
+    payload_start: int,
+    chunks: int,
+    first: int,
+    outs: Sequence[memoryview],
+    ct_buf: memoryview | None = None,
+) -> list[int]:
+    """Decrypt chunks first, first+1, ... of a payload of `chunks` chunks, chunk k into outs[k]
+    (each at least CHUNK long); returns the plaintext length of each.
+
+    One backend read covers them all. If any chunk fails, every output written so far is wiped
+    before PayloadError propagates, so no caller ever sees unauthenticated or partial plaintext.
+    """
+    count = len(outs)
+    if count == 0:
+        return []
+    if first < 0 or first + count > chunks:
+        raise PayloadError(f"chunk {first + count - 1} is past the end of the payload", first)
+    ct_start = payload_start + first * CT_CHUNK
+    ct_len = min(src.size, payload_start + (first + count) * CT_CHUNK) - ct_start
+    if ct_len <= 0:
+        raise PayloadError(f"chunk {first} is missing (truncated object)", first)
+    if ct_buf is None or len(ct_buf) < ct_len:
+        ct_buf = memoryview(bytearray(ct_len))
+    got = src.preadinto(ct_start, ct_buf[:ct_len])
+    if got != ct_len:
+        raise PayloadError(f"chunk {first} could not be read in full (truncated object)", first)
+    pos = 0
+    lens: list[int] = []
+    try:
+        for k in range(count):
+            i = first + k
+            clen = min(CT_CHUNK, ct_len - pos)
+            lens.append(
+                decrypt_chunk_into(aead, i, i == chunks - 1, ct_buf[pos : pos + clen], outs[k])
+            )
+            pos += clen
+    except PayloadError:
+        for k in range(len(lens)):
+            wipe(outs[k][: lens[k]])
+        raise
+    return lens
 
 
 class AgeReader:
@@ -127,29 +188,13 @@ class AgeReader:
         One backend read covers all the chunks. On a failed chunk, everything this call wrote
         into `out` is wiped before PayloadError propagates.
         """
-        last_index = min(first + count, self.chunks) - 1
-        if first < 0 or first > last_index:
-            return 0
-        ct_start = self.payload_start + first * CT_CHUNK
-        ct_len = min(self.src.size, self.payload_start + (last_index + 1) * CT_CHUNK) - ct_start
-        if ct_buf is None or len(ct_buf) < ct_len:
-            ct_buf = memoryview(bytearray(ct_len))
-        got = self.src.preadinto(ct_start, ct_buf[:ct_len])
-        if got != ct_len:
-            raise PayloadError("object shrank while reading (truncated)", first)
-        pos = 0
-        written = 0
-        try:
-            for i in range(first, last_index + 1):
-                clen = min(CT_CHUNK, ct_len - pos)
-                written += decrypt_chunk_into(
-                    self.aead, i, i == self.chunks - 1, ct_buf[pos : pos + clen], out[written:]
-                )
-                pos += clen
-        except PayloadError:
-            wipe(out[:written])
-            raise
-        return written
+        n = max(0, min(first + count, self.chunks) - max(first, 0))
+        outs = [out[k * CHUNK : (k + 1) * CHUNK] for k in range(n)]
+        return sum(
+            decrypt_chunks(
+                self.aead, self.src, self.payload_start, self.chunks, first, outs, ct_buf
+            )
+        )
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset+length), clipped to the file size."""

@@ -382,6 +382,149 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------- mount ----
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] != "" else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 64M, 1G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return int(value * units[unit])
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from . import mount
+    from .vfs import MountOptions
+
+    if args.cache_size < 4 << 20:
+        raise PqfsError("--cache-size must be at least 4M")
+    mount.check_mountpoint(args.mountpoint)
+    v = _open(args, unlock=True)
+    if args.log_file:
+        args.log_file = os.path.abspath(args.log_file)
+    opts = MountOptions(cache_size=args.cache_size, key_ttl=args.key_ttl)
+    mp = os.path.abspath(args.mountpoint)
+
+    def mounted() -> None:
+        if not args.foreground:
+            info(f"mounted {args.vault} at {mp} (unmount: pqfs umount {mp})")
+
+    return mount.run(
+        v, mp, opts, args.foreground, args.allow_other, args.log_file, args.debug, mounted
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from . import mount
+
+    info(f"{mount.umount(args.mountpoint, args.lazy)} {args.mountpoint}")
+    return 0
+
+
+def _control(mountpoint: str, name: str, value: bytes | None = None) -> bytes:
+    """Get (value None) or set a control attribute of a running mount's root."""
+    import errno
+
+    from . import mount
+
+    kind = mount.mount_type(mountpoint)
+    if kind != mount.FSTYPE:
+        raise PqfsError(f"{mountpoint} is not a pqfs mount")
+    try:
+        if value is None:
+            return os.getxattr(mountpoint, name)
+        os.setxattr(mountpoint, name, value)
+        return b""
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise PqfsError(
+                f"{mountpoint}: the mount is stale; run: pqfs umount {mountpoint}"
+            ) from None
+        if e.errno == errno.EACCES and name.endswith("unlock"):
+            raise PqfsError("wrong passphrase") from None
+        if e.errno == errno.EACCES and name.endswith("unlock-identity"):
+            raise PqfsError("the identity file holds no identity of this vault") from None
+        raise PqfsError(f"{mountpoint}: {e.strerror}") from None
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    _control(args.mountpoint, "user.pqfs.lock", b"1")
+    info(f"locked {args.mountpoint}: keys and decrypted data wiped; reads fail until unlock")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    if args.identity:
+        from .keys import identity_file_text
+
+        text = identity_file_text(identity_file(args.identity)).encode()
+        _control(args.mountpoint, "user.pqfs.unlock-identity", text)
+    else:
+        _control(args.mountpoint, "user.pqfs.unlock", passphrase(args.passphrase_file))
+    info(f"unlocked {args.mountpoint}")
+    return 0
+
+
+STAT_LINES = [
+    ("vault", "vault", "{}"),
+    ("locked", "locked", "{}"),
+    ("open files", "open_files", "{}"),
+    ("reads", "reads", "{}"),
+    ("read latency p50", "read_p50_ms", "{} ms"),
+    ("read latency p99", "read_p99_ms", "{} ms"),
+    ("bytes read", "bytes_read", "human"),
+    ("bytes decrypted", "bytes_decrypted", "human"),
+    ("chunk cache hit rate", "cache_hit_rate", "pct"),
+    ("chunk cache", "cache_bytes", "human"),
+    ("chunk cache budget", "cache_budget", "human"),
+    ("prefetched chunks", "prefetch_chunks", "{}"),
+    ("prefetch hits", "prefetch_hits", "{}"),
+    ("key cache entries", "key_entries", "{}"),
+    ("key cache hits", "key_hits", "{}"),
+    ("key cache misses", "key_misses", "{}"),
+    ("authentication failures", "auth_failures", "{}"),
+    ("longest loop stall", "loop_stall_max_ms", "{} ms"),
+]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    raw = _control(args.mountpoint, "user.pqfs.stats")
+    data = json.loads(raw)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for label, key, fmt in STAT_LINES:
+        value = data.get(key)
+        if value is None:
+            shown = "-"
+        elif fmt == "human":
+            shown = human(int(value))
+        elif fmt == "pct":
+            shown = f"{value * 100:.1f}%"
+        else:
+            shown = fmt.format(value)
+        print(f"{label + ':':26} {shown}")
+    return 0
+
+
 # ------------------------------------------------------------------------- parser ----
 
 
@@ -509,6 +652,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the X25519 identity (for age releases without post-quantum support)",
     )
     unlock_opts(sp)
+
+    sp = add("mount", cmd_mount, "mount the vault read-only as plain files (FUSE)")
+    sp.add_argument("vault", metavar="VAULT")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (systemd, debugging)",
+    )
+    sp.add_argument(
+        "--cache-size",
+        type=_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="memory for decrypted chunks, whatever the number of open files (default: 64M)",
+    )
+    sp.add_argument(
+        "--key-ttl",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="keep unwrapped file keys this long after last use; 0: only while open (default: 300)",
+    )
+    sp.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users (a media server) read the mount (needs user_allow_other unless root)",
+    )
+    sp.add_argument(
+        "--log-file", metavar="FILE", help="log here (default: stderr with -f, else syslog)"
+    )
+    sp.add_argument("--debug", action="store_true", help="verbose logging")
+    unlock_opts(sp)
+
+    sp = add("umount", cmd_umount, "unmount a pqfs mount (also clears a stale one)")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument(
+        "-z", "--lazy", action="store_true", help="detach now even if files are still open"
+    )
+
+    sp = add("lock", cmd_lock, "wipe keys and decrypted data of a mount; reads fail until unlock")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    sp = add("unlock", cmd_unlock, "unlock a locked mount")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unlock_opts(sp)
+
+    sp = add("stats", cmd_stats, "live statistics of a mount")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 

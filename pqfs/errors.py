@@ -49,3 +49,15 @@ class NotFound(VaultError):
 
 class Locked(PqfsError):
     """The operation needs the identity, and the vault is locked."""
+
+
+class NotADirectory(VaultError):
+    """A directory operation on a file."""
+
+
+class IsADirectory(VaultError):
+    """A file operation on a directory."""
+
+
+class ReadOnly(PqfsError):
+    """A write to the read-only mount."""

@@ -57,7 +57,7 @@ class Storage(ABC):
 
 class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # a daemon changes directory to /
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):

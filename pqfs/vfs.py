@@ -1,0 +1,733 @@
+"""The mount's core: an unlocked vault seen as inodes, directories and plaintext reads.
+
+It knows nothing of FUSE (the pyfuse3 adapter is `fuseops.py`), so it is tested directly under
+trio. It raises PqfsError subclasses; the adapter is the one place that maps them to errno.
+
+Concurrency model (all of it written down here, kept by this module):
+  * Every method runs on the trio thread. Crypto and backend I/O run only in worker threads
+    (`workers.WorkerPool`, or `trio.to_thread` for opens and catalog loads), in jobs of `job_chunks` chunks (512 KiB), so one thread hop (~70 us) is
+    small against the work it carries; the loop itself only copies cached plaintext.
+  * `_inflight` (trio thread only) maps a chunk to the Event of the job decrypting it, so two
+    readers, or a reader and the prefetcher, never decrypt the same chunk twice at once.
+  * Demand reads are urgent jobs of the worker pool and readahead is background work: readahead
+    never queues in front of a read that a player is waiting for.
+  * `generation` counts locks. Work that began before a lock checks it after every await and
+    wipes what it produced instead of returning it; the chunk cache does the same for inserts.
+  * An open file is closed only when no job still reads from it (`jobs` == 0), so a prefetch in
+    flight never reads a closed, possibly reused, descriptor.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import catalog as cat_mod
+from . import parallel
+from .agefile import RangeSource, decrypt_chunks, pread
+from .catalog import Catalog, Entry
+from .chunkcache import ChunkCache
+from .errors import (
+    IsADirectory,
+    Locked,
+    NotADirectory,
+    NotFound,
+    PayloadError,
+    PqfsError,
+    ReadOnly,
+    VaultError,
+)
+from .header import Header
+from .keycache import CachedKey, KeyCache
+from .keys import HybridIdentity, X25519Identity, unwrap
+from .metrics import Latency, StallMeter
+from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
+from .vault import Vault, object_key
+from .workers import WorkerPool
+
+log = logging.getLogger("pqfs.mount")
+
+ROOT_INO = 1
+MiB = 1 << 20
+REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
+HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Every bound of a mount, in one place."""
+
+    cache_size: int = 64 * MiB  # decrypted-chunk LRU, whatever the number of open files
+    key_ttl: float = 300.0  # seconds after last use; 0 keeps a key only while its file is open
+    # Decrypt threads; two more than the cores, so that backend reads overlap decryption.
+    # Reads that a caller waits on always run before readahead.
+    workers: int = parallel.WORKERS + 2
+    job_chunks: int = 16  # chunks per worker job (1 MiB): ~5x the cost of the thread hop
+    prefetch_start: int = 8  # chunks ahead once a reader is seen to be sequential
+    prefetch_max: int = 256  # chunks ahead at most, per open file (16 MiB)
+    max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
+    catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
+    attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
+
+    @property
+    def prefetch_inflight(self) -> int:
+        """Chunks being prefetched at once for the whole mount: a quarter of the cache."""
+        return max(self.job_chunks, self.cache_size // CHUNK // 4)
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    nlink: int
+
+
+@dataclass
+class Node:
+    ino: int
+    entry: Entry
+    attr: Attr
+    children: dict[str, int] | None = None  # directories: name -> inode
+    names: list[str] = field(default_factory=list)  # directories: sorted, for readdir offsets
+
+
+class Tree:
+    """The catalog as inodes. Built whole and swapped in one assignment, so a lookup never sees
+    half a reload. Inode numbers are a keyed hash of (path, object): stable across lock/unlock
+    and reloads, and a replaced file gets a new inode (the kernel's cached pages of the old
+    content are never served for the new one)."""
+
+    def __init__(self, cat: Catalog, salt: bytes) -> None:
+        self.head = cat.head_seq
+        self.nodes: dict[int, Node] = {}
+        self._by_path: dict[str, int] = {}
+        self._salt = salt
+        root = cat.entries.get("") or Entry("", "dir", 0o755, 0)
+        self._add_node("", root, ROOT_INO)
+        for path in sorted(cat.entries):
+            if path:
+                self._ensure(path, cat.entries[path])
+        for node in self.nodes.values():
+            if node.children is not None:
+                node.names = sorted(node.children)
+                node.attr.nlink = 2 + sum(
+                    1 for i in node.children.values() if self.nodes[i].children is not None
+                )
+
+    def _ino(self, path: str, e: Entry) -> int:
+        n = 0
+        while True:
+            h = hashlib.blake2b(
+                f"{path}\0{e.object}\0{n}".encode(), key=self._salt, digest_size=8
+            ).digest()
+            ino = int.from_bytes(h, "big") >> 1
+            if ino > ROOT_INO and ino not in self.nodes:
+                return ino
+            n += 1
+
+    def _add_node(self, path: str, e: Entry, ino: int) -> int:
+        is_dir = e.type == "dir"
+        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o7777 or 0o644)
+        if is_dir:
+            mode |= 0o700  # the owner can always list and control (xattrs) what they mounted
+        attr = Attr(ino, mode, e.size if not is_dir else 0, e.mtime_ns, 2 if is_dir else 1)
+        self.nodes[ino] = Node(ino, e, attr, {} if is_dir else None)
+        self._by_path[path] = ino
+        return ino
+
+    def _ensure(self, path: str, e: Entry | None) -> int:
+        ino = self._by_path.get(path)
+        if ino is not None:
+            return ino
+        parent_path, _, name = path.rpartition("/")
+        parent = self._ensure(parent_path, None)
+        entry = e or Entry(path, "dir", 0o755, 0)
+        ino = self._add_node(path, entry, self._ino(path, entry))
+        children = self.nodes[parent].children
+        if children is None:  # a file with entries below it cannot come from a valid catalog
+            raise VaultError(f"catalog lists {path} below the file {parent_path}")
+        children[name] = ino
+        return ino
+
+
+@dataclass
+class OpenFile:
+    fh: int
+    ino: int
+    entry: Entry
+    src: RangeSource
+    header: Header
+    nonce: bytes
+    payload_start: int
+    chunks: int
+    own_key: CachedKey | None = None  # with key_ttl == 0: the key lives exactly while open
+    jobs: int = 0
+    released: bool = False
+    last_end: int = 0  # sequential-access detection
+    streak: int = 0
+    window: int = 0
+    ahead: int = -1  # highest chunk scheduled for prefetch
+    hinted: int = 0  # backend offset up to which will_need() was sent
+
+    @property
+    def key_id(self) -> tuple[str, str]:
+        return (self.entry.object, self.entry.mac)
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.slow_reads = 0  # reads that waited for a worker (not all their chunks were cached)
+        self.bytes_read = 0
+        self.bytes_decrypted = 0
+        self.prefetch_chunks = 0
+        self.auth_failures = 0
+        self.opens = 0
+
+
+class VaultFS:
+    def __init__(self, vault: Vault, options: MountOptions | None = None) -> None:
+        self.vault = vault
+        self.options = opts = options or MountOptions()
+        vault.key_cache = self.keys = KeyCache(ttl=opts.key_ttl)
+        self.cache = ChunkCache(opts.cache_size)
+        self.stall = StallMeter()
+        self.latency = Latency()
+        self.counters = Counters()
+        self.generation = 0
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.tree: Tree | None = None
+        self._salt = os.urandom(16)
+        self._files: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._prefetching = 0
+        self.pool = WorkerPool(opts.workers)
+        self._reply = bytearray(opts.max_read)
+        self._sent: list[bytearray] = []  # private reply buffers handed to the kernel
+        self._replies: list[bytearray] = []  # wiped private reply buffers, for reuse
+        self._tls = threading.local()
+        self._nursery: trio.Nursery | None = None
+        self.opened_inodes: set[int] = set()
+        self.on_lock: Callable[[Iterable[int]], None] | None = (
+            None  # the adapter drops kernel caches
+        )
+        self.mounted_at = time.time()
+
+    # ------------------------------------------------------------------ lifecycle ----
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Load the tree and start the background tasks (key expiry, catalog polling)."""
+        self._nursery = nursery
+        if self.vault.unlocked:
+            await self._load_tree()
+        nursery.start_soon(self._sweep_keys)
+        nursery.start_soon(self._poll_catalog)
+
+    def close(self) -> None:
+        """Unmount: wipe every key, identity and plaintext buffer."""
+        self.lock()
+        self.pool.close()
+        for f in list(self._files.values()):
+            f.released = True
+            self._maybe_close(f)
+        self._files.clear()
+
+    async def _load_tree(self) -> None:
+        def load() -> Catalog:
+            return self.vault.catalog(reload=True)
+
+        cat = await trio.to_thread.run_sync(load)
+        self.tree = Tree(cat, self._salt)
+
+    async def _sweep_keys(self) -> None:
+        period = 1.0 if self.options.key_ttl <= 0 else min(1.0, self.options.key_ttl / 2)
+        while True:
+            await trio.sleep(period)
+            self.keys.sweep()
+
+    async def _poll_catalog(self) -> None:
+        while True:
+            await trio.sleep(self.options.catalog_poll)
+            try:
+                await self.refresh()
+            except PqfsError as e:
+                log.warning("catalog refresh failed: %s", e)
+
+    async def refresh(self) -> bool:
+        """Reload the tree if the catalog changed (files added or removed by `pqfs add`/`rm`)."""
+        tree, gen = self.tree, self.generation
+        if tree is None or not self.vault.unlocked:
+            return False
+        segs = await trio.to_thread.run_sync(cat_mod.list_segments, self.vault.storage)
+        head = segs[-1].seq if segs else 0
+        if head == tree.head:
+            return False
+
+        def load() -> Catalog:
+            return cat_mod.load(self.vault.storage, self.vault.identities)
+
+        cat = await trio.to_thread.run_sync(load)
+        if gen == self.generation and self.vault.unlocked:
+            self.tree = Tree(cat, self._salt)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ lock / unlock ----
+
+    def lock(self) -> None:
+        self.generation += 1
+        self.vault.lock()  # wipes identities and the key cache, drops the catalog
+        self.keys.clear()
+        for f in self._files.values():
+            if f.own_key is not None:
+                f.own_key.wipe()
+                f.own_key = None
+        self.cache.clear()
+        wipe(self._reply)
+        self._wipe_sent()
+        self._replies.clear()
+        self.tree = None
+        if self.on_lock is not None:
+            self.on_lock(set(self.opened_inodes))
+        self.opened_inodes.clear()
+
+    async def unlock(
+        self,
+        passphrase: bytes | None = None,
+        identities: list[HybridIdentity | X25519Identity] | None = None,
+    ) -> None:
+        if identities is not None:
+            self.vault.unlock_with(identities)
+        elif passphrase is not None:
+            await trio.to_thread.run_sync(self.vault.unlock, passphrase)
+        if self.vault.unlocked:
+            await self._load_tree()
+
+    @property
+    def locked(self) -> bool:
+        return not self.vault.unlocked
+
+    def _tree(self) -> Tree:
+        if self.tree is None:
+            raise Locked("the vault is locked (pqfs unlock MOUNTPOINT)")
+        return self.tree
+
+    # ------------------------------------------------------------------ metadata ----
+
+    def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INO and self.tree is None:
+            return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2)
+        node = self._tree().nodes.get(ino)
+        if node is None:
+            raise NotFound(f"no inode {ino}")
+        return node.attr
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        tree = self._tree()
+        node = tree.nodes.get(parent)
+        if node is None:
+            raise NotFound(f"no inode {parent}")
+        if node.children is None:
+            raise NotADirectory(f"not a directory: {node.entry.path}")
+        if name == ".":
+            return node.attr
+        if name == "..":
+            parent_path = node.entry.path.rpartition("/")[0]
+            return self.getattr(ROOT_INO if not parent_path else tree._by_path[parent_path])
+        ino = node.children.get(name)
+        if ino is None:
+            raise NotFound(f"no such file: {name}")
+        return tree.nodes[ino].attr
+
+    def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
+        """Entries from offset `start`: (name, attributes, offset of the next entry)."""
+        tree = self._tree()
+        node = tree.nodes.get(ino)
+        if node is None:
+            raise NotFound(f"no inode {ino}")
+        if node.children is None:
+            raise NotADirectory(f"not a directory: {node.entry.path}")
+        out = []
+        for i in range(start, len(node.names)):
+            name = node.names[i]
+            out.append((name, tree.nodes[node.children[name]].attr, i + 1))
+        return out
+
+    # ------------------------------------------------------------------ open / release ----
+
+    async def open(self, ino: int, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise ReadOnly("the mount is read-only")
+        node = self._tree().nodes.get(ino)
+        if node is None:
+            raise NotFound(f"no inode {ino}")
+        if node.children is not None:
+            raise IsADirectory(f"is a directory: {node.entry.path}")
+        gen = self.generation
+        f = await trio.to_thread.run_sync(self._open_object, node)
+        if gen != self.generation:
+            f.src.close()
+            raise Locked("the vault was locked while the file was being opened")
+        f.fh = self._next_fh
+        self._next_fh += 1
+        self._files[f.fh] = f
+        self.opened_inodes.add(ino)
+        self.counters.opens += 1
+        return f.fh
+
+    def _open_object(self, node: Node) -> OpenFile:
+        """Worker thread: open the object, check its header against the catalog, read the nonce."""
+        e = node.entry
+        try:
+            src = self.vault.storage.open_source(object_key(e.object))
+        except FileNotFoundError:
+            raise VaultError(f"{e.path}: content object is missing") from None
+        try:
+            header = self.vault._checked_header(e, src)
+            nonce = pread(src, header.length, NONCE_SIZE)
+            start = header.length + NONCE_SIZE
+            if len(nonce) != NONCE_SIZE:
+                raise PayloadError(f"{e.path}: payload nonce is missing (truncated object)", 0)
+            if src.size != start + ciphertext_size(e.size):
+                log.warning("%s: object size does not match the catalog (damaged?)", e.path)
+            f = OpenFile(0, node.ino, e, src, header, nonce, start, -(-e.size // CHUNK) or 1)
+            self._key(f)  # unwrap now, on this thread: the first read then costs only decryption
+            return f
+        except BaseException:
+            src.close()
+            raise
+
+    def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is not None:
+            f.released = True
+            self._maybe_close(f)
+
+    def _maybe_close(self, f: OpenFile) -> None:
+        if f.released and f.jobs == 0:
+            f.src.close()
+            if f.own_key is not None:
+                f.own_key.wipe()
+                f.own_key = None
+
+    def _file(self, fh: int) -> OpenFile:
+        f = self._files.get(fh)
+        if f is None:
+            raise VaultError(f"bad file handle {fh}")
+        return f
+
+    # ------------------------------------------------------------------ keys ----
+
+    def _key(self, f: OpenFile) -> Any:
+        """The payload AEAD of an open file (any thread): from the TTL cache, else unwrapped."""
+        if f.own_key is not None:
+            return f.own_key.aead
+        hit = self.keys.get(f.key_id)
+        if hit is not None and hit.aead is not None:
+            return hit.aead
+        fk = unwrap(f.header, self.vault.identities)  # raises Locked
+        try:
+            entry = self.keys.put(f.key_id, fk, payload_aead(fk, f.nonce))
+        finally:
+            wipe(fk)
+        if self.options.key_ttl <= 0:
+            f.own_key = entry
+        return entry.aead
+
+    async def _aead(self, f: OpenFile) -> Any:
+        if self.locked:
+            raise Locked("the vault is locked (pqfs unlock MOUNTPOINT)")
+        if f.own_key is not None:
+            return f.own_key.aead
+        hit = self.keys.get(f.key_id)
+        if hit is not None and hit.aead is not None:
+            return hit.aead
+        gen = self.generation
+        aead = await self.pool.run(functools.partial(self._key, f))
+        if gen != self.generation:
+            raise Locked("the vault was locked during the read")
+        return aead
+
+    # ------------------------------------------------------------------ reads ----
+
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        """Plaintext [off, off+size) of an open file, clipped at its end.
+
+        The returned view is valid until the next call on this loop (the adapter hands it to the
+        kernel at once); the buffer behind it is wiped by that next call or by lock()."""
+        t0 = time.perf_counter()
+        self._wipe_sent()
+        f = self._file(fh)
+        aead = await self._aead(f)
+        end = min(off + size, f.entry.size)
+        if off >= end:
+            return memoryview(b"")
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        n = end - off
+        oid = f.entry.object
+        out: memoryview | None = None
+        if n <= len(self._reply) and all((oid, i) in self.cache for i in range(first, last + 1)):
+            out = memoryview(self._reply)[:n]
+            if self._copy_cached(f, off, end, range(first, last + 1), out):
+                out = None  # evicted under us by a worker: take the slow path
+        if out is None:
+            self.counters.slow_reads += 1
+            out = await self._read_slow(f, aead, off, end)
+        self._note_access(f, aead, off, end, last)
+        c = self.counters
+        c.reads += 1
+        c.bytes_read += n
+        self.latency.add(time.perf_counter() - t0)
+        return out
+
+    def _copy_cached(
+        self, f: OpenFile, off: int, end: int, chunks: Iterable[int], out: memoryview
+    ) -> set[int]:
+        """Copy the cached chunks among `chunks` into `out` (which holds [off, end)); returns the
+        chunks that were not cached."""
+        missing = set()
+        oid = f.entry.object
+        for i in chunks:
+            lo, hi = max(off, i * CHUNK), min(end, (i + 1) * CHUNK)
+            if not self.cache.copy_out((oid, i), lo - i * CHUNK, out[lo - off : hi - off]):
+                missing.add(i)
+        return missing
+
+    async def _read_slow(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview:
+        # A private buffer: other reads reuse the shared one while this read waits.
+        buf = self._replies.pop() if self._replies and end - off <= self.options.max_read else None
+        if buf is None:
+            buf = bytearray(max(end - off, self.options.max_read))
+        out = memoryview(buf)[: end - off]
+        gen = self.generation
+        pending = self._copy_cached(f, off, end, range(off // CHUNK, (end - 1) // CHUNK + 1), out)
+        attempt = 0
+        while pending:
+            oid = f.entry.object
+            # First try: share chunks another job is already decrypting. After that, decrypt all
+            # that is still missing ourselves (the shared copy failed or was evicted).
+            waits = [self._inflight[(oid, i)] for i in pending if (oid, i) in self._inflight]
+            if attempt > 0:
+                waits = []
+            mine = sorted(i for i in pending if attempt > 0 or (oid, i) not in self._inflight)
+            errors: list[BaseException] = []
+            async with trio.open_nursery() as nursery:
+                for first, count in _runs(mine, self.options.job_chunks):
+                    nursery.start_soon(
+                        self._job, f, aead, first, count, False, (out, off, end), errors
+                    )
+                for ev in waits:
+                    nursery.start_soon(ev.wait)
+            if gen != self.generation:
+                wipe(buf)
+                raise Locked("the vault was locked during the read")
+            if errors:
+                wipe(buf)
+                err = errors[0]
+                if isinstance(err, PayloadError):
+                    self.counters.auth_failures += 1
+                    log.error(
+                        "%s: chunk %s failed authentication; read at offset %d refused (EIO)",
+                        f.entry.path,
+                        err.chunk,
+                        off,
+                    )
+                raise err
+            done = set(mine)
+            pending = self._copy_cached(f, off, end, sorted(pending - done), out)
+            attempt += 1
+        self._sent.append(buf)  # only now: an earlier _wipe_sent() must not wipe it mid-read
+        return out[: end - off]
+
+    async def _job(
+        self,
+        f: OpenFile,
+        aead: Any,
+        first: int,
+        count: int,
+        prefetch: bool,
+        dest: tuple[memoryview, int, int] | None,
+        errors: list[BaseException],
+    ) -> None:
+        """Decrypt chunks [first, first+count) on a worker thread into the cache (and `dest`)."""
+        keys = [(f.entry.object, i) for i in range(first, first + count)]
+        events = []
+        for k in keys:
+            ev = self._inflight.get(k)
+            if ev is None:
+                ev = self._inflight[k] = trio.Event()
+                events.append((k, ev))
+        f.jobs += 1
+        if prefetch:
+            self._prefetching += count
+        try:
+            job = functools.partial(
+                self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
+            )
+            n = await self.pool.run(job, urgent=not prefetch)
+            self.counters.bytes_decrypted += n
+            if prefetch:
+                self.counters.prefetch_chunks += count
+        except (PqfsError, OSError) as e:
+            if prefetch:  # the read that needs the chunk will decrypt it again and report it
+                log.debug("prefetch of %s chunks %d+%d failed: %s", f.entry.path, first, count, e)
+            else:
+                errors.append(e if isinstance(e, PqfsError) else VaultError(str(e)))
+        finally:
+            f.jobs -= 1
+            if prefetch:
+                self._prefetching -= count
+            for k, ev in events:
+                if self._inflight.get(k) is ev:
+                    del self._inflight[k]
+                ev.set()
+            self._maybe_close(f)
+
+    def _decrypt(
+        self,
+        f: OpenFile,
+        aead: Any,
+        first: int,
+        count: int,
+        dest: tuple[memoryview, int, int] | None,
+        generation: int,
+        prefetch: bool,
+    ) -> int:
+        """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers."""
+        ct = getattr(self._tls, "ct", None)
+        if ct is None or len(ct) < count * CT_CHUNK:
+            ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
+        if prefetch:  # keep the backend a window ahead of the decrypt jobs
+            lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
+            hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
+            if lo < hi:
+                f.hinted = hi
+                f.src.will_need(lo, hi - lo)
+        bufs = self.cache.lend(count)
+        try:
+            lens = decrypt_chunks(
+                aead,
+                f.src,
+                f.payload_start,
+                f.chunks,
+                first,
+                [memoryview(b) for b in bufs],
+                memoryview(ct),
+            )
+        except BaseException:
+            self.cache.give_back(bufs)
+            raise
+        if dest is not None:
+            out, off, end = dest
+            for k, buf in enumerate(bufs):
+                base = (first + k) * CHUNK
+                lo, hi = max(off, base), min(end, base + lens[k])
+                if lo < hi:
+                    out[lo - off : hi - off] = memoryview(buf)[lo - base : hi - base]
+        keys = [(f.entry.object, first + k) for k in range(count)]
+        self.cache.insert(keys, bufs, lens, generation, prefetched=prefetch)
+        return sum(lens)
+
+    # ------------------------------------------------------------------ prefetch ----
+
+    def _note_access(self, f: OpenFile, aead: Any, off: int, end: int, last: int) -> None:
+        """Sequential-access detection and readahead scheduling for one open file."""
+        opts = self.options
+        slack = opts.max_read * 2  # the kernel's own readahead arrives a little out of order
+        if (f.last_end - slack <= off <= f.last_end + slack and off > 0) or off == f.last_end:
+            f.streak += 1
+            f.last_end = max(f.last_end, end)
+        else:
+            f.streak = 0
+            f.last_end = end
+            f.window = opts.prefetch_start
+            f.ahead = last
+            return
+        if f.streak < 2 or self._nursery is None:
+            return
+        f.window = max(opts.prefetch_start, min(opts.prefetch_max, f.window * 2))
+        target = min(f.chunks - 1, last + f.window)
+        start = max(f.ahead, last) + 1
+        oid = f.entry.object
+        todo = [
+            i
+            for i in range(start, target + 1)
+            if (oid, i) not in self._inflight and (oid, i) not in self.cache
+        ]
+        budget = opts.prefetch_inflight - self._prefetching
+        todo = todo[: max(0, budget)]
+        if not todo:
+            return
+        f.ahead = todo[-1]
+        for first, count in _runs(todo, opts.job_chunks):
+            self._nursery.start_soon(self._job, f, aead, first, count, True, None, [])
+
+    # ------------------------------------------------------------------ reply buffers ----
+
+    def _wipe_sent(self) -> None:
+        """Wipe the private reply buffers of earlier reads: their replies have been sent."""
+        for b in self._sent:
+            wipe(b)
+            if len(self._replies) < REPLY_POOL:
+                self._replies.append(b)
+        self._sent.clear()
+
+    # ------------------------------------------------------------------ stats ----
+
+    def stats(self) -> dict[str, object]:
+        c, cache = self.counters, self.cache
+        looked = cache.hits + cache.misses
+        p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
+        return {
+            "vault": self.vault.storage.describe(),
+            "locked": self.locked,
+            "uptime_s": round(time.time() - self.mounted_at, 1),
+            "open_files": len(self._files),
+            "reads": c.reads,
+            "reads_waited": c.slow_reads,
+            "read_p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "read_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "bytes_read": c.bytes_read,
+            "bytes_decrypted": c.bytes_decrypted,
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "cache_hit_rate": round(cache.hits / looked, 4) if looked else None,
+            "cache_bytes": cache.bytes_cached,
+            "cache_budget": self.options.cache_size,
+            "cache_evictions": cache.evictions,
+            "prefetch_chunks": c.prefetch_chunks,
+            "prefetch_hits": cache.prefetch_hits,
+            "key_entries": len(self.keys),
+            "key_hits": self.keys.hits,
+            "key_misses": self.keys.misses,
+            "key_ttl_s": self.options.key_ttl,
+            "auth_failures": c.auth_failures,
+            "loop_stall_max_ms": round(self.stall.longest * 1000, 3),
+            "loop_stall_task": self.stall.longest_task,
+            "loop_stalls_over_10ms": self.stall.over_10ms,
+        }
+
+
+def _runs(indices: Iterable[int], limit: int) -> list[tuple[int, int]]:
+    """Sorted chunk indices as (first, count) runs of consecutive chunks, at most `limit` long."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < limit:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs

@@ -1,0 +1,99 @@
+"""A fixed pool of decrypt threads fed from a two-level queue, awaited from trio.
+
+Why not trio.to_thread with a CapacityLimiter: there, a finished thread hands its slot to the
+next job only after the trio loop has run the completion, so a busy loop (copying replies to the
+kernel) leaves the workers idle between jobs. Here workers pull the next job themselves the
+moment they finish; the loop is only told about completions.
+
+Invariants:
+  * at most `threads` jobs run at once; queued jobs are bounded by their submitters (the mount
+    bounds prefetch in flight, and demand reads by the kernel's own request limit);
+  * urgent jobs (a reader is waiting) always start before queued prefetch jobs;
+  * a job that has started always runs to completion, even if its awaiting task is cancelled:
+    it owns buffers that must be returned or inserted, never abandoned mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import outcome
+import trio
+
+T = TypeVar("T")
+
+WORKER_NICE = 10
+
+_Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
+
+
+class WorkerPool:
+    def __init__(self, threads: int, name: str = "pqfs-decrypt") -> None:
+        self.threads = threads
+        self.name = name
+        self._urgent: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._workers: list[threading.Thread] = []
+        self._closed = False
+
+    def _start(self) -> None:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._loop, name=f"{self.name}-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def _loop(self) -> None:
+        # Workers yield the CPU to the loop thread: on a busy machine the loop answering FUSE
+        # requests must not wait behind a scheduler time slice of bulk decryption.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+        while True:
+            with self._cond:
+                while not self._urgent and not self._background and not self._closed:
+                    self._cond.wait()
+                if self._urgent:
+                    fn, done = self._urgent.popleft()
+                elif self._background:
+                    fn, done = self._background.popleft()
+                else:
+                    return  # closed and drained
+            done(outcome.capture(fn))
+
+    async def run(self, fn: Callable[[], T], urgent: bool = True) -> T:
+        """Run `fn` on a worker; the calling task sleeps until it is done."""
+        if self._closed:
+            raise RuntimeError("worker pool is closed")
+        if not self._workers:
+            self._start()
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def done(result: outcome.Outcome[Any]) -> None:
+            with contextlib.suppress(trio.RunFinishedError):  # the loop is gone: nobody waits
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        with self._cond:
+            (self._urgent if urgent else self._background).append((fn, done))
+            self._cond.notify()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED  # see the invariant: a queued job still runs
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._urgent) + len(self._background)
+
+    def close(self) -> None:
+        """Stop the threads once the queue is drained (jobs already queued still run)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
