@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from .errors import PqfsError
-from .fuseops import Operations, invalidate_inodes
+from .fuseops import Operations
 from .vault import Vault
 from .vfs import MountOptions, VaultFS
 
@@ -162,10 +162,6 @@ async def serve(
                         nursery.cancel_scope.cancel()
                         return
 
-            def on_lock(inodes: set[int]) -> None:
-                nursery.start_soon(trio.to_thread.run_sync, invalidate_inodes, inodes)
-
-            fs.on_lock = on_lock  # type: ignore[assignment]
             nursery.start_soon(run_fuse)
             nursery.start_soon(on_signals)
             await fs.start(nursery)

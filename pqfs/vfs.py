@@ -288,7 +288,9 @@ class VaultFS:
 
     # ------------------------------------------------------------------ lock / unlock ----
 
-    def lock(self) -> None:
+    def lock(self) -> set[int]:
+        """Wipe identity, keys and plaintext. Returns the inodes whose pages the kernel may still
+        cache: the adapter must drop them before confirming the lock."""
         self.generation += 1
         self.vault.lock()  # wipes identities and the key cache, drops the catalog
         self.keys.clear()
@@ -301,9 +303,8 @@ class VaultFS:
         self._wipe_sent()
         self._replies.clear()
         self.tree = None
-        if self.on_lock is not None:
-            self.on_lock(set(self.opened_inodes))
-        self.opened_inodes.clear()
+        opened, self.opened_inodes = self.opened_inodes, set()
+        return opened
 
     async def unlock(
         self,

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
+from .errors import PqfsError
+
 T = TypeVar("T")
 
 WORKER_NICE = 10
@@ -68,7 +70,7 @@ class WorkerPool:
     async def run(self, fn: Callable[[], T], urgent: bool = True) -> T:
         """Run `fn` on a worker; the calling task sleeps until it is done."""
         if self._closed:
-            raise RuntimeError("worker pool is closed")
+            raise PqfsError("the mount is shutting down")
         if not self._workers:
             self._start()
         token = trio.lowlevel.current_trio_token()

@@ -3,6 +3,7 @@ stay fast; the production default is tuned to ~1 s (see vault.tune_scrypt)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,47 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# ------------------------------------------------------------------------- mounts ----
+
+
+def mount_type(path: Path) -> str | None:
+    from pqfs.mount import mount_type as _mount_type
+
+    return _mount_type(str(path))
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    """The pid of the pqfs daemon serving `mountpoint`."""
+    target = str(mountpoint)
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if (
+            "mount" in args
+            and "pqfs" in " ".join(args)
+            and any(a == target or os.path.abspath(a) == target for a in args[1:])
+        ):
+            return int(d.name)
+    raise AssertionError(f"no pqfs daemon for {mountpoint}")
+
+
+@contextlib.contextmanager
+def mounted(vault_dir: Path, mountpoint: Path, env: dict[str, str], *args: str) -> Iterator[Path]:
+    """`pqfs mount` (background daemon) for the duration of the block, then `pqfs umount`."""
+    mountpoint.mkdir(exist_ok=True)
+    run_pqfs("mount", str(vault_dir), str(mountpoint), *args, env=env)
+    try:
+        assert mount_type(mountpoint) == "fuse.pqfs"
+        yield mountpoint
+    finally:
+        if mount_type(mountpoint) is not None:
+            proc = run_pqfs("umount", str(mountpoint), env=env, check=False)
+            if proc.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)

@@ -33,10 +33,15 @@ SUBCOMMANDS = [
     "info",
     "init",
     "keygen",
+    "lock",
     "ls",
+    "mount",
     "passwd",
     "rm",
     "share",
+    "stats",
+    "umount",
+    "unlock",
     "verify",
 ]
 

@@ -1,0 +1,76 @@
+"""The decrypted-chunk LRU: one byte budget, wiped buffers, generations."""
+
+from __future__ import annotations
+
+import os
+
+from pqfs.chunkcache import ChunkCache
+from pqfs.stream import CHUNK
+
+
+def _fill(cache: ChunkCache, key: object, byte: int) -> bytearray:
+    (buf,) = cache.lend(1)
+    buf[:] = bytes([byte]) * CHUNK
+    cache.insert([key], [buf], [CHUNK], cache.generation)
+    return buf
+
+
+def test_budget_bounds_buffers_and_evicts_lru_with_wipe() -> None:
+    cache = ChunkCache(8 * CHUNK)
+    bufs = [_fill(cache, ("f", i), i + 1) for i in range(8)]
+    assert len(cache) == 8
+    out = memoryview(bytearray(10))
+    assert cache.copy_out(("f", 0), 5, out)  # chunk 0 becomes most recently used
+    assert bytes(out) == b"\x01" * 10
+    _fill(cache, ("f", 8), 9)  # over budget: the LRU entry (chunk 1) goes, and is reused
+    assert len(cache) == 8
+    assert ("f", 1) not in cache and ("f", 0) in cache
+    assert len(cache.buffers()) <= cache.capacity
+    assert cache.evictions == 1
+    # The evicted buffer now holds chunk 8, never chunk 1's bytes beside it.
+    assert bufs[1] == bytes([9]) * CHUNK
+
+
+def test_many_files_share_one_budget() -> None:
+    cache = ChunkCache(16 * CHUNK)
+    for f in range(50):
+        for i in range(4):
+            _fill(cache, (f"file{f}", i), 7)
+    assert len(cache) == 16
+    assert len(cache.buffers()) <= 16
+
+
+def test_clear_wipes_everything_and_drops_late_inserts() -> None:
+    cache = ChunkCache(8 * CHUNK)
+    kept = [_fill(cache, ("f", i), 0xAA) for i in range(4)]
+    gen = cache.generation
+    late = cache.lend(2)  # a worker still decrypting when the mount is locked
+    for b in late:
+        b[:] = os.urandom(CHUNK)
+    cache.clear()
+    assert len(cache) == 0 and cache.buffers() == []
+    assert all(b == bytes(CHUNK) for b in kept)
+    cache.insert([("f", 10), ("f", 11)], late, [CHUNK, CHUNK], gen)
+    assert len(cache) == 0
+    assert all(b == bytes(CHUNK) for b in late)
+
+
+def test_give_back_wipes_and_reuses() -> None:
+    cache = ChunkCache(4 * CHUNK)
+    (buf,) = cache.lend(1)
+    buf[:] = b"\xff" * CHUNK
+    cache.give_back([buf])
+    assert buf == bytes(CHUNK)
+    assert cache.lend(1)[0] is buf
+
+
+def test_short_chunk_and_prefetch_hits() -> None:
+    cache = ChunkCache(4 * CHUNK)
+    (buf,) = cache.lend(1)
+    buf[:100] = b"x" * 100
+    cache.insert([("f", 0)], [buf], [100], cache.generation, prefetched=True)
+    assert not cache.copy_out(("f", 0), 90, memoryview(bytearray(20)))  # past the chunk's end
+    assert cache.copy_out(("f", 0), 90, memoryview(bytearray(10)))
+    assert cache.copy_out(("f", 0), 0, memoryview(bytearray(10)))
+    assert cache.prefetch_hits == 1  # counted once per prefetched chunk
+    assert cache.hits == 2 and cache.misses == 1

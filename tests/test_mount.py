@@ -1,0 +1,357 @@
+"""Real FUSE mounts through the `pqfs` command: files, metadata, integrity, lock, lifecycle."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pqfs.stream import CT_CHUNK, ciphertext_size
+
+from .conftest import daemon_pid, mount_type, mounted, run_pqfs
+
+NAMES = {
+    "movies/Big Buck Bunny (2008)/film.mkv": 3 * 1024 * 1024 + 123,
+    "movies/naïve café.mp4": 65537,
+    "music/album/01 - track.flac": 65536,
+    "music/album/cover.jpg": 1,
+    "empty.txt": 0,
+    "deep/a/b/c/d/e/f.bin": 200_000,
+}
+
+
+@pytest.fixture
+def library(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path]:
+    """A source tree and a vault holding it (under the vault path `lib`)."""
+    src = tmp_path / "lib"
+    rng = random.Random(3)
+    for name, size in NAMES.items():
+        p = src / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(size))
+        os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_000_000_000 + size))
+    (src / "empty dir").mkdir()
+    vault = tmp_path / "vault"
+    run_pqfs("init", str(vault), env=cli_env)
+    run_pqfs("add", str(vault), str(src), env=cli_env)
+    return src, vault
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stats(mp: Path, env: dict[str, str]) -> dict[str, object]:
+    return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
+
+
+def tamper_chunk(vault: Path, size: int, chunk: int) -> None:
+    """Flip one bit inside chunk `chunk` of the vault's largest object (plaintext size `size`)."""
+    obj = max((vault / "objects").rglob("*.age"), key=lambda p: p.stat().st_size)
+    raw = bytearray(obj.read_bytes())
+    payload = len(raw) - ciphertext_size(size)
+    raw[payload + chunk * CT_CHUNK + 77] ^= 0x04
+    obj.write_bytes(raw)
+
+
+# ------------------------------------------------------------------------ content ----
+
+
+def test_files_metadata_and_browsing(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    src, vault = library
+    with mounted(vault, tmp_path / "mnt", cli_env) as mp:
+        root = mp / "lib"
+        for name in NAMES:
+            orig, seen = src / name, root / name
+            assert sha256(seen) == sha256(orig), name
+            st, so = seen.stat(), orig.stat()
+            assert st.st_size == so.st_size
+            assert st.st_mtime_ns == so.st_mtime_ns
+            assert st.st_uid == os.getuid()
+            assert not os.access(seen, os.X_OK) or os.getuid() == 0
+        assert sorted(os.listdir(root)) == sorted(os.listdir(src))
+        assert (root / "empty dir").is_dir() and os.listdir(root / "empty dir") == []
+        found = subprocess.run(
+            ["find", str(root)], capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+        expect = {str(root / p.relative_to(src)) for p in src.rglob("*")} | {str(root)}
+        assert set(filter(None, found)) == expect
+        ls = subprocess.run(
+            ["ls", "-l", str(root / "movies")], capture_output=True, text=True, check=True
+        ).stdout
+        assert "naïve café.mp4" in ls and " 65537 " in ls
+        out = subprocess.run(
+            ["stat", "-c", "%s %F", str(root / "empty.txt")], capture_output=True, text=True
+        )
+        assert out.stdout.strip() == "0 regular empty file"
+        # Seeks: arbitrary preads equal the original's bytes.
+        first = next(iter(NAMES))
+        data = (src / first).read_bytes()
+        fd = os.open(root / first, os.O_RDONLY)
+        try:
+            rng = random.Random(5)
+            for _ in range(50):
+                off, n = rng.randrange(len(data)), rng.randrange(1, 400_000)
+                assert os.pread(fd, n, off) == data[off : off + n]
+        finally:
+            os.close(fd)
+
+
+def test_writes_get_erofs(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    _, vault = library
+    with mounted(vault, tmp_path / "mnt", cli_env) as mp:
+        root = mp / "lib"
+        attempts = [
+            lambda: open(root / "new.txt", "w"),
+            lambda: open(root / "empty.txt", "a"),
+            lambda: open(root / "empty.txt", "r+"),
+            lambda: os.mkdir(root / "d"),
+            lambda: os.remove(root / "empty.txt"),
+            lambda: os.rename(root / "empty.txt", root / "e.txt"),
+            lambda: os.truncate(root / "empty.txt", 5),
+            lambda: os.symlink("x", root / "link"),
+        ]
+        for attempt in attempts:
+            with pytest.raises(OSError) as exc:
+                attempt()
+            assert exc.value.errno == errno.EROFS
+        assert (root / "empty.txt").stat().st_size == 0
+
+
+def test_tampered_chunk_is_eio_and_mount_stays_up(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    src, vault = library
+    name = "movies/Big Buck Bunny (2008)/film.mkv"
+    tamper_chunk(vault, NAMES[name], 20)
+    log = tmp_path / "pqfs.log"
+    with mounted(vault, tmp_path / "mnt", cli_env, "--log-file", str(log)) as mp:
+        data = (src / name).read_bytes()
+        fd = os.open(mp / "lib" / name, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, 4096, 20 * 65536 + 1000)
+            assert exc.value.errno == errno.EIO
+            assert os.pread(fd, 65536, 0) == data[:65536]  # before the bad chunk
+            assert os.pread(fd, 65536, 30 * 65536) == data[30 * 65536 : 31 * 65536]  # after
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as exc:
+            (mp / "lib" / name).read_bytes()
+        assert exc.value.errno == errno.EIO
+        for other in NAMES:
+            if other != name:
+                assert sha256(mp / "lib" / other) == sha256(src / other)
+        assert stats(mp, cli_env)["auth_failures"] >= 1
+    text = log.read_text()
+    assert "film.mkv: chunk 20 failed authentication" in text
+    assert cli_env["PQFS_PASSPHRASE"] not in text and "AGE-SECRET-KEY" not in text.upper()
+
+
+# ------------------------------------------------------------------------ lock ----
+
+
+def test_lock_then_unlock(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    src, vault = library
+    name = "deep/a/b/c/d/e/f.bin"
+    with mounted(vault, tmp_path / "mnt", cli_env) as mp:
+        f = mp / "lib" / name
+        assert f.read_bytes() == (src / name).read_bytes()
+        before = stats(mp, cli_env)
+        assert before["key_entries"] == 1 and before["cache_bytes"] > 0
+
+        out = run_pqfs("lock", str(mp), env=cli_env)
+        assert b"locked" in out.stderr
+        after = stats(mp, cli_env)
+        assert after["locked"] is True
+        assert after["key_entries"] == 0 and after["cache_bytes"] == 0
+        with pytest.raises(PermissionError):
+            f.read_bytes()  # not from the kernel's page cache either
+        time.sleep(1.1)  # the kernel's name cache expires (attr_timeout)
+        with pytest.raises(PermissionError):
+            os.listdir(mp / "lib")
+
+        bad = dict(cli_env, PQFS_PASSPHRASE="not the passphrase")
+        proc = run_pqfs("unlock", str(mp), env=bad, check=False)
+        assert (
+            proc.returncode == 1 and proc.stderr.decode().strip() == "pqfs: error: wrong passphrase"
+        )
+        with pytest.raises(PermissionError):
+            f.read_bytes()
+
+        run_pqfs("unlock", str(mp), env=cli_env)
+        assert f.read_bytes() == (src / name).read_bytes()
+        assert stats(mp, cli_env)["locked"] is False
+
+
+# ------------------------------------------------------------------------ lifecycle ----
+
+
+def _wait_gone(pid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running")
+
+
+def test_sigterm_unmounts_cleanly(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    _, vault = library
+    mp = tmp_path / "mnt"
+    with mounted(vault, mp, cli_env):
+        pid = daemon_pid(mp)
+        os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid)
+        assert mount_type(mp) is None
+        assert os.listdir(mp) == []
+
+
+def test_kill9_leaves_stale_mount_that_umount_clears(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    src, vault = library
+    mp = tmp_path / "mnt"
+    with mounted(vault, mp, cli_env):
+        pid = daemon_pid(mp)
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        with pytest.raises(OSError) as exc:
+            os.stat(mp)
+        assert exc.value.errno == errno.ENOTCONN
+        proc = run_pqfs("mount", str(vault), str(mp), env=cli_env, check=False)
+        assert proc.returncode == 1
+        assert f"run: pqfs umount {mp}" in proc.stderr.decode()
+        out = run_pqfs("umount", str(mp), env=cli_env)
+        assert b"cleared stale mount" in out.stderr
+        assert mount_type(mp) is None
+    with mounted(vault, mp, cli_env):  # and it mounts again
+        assert (mp / "lib" / "empty.txt").stat().st_size == 0
+
+
+def test_command_errors_are_one_line(
+    tmp_path: Path, library: tuple[Path, Path], cli_env: dict[str, str]
+) -> None:
+    _, vault = library
+    cases = [
+        (["umount", str(tmp_path)], "is not mounted"),
+        (["stats", str(tmp_path)], "is not a pqfs mount"),
+        (["lock", str(tmp_path)], "is not a pqfs mount"),
+        (["mount", str(vault), str(tmp_path / "missing")], "No such file or directory"),
+        (["mount", str(vault), str(tmp_path / "lib" / "empty.txt")], "is not a directory"),
+        (["mount", str(tmp_path / "novault"), str(tmp_path)], "novault"),
+        (["mount", str(vault), str(tmp_path), "--cache-size", "lots"], "not a size"),
+        (["mount", str(vault), str(tmp_path), "--key-ttl", "-1"], "must not be negative"),
+    ]
+    for argv, msg in cases:
+        proc = run_pqfs(*argv, env=cli_env, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode in (1, 2), argv
+        assert msg in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    bad = dict(cli_env, PQFS_PASSPHRASE="wrong")
+    proc = run_pqfs("mount", str(vault), str(tmp_path / "lib" / "empty dir"), env=bad, check=False)
+    assert proc.returncode == 1 and proc.stderr.decode() == "pqfs: error: wrong passphrase\n"
+    assert mount_type(tmp_path / "lib" / "empty dir") is None
+
+
+def test_readiness_is_notified_only_once_the_mount_answers(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    _, vault = library
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(60)
+    env = dict(cli_env, NOTIFY_SOCKET=str(sock_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pqfs", "mount", "-f", str(vault), str(mp)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        msg = sock.recv(4096).decode()
+        # At the moment READY=1 arrives, the mount already answers stat and lookups.
+        st = os.stat(mp)
+        assert "READY=1" in msg.splitlines()
+        assert mount_type(mp) == "fuse.pqfs"
+        assert st.st_dev != os.stat(tmp_path).st_dev
+        assert (mp / "lib" / "empty.txt").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
+        assert proc.wait(timeout=30) == 0
+        assert mount_type(mp) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if mount_type(mp) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+        sock.close()
+
+
+@pytest.fixture
+def many_open(tmp_path: Path) -> Iterator[list[int]]:
+    fds: list[int] = []
+    yield fds
+    for fd in fds:
+        os.close(fd)
+
+
+def test_memory_stays_bounded_with_many_open_files(
+    tmp_path: Path, cli_env: dict[str, str], many_open: list[int]
+) -> None:
+    """50 files open and read through: the daemon's memory is bounded by the cache budget, not by
+    the number of files (RSS is reported, the bound checked against the budget)."""
+    src = tmp_path / "many"
+    src.mkdir()
+    rng = random.Random(9)
+    for i in range(50):
+        (src / f"f{i:02}.bin").write_bytes(rng.randbytes(2 * 1024 * 1024))
+    vault = tmp_path / "vault"
+    run_pqfs("init", str(vault), env=cli_env)
+    run_pqfs("add", str(vault), str(src), env=cli_env)
+    with mounted(vault, tmp_path / "mnt", cli_env, "--cache-size", "8M") as mp:
+        for i in range(50):
+            fd = os.open(mp / "many" / f"f{i:02}.bin", os.O_RDONLY)
+            many_open.append(fd)
+            while os.read(fd, 1 << 20):
+                pass
+        s = stats(mp, cli_env)
+        assert s["open_files"] == 50
+        assert s["cache_bytes"] <= 8 * 1024 * 1024
+        rss_kib = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{daemon_pid(mp)}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+        )
+        print(f"daemon RSS with 50 open files, 100 MiB read, 8 MiB cache: {rss_kib / 1024:.1f} MiB")
+        assert rss_kib < (64 + 8) * 1024

@@ -1,0 +1,245 @@
+"""The mount's core (pqfs.vfs), driven directly under trio: no FUSE involved."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from pqfs.catalog import put_op
+from pqfs.errors import IsADirectory, Locked, NotADirectory, NotFound, PayloadError, ReadOnly
+from pqfs.stream import CHUNK, CT_CHUNK
+from pqfs.vault import Vault, object_key
+from pqfs.vfs import ROOT_INO, MountOptions, VaultFS
+
+from .conftest import PASSPHRASE
+
+FILES = {
+    "a/one.bin": 300 * 1024 + 17,
+    "a/b/two.bin": 2 * CHUNK,
+    "empty.txt": 0,
+    "three.bin": 1,
+    "big.bin": 4 * 1024 * 1024 + 5,
+}
+
+
+def _add(vault: Vault, tmp: Path, name: str, data: bytes) -> None:
+    src = tmp / "src" / name.replace("/", "_")
+    src.parent.mkdir(exist_ok=True)
+    src.write_bytes(data)
+    vault.commit([put_op(vault.add_file(str(src), name))])
+
+
+@pytest.fixture
+def contents(vault: Vault, tmp_path: Path) -> dict[str, bytes]:
+    rng = random.Random(7)
+    out = {}
+    for name, size in FILES.items():
+        out[name] = rng.randbytes(size)
+        _add(vault, tmp_path, name, out[name])
+    return out
+
+
+@asynccontextmanager
+async def running(vault: Vault, **opts: object) -> AsyncIterator[VaultFS]:
+    fs = VaultFS(vault, MountOptions(**opts))  # type: ignore[arg-type]
+    try:
+        async with trio.open_nursery() as nursery:
+            await fs.start(nursery)
+            yield fs
+            nursery.cancel_scope.cancel()
+    finally:
+        fs.close()
+
+
+def ino_of(fs: VaultFS, path: str) -> int:
+    ino = ROOT_INO
+    for part in path.split("/"):
+        ino = fs.lookup(ino, part).ino
+    return ino
+
+
+async def test_tree_lookup_readdir_getattr(vault: Vault, contents: dict[str, bytes]) -> None:
+    async with running(vault) as fs:
+        assert [n for n, _, _ in fs.readdir(ROOT_INO, 0)] == [
+            "a",
+            "big.bin",
+            "empty.txt",
+            "three.bin",
+        ]
+        a = fs.lookup(ROOT_INO, "a")
+        assert a.mode & 0o170000 == 0o040000
+        assert [n for n, _, _ in fs.readdir(a.ino, 0)] == ["b", "one.bin"]
+        assert [n for n, _, _ in fs.readdir(a.ino, 1)] == ["one.bin"]  # offsets resume listings
+        for path, data in contents.items():
+            attr = fs.getattr(ino_of(fs, path))
+            assert attr.size == len(data)
+            assert attr.mtime_ns == vault.entry(path).mtime_ns
+        with pytest.raises(NotFound):
+            fs.lookup(ROOT_INO, "missing")
+        with pytest.raises(NotADirectory):
+            fs.lookup(ino_of(fs, "three.bin"), "x")
+        with pytest.raises(IsADirectory):
+            await fs.open(a.ino, os.O_RDONLY)
+        for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+            with pytest.raises(ReadOnly):
+                await fs.open(ino_of(fs, "three.bin"), flags)
+
+
+async def test_reads_match_at_any_offset(vault: Vault, contents: dict[str, bytes]) -> None:
+    rng = random.Random(1)
+    async with running(vault) as fs:
+        for path, data in contents.items():
+            fh = await fs.open(ino_of(fs, path), os.O_RDONLY)
+            cases = [(0, len(data) + 10), (len(data), 10), (len(data) + 5, 1)]
+            cases += [(rng.randrange(len(data) + 1), rng.randrange(1, 300_000)) for _ in range(40)]
+            for off, size in cases:
+                got = bytes(await fs.read(fh, off, size))
+                assert got == data[off : off + size], (path, off, size)
+            fs.release(fh)
+
+
+async def test_concurrent_readers_get_their_own_bytes(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    data = contents["big.bin"]
+    async with running(vault, cache_size=4 << 20) as fs:  # small cache: eviction under readers
+        results: dict[tuple[int, int], bytes] = {}
+
+        async def reader(k: int) -> None:
+            fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+            rng = random.Random(k)
+            for _ in range(30):
+                off, size = rng.randrange(len(data)), rng.choice([4096, 65536, 131072, 1 << 20])
+                results[(k, off)] = bytes(await fs.read(fh, off, size))
+                assert results[(k, off)] == data[off : off + size]
+            fs.release(fh)
+
+        async with trio.open_nursery() as n:
+            for k in range(8):
+                n.start_soon(reader, k)
+        assert len(results) > 200
+        assert len(fs.cache.buffers()) <= fs.cache.capacity
+
+
+async def test_sequential_reader_is_prefetched(vault: Vault, contents: dict[str, bytes]) -> None:
+    data = contents["big.bin"]
+    async with running(vault) as fs:
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        got = bytearray()
+        for off in range(0, len(data), 128 * 1024):
+            got += await fs.read(fh, off, 128 * 1024)
+            await trio.sleep(0.001)  # a player consumes at its own pace
+        assert got == data
+        s = fs.stats()
+        assert s["prefetch_chunks"] > 0 and s["prefetch_hits"] > 0
+        assert s["reads_waited"] < s["reads"] // 2  # most reads were served from readahead
+        assert s["bytes_decrypted"] >= len(data)
+
+
+async def test_lock_wipes_keys_and_chunks_then_unlock(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    async with running(vault) as fs:
+        ino = ino_of(fs, "a/one.bin")
+        fh = await fs.open(ino, os.O_RDONLY)
+        assert bytes(await fs.read(fh, 0, 1000)) == contents["a/one.bin"][:1000]
+        key = fs.keys.entries()[0]
+        key_bytes = key.file_key
+        chunk_bufs = fs.cache.buffers()
+        identities = list(vault._identities)
+        assert any(any(b) for b in chunk_bufs) and any(key_bytes)
+
+        fs.lock()
+        assert fs.keys.entries() == [] and len(fs.keys) == 0
+        assert fs.cache.buffers() == [] and len(fs.cache) == 0
+        assert key_bytes == bytearray(16) and key.aead is None
+        assert all(b == bytearray(len(b)) for b in chunk_bufs)
+        secrets = [getattr(i, "_seed", None) or i._secret for i in identities]
+        assert secrets and all(s == bytearray(len(s)) for s in secrets)  # identities wiped too
+        with pytest.raises(Locked):
+            await fs.read(fh, 0, 10)
+        with pytest.raises(Locked):
+            await fs.open(ino, os.O_RDONLY)
+        with pytest.raises(Locked):
+            fs.lookup(ROOT_INO, "a")
+        with pytest.raises(Locked):
+            fs.readdir(ROOT_INO, 0)
+        assert fs.getattr(ROOT_INO).ino == ROOT_INO  # the mountpoint itself still answers stat
+
+        await fs.unlock(passphrase=PASSPHRASE)
+        assert bytes(await fs.read(fh, 5, 100)) == contents["a/one.bin"][5:105]
+        assert fs.lookup(ROOT_INO, "a").ino == fs.lookup(ROOT_INO, "a").ino
+
+
+async def test_key_ttl_expiry_wipes_key_bytes(vault: Vault, contents: dict[str, bytes]) -> None:
+    async with running(vault, key_ttl=0.2) as fs:
+        fh = await fs.open(ino_of(fs, "three.bin"), os.O_RDONLY)
+        assert bytes(await fs.read(fh, 0, 1)) == contents["three.bin"]
+        (entry,) = fs.keys.entries()
+        key_bytes = entry.file_key
+        assert any(key_bytes)
+        await trio.sleep(0.6)  # the sweeper runs every ttl/2
+        assert len(fs.keys) == 0
+        assert key_bytes == bytearray(16) and entry.aead is None
+        misses = fs.keys.misses
+        assert bytes(await fs.read(fh, 0, 1)) == contents["three.bin"]  # unwrapped again
+        assert fs.keys.misses > misses and len(fs.keys) == 1
+
+
+async def test_key_ttl_zero_keeps_key_only_while_open(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    async with running(vault, key_ttl=0) as fs:
+        fh = await fs.open(ino_of(fs, "a/b/two.bin"), os.O_RDONLY)
+        assert (
+            bytes(await fs.read(fh, CHUNK - 3, 6)) == contents["a/b/two.bin"][CHUNK - 3 : CHUNK + 3]
+        )
+        assert len(fs.keys) == 0
+        own = fs._files[fh].own_key
+        assert own is not None and any(own.file_key)
+        key_bytes = own.file_key
+        fs.release(fh)
+        assert key_bytes == bytearray(16)
+
+
+async def test_tampered_chunk_fails_only_that_read(
+    vault: Vault, contents: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    e = vault.entry("big.bin")
+    obj = Path(vault.storage.describe()) / object_key(e.object)
+    raw = bytearray(obj.read_bytes())
+    raw[e.hlen + 16 + 2 * CT_CHUNK + 100] ^= 0x01  # one bit of chunk 2
+    obj.write_bytes(raw)
+    data = contents["big.bin"]
+    async with running(vault) as fs:
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        with pytest.raises(PayloadError):
+            await fs.read(fh, 2 * CHUNK + 10, 100)
+        with pytest.raises(PayloadError):
+            await fs.read(fh, CHUNK, 3 * CHUNK)  # any read that covers chunk 2
+        assert bytes(await fs.read(fh, 0, 2 * CHUNK)) == data[: 2 * CHUNK]
+        assert bytes(await fs.read(fh, 3 * CHUNK, CHUNK)) == data[3 * CHUNK : 4 * CHUNK]
+        other = await fs.open(ino_of(fs, "a/one.bin"), os.O_RDONLY)
+        assert bytes(await fs.read(other, 0, 100)) == contents["a/one.bin"][:100]
+        assert fs.stats()["auth_failures"] == 2
+        assert ("big.bin: chunk 2 failed authentication") in caplog.text
+        assert ("big.bin", 2) not in fs.cache  # nothing unauthenticated was cached
+
+
+async def test_refresh_sees_files_added_while_mounted(
+    vault: Vault, contents: dict[str, bytes], tmp_path: Path
+) -> None:
+    async with running(vault) as fs:
+        with pytest.raises(NotFound):
+            fs.lookup(ROOT_INO, "new.bin")
+        assert not await fs.refresh()
+        _add(vault, tmp_path, "new.bin", b"fresh")
+        assert await fs.refresh()
+        fh = await fs.open(ino_of(fs, "new.bin"), os.O_RDONLY)
+        assert bytes(await fs.read(fh, 0, 100)) == b"fresh"
