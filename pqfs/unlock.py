@@ -1,4 +1,5 @@
-"""Where secrets come from: a prompt, --passphrase-file, PQFS_PASSPHRASE, or an identity file.
+"""Where secrets come from, in this order: --passphrase-file, a systemd credential
+($CREDENTIALS_DIRECTORY/passphrase), PQFS_PASSPHRASE, a prompt; or an identity file.
 
 Passphrases are never echoed, logged or placed in exception messages.
 """
@@ -15,6 +16,7 @@ from .keys import HybridIdentity, X25519Identity, parse_identity_file
 
 ENV_PASSPHRASE = "PQFS_PASSPHRASE"
 ENV_NEW_PASSPHRASE = "PQFS_NEW_PASSPHRASE"
+CREDENTIAL = "passphrase"  # the name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
 
 
 def _read_secret_file(path: str, what: str) -> bytes:
@@ -34,6 +36,11 @@ def passphrase(
 ) -> bytes:
     if file:
         return _read_secret_file(file, "passphrase file")
+    cred = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred and env == ENV_PASSPHRASE and os.path.exists(os.path.join(cred, CREDENTIAL)):
+        # systemd's LoadCredential=passphrase:...: the secret never appears in a command line
+        # or in an environment that other units could read.
+        return _read_secret_file(os.path.join(cred, CREDENTIAL), "credential")
     value = os.environ.get(env)
     if value:
         return value.encode()

@@ -214,7 +214,8 @@ class VaultFS:
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._inflight: dict[tuple[str, int], trio.Event] = {}
-        self._prefetching = 0
+        self._prefetching = 0  # chunks in prefetch jobs not yet finished
+        self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
         self.pool = WorkerPool(opts.workers)
         self._reply = bytearray(opts.max_read)
         self._sent: list[bytearray] = []  # private reply buffers handed to the kernel
@@ -414,6 +415,7 @@ class VaultFS:
 
     def release(self, fh: int) -> None:
         f = self._files.pop(fh, None)
+        self._streaming.discard(fh)
         if f is not None:
             f.released = True
             self._maybe_close(f)
@@ -657,10 +659,16 @@ class VaultFS:
             f.last_end = end
             f.window = opts.prefetch_start
             f.ahead = last
+            self._streaming.discard(f.fh)
             return
         if f.streak < 2 or self._nursery is None:
             return
-        f.window = max(opts.prefetch_start, min(opts.prefetch_max, f.window * 2))
+        self._streaming.add(f.fh)
+        # Readahead of all streams together stays within half the cache, so that one stream's
+        # prefetched chunks are not evicted by another's before they are read.
+        fair = self.cache.capacity // (2 * len(self._streaming))
+        limit = max(opts.prefetch_start, min(opts.prefetch_max, fair))
+        f.window = max(opts.prefetch_start, min(limit, f.window * 2))
         target = min(f.chunks - 1, last + f.window)
         start = max(f.ahead, last) + 1
         oid = f.entry.object

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Installs what pqfs needs on a Debian machine (run as root, or with sudo available):
-# system packages, a virtualenv in .venv with pqfs (and with --test its test extras), and a
-# `pqfs` command in /usr/local/bin. Safe to run again; it only installs what is missing.
+# system packages, a virtualenv in .venv with pqfs (and with --test its test extras; with
+# --bench also gocryptfs and rclone for contrib/bench), and a `pqfs` command in
+# /usr/local/bin. Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
+bench=""
+[ "${1:-}" = "--bench" ] && bench="gocryptfs rclone"  # peers for contrib/bench only
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
-pkgs=(fuse3 libfuse3-dev pkg-config ffmpeg age gcc python3-dev python3-venv)
+# shellcheck disable=SC2206
+pkgs=(fuse3 libfuse3-dev pkg-config ffmpeg age gcc python3-dev python3-venv $bench)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
