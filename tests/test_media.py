@@ -19,26 +19,13 @@ VIDEO = ["-f", "lavfi", "-i", "testsrc2=duration=8:size=640x360:rate=25"]
 AUDIO = ["-f", "lavfi", "-i", "sine=frequency=440:beep_factor=4:duration=8"]
 H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-b:v", "3M", "-pix_fmt", "yuv420p"]
 
+VP8 = ["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "2M", "-g", "25"]
+
 CLIPS: dict[str, list[str]] = {
     "front.mp4": [*VIDEO, *AUDIO, *H264, "-c:a", "aac", "-movflags", "+faststart"],
     "end.mp4": [*VIDEO, *AUDIO, *H264, "-c:a", "aac"],
     "clip.mkv": [*VIDEO, *AUDIO, *H264, "-c:a", "libvorbis"],
-    "clip.webm": [
-        *VIDEO,
-        *AUDIO,
-        "-c:v",
-        "libvpx",
-        "-deadline",
-        "realtime",
-        "-cpu-used",
-        "8",
-        "-b:v",
-        "2M",
-        "-g",
-        "25",
-        "-c:a",
-        "libopus",
-    ],  # fmt: skip
+    "clip.webm": [*VIDEO, *AUDIO, *VP8, "-c:a", "libopus"],
     "tone.flac": [*AUDIO, "-c:a", "flac"],
     "tone.mp3": [*AUDIO, "-c:a", "libmp3lame", "-b:a", "192k"],
 }

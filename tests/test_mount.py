@@ -121,9 +121,9 @@ def test_writes_get_erofs(
     with mounted(vault, tmp_path / "mnt", cli_env) as mp:
         root = mp / "lib"
         attempts = [
-            lambda: open(root / "new.txt", "w"),
-            lambda: open(root / "empty.txt", "a"),
-            lambda: open(root / "empty.txt", "r+"),
+            lambda: os.open(root / "new.txt", os.O_WRONLY | os.O_CREAT),
+            lambda: os.open(root / "empty.txt", os.O_WRONLY | os.O_APPEND),
+            lambda: os.open(root / "empty.txt", os.O_RDWR),
             lambda: os.mkdir(root / "d"),
             lambda: os.remove(root / "empty.txt"),
             lambda: os.rename(root / "empty.txt", root / "e.txt"),
@@ -235,7 +235,7 @@ def test_sigterm_unmounts_cleanly(
 def test_kill9_leaves_stale_mount_that_umount_clears(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
-    src, vault = library
+    _, vault = library
     mp = tmp_path / "mnt"
     with mounted(vault, mp, cli_env):
         pid = daemon_pid(mp)
