@@ -139,9 +139,6 @@ async def serve(
     ready: Callable[[], None],
 ) -> None:
     ops = Operations(fs)
-    # A worker running Python between two AEAD calls holds the GIL; the loop thread waits at
-    # most this long for it (default 5 ms) before asking for it back: it bounds loop stalls.
-    sys.setswitchinterval(0.001)
     parent_dev = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/").st_dev
     pyfuse3.init(ops, mountpoint, fuse_options(fs.vault.storage.describe(), allow_other))
     unmounted = False

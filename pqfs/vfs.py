@@ -528,13 +528,17 @@ class VaultFS:
                 waits = []
             mine = sorted(i for i in pending if attempt > 0 or (oid, i) not in self._inflight)
             errors: list[BaseException] = []
-            async with trio.open_nursery() as nursery:
-                for first, count in _runs(mine, self.options.job_chunks):
-                    nursery.start_soon(
-                        self._job, f, aead, first, count, False, (out, off, end), errors
-                    )
-                for ev in waits:
-                    nursery.start_soon(ev.wait)
+            runs = _runs(mine, self.options.job_chunks)
+            if len(runs) == 1 and not waits:  # the common case: no nursery to set up
+                await self._job(f, aead, *runs[0], False, (out, off, end), errors)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for first, count in runs:
+                        nursery.start_soon(
+                            self._job, f, aead, first, count, False, (out, off, end), errors
+                        )
+                    for ev in waits:
+                        nursery.start_soon(ev.wait)
             if gen != self.generation:
                 wipe(buf)
                 raise Locked("the vault was locked during the read")
