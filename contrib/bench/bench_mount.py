@@ -12,6 +12,7 @@ measures on that fresh mount, in this order:
                and right after the mount (pqfs has no file key cached yet); median per round
   random read  --random-reads preads of 64 KiB at random unaligned offsets of the big file (fixed
                --seed, same offsets for every system and round), page cache dropped; p50, p99
+  (remount, so that no daemon-side cache filled by the random reads helps what follows)
   seq read     the whole big file with 1 MiB os.read calls, page cache dropped; GB/s (1e9 B/s)
   daemon CPU   utime+stime of the mount daemon across the sequential read, per GiB read
   daemon RSS   VmRSS after the sequential read, then while all --files small files are held
@@ -76,14 +77,22 @@ def log(msg: str) -> None:
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
-    """Run a setup or control command; its stdout, or an error naming the command."""
-    proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    """Run a setup or control command; its stdout, or an error naming the command.
+
+    Output goes to files, not pipes: a daemonizing mount command leaves a child behind that may
+    keep inherited pipes open, and reading them to EOF would wait for the unmount."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.run(
+            cmd, env=env, stdout=out, stderr=err, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
-        err = (proc.stderr or proc.stdout).strip()
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
-    return proc.stdout
+        msg = (stderr or stdout).strip()
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {msg}")
+    return stdout
 
 
 def drop_caches() -> None:
@@ -362,15 +371,16 @@ class Rclone(System):
 def measure(
     s: System, args: argparse.Namespace, offsets: list[int], plain: Path, heads: dict[str, bytes]
 ) -> dict[str, float]:
-    """One round of one system, on a fresh mount."""
-    s.mount(args.size)
-    assert s.pid is not None
-    pid = s.pid
+    """One round of one system, in two phases, each on a fresh mount: (a) cold open and random
+    reads, (b) sequential read, daemon CPU and RSS. The remount keeps chunks cached in the
+    daemon by the random reads (pqfs has such a cache) out of the sequential read."""
     res: dict[str, float] = {}
     small = sorted(heads)
     mnt = Path(s.mnt)
+
+    s.mount(args.size)
     try:
-        # cold open + first 64 KiB
+        # cold open + first 64 KiB, right after the mount: no file key cached yet
         drop_caches()
         lat = []
         for name in small[: args.latency_files]:
@@ -400,13 +410,21 @@ def measure(
             os.close(fd)
         res["rand_p50_ms"] = statistics.median(times) * 1e3
         res["rand_p99_ms"] = statistics.quantiles(times, n=100, method="inclusive")[98] * 1e3
-        with open(plain / "big.bin", "rb") as f:  # untimed check against the plaintext
-            for off, data in zip(offsets, got, strict=True):
-                f.seek(off)
-                if data != f.read(READ):
-                    raise RuntimeError(f"{s.name}: random read at {off} differs from the original")
-        del got
+        for k, v in s.extra_stats().items():
+            res["xa_" + k] = v
+    finally:
+        s.umount()
+    with open(plain / "big.bin", "rb") as f:  # untimed check against the plaintext
+        for off, data in zip(offsets, got, strict=True):
+            f.seek(off)
+            if data != f.read(READ):
+                raise RuntimeError(f"{s.name}: random read at {off} differs from the original")
+    del got
 
+    s.mount(args.size)
+    try:
+        assert s.pid is not None
+        pid = s.pid
         # sequential read, daemon CPU
         drop_caches()
         cpu0 = cpu_seconds(pid)
@@ -426,7 +444,7 @@ def measure(
         res["cpu_s_per_gib"] = (cpu1 - cpu0) / (total / GiB)
         res["rss_read_mib"] = rss_mib(pid)
 
-        # RSS with every small file held open
+        # RSS with every small file held open, after the sequential read
         fds = []
         try:
             for name in small:
@@ -438,7 +456,7 @@ def measure(
             for fd in fds:
                 os.close(fd)
         for k, v in s.extra_stats().items():
-            res["x_" + k] = v
+            res["xb_" + k] = v
     finally:
         s.umount()
     return res
@@ -459,12 +477,16 @@ METRICS = [  # key, label, better, format
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    info: dict[str, str] = {}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first CPU is enough
+    cpu = info.get("model name", "unknown CPU")
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')})"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     return (
         f"{platform.node()}: {cpu}, nproc {len(os.sched_getaffinity(0))}, {mem:.0f} GiB RAM, "
@@ -490,13 +512,16 @@ def report(
     print(
         f"data: {human(args.size)} random file + {args.files} x {human(args.small_size)} random "
         f"files, backing store on {work.parent} (disk); {args.rounds} alternating rounds "
-        f"({' -> '.join(names)}), each on a fresh mount, page cache dropped before every "
+        f"({' -> '.join(names)}), two fresh mounts per system per round (open+random, then seq+CPU+RSS), page cache dropped before every "
         f"measurement"
     )
-    print(
-        f"mounts: pqfs --cache-size {args.pqfs_cache_size}; gocryptfs -ro (defaults); "
-        "rclone mount crypt-over-local --vfs-cache-mode off --read-only (defaults otherwise)"
-    )
+    described = {
+        "pqfs": f"pqfs --cache-size {args.pqfs_cache_size} (read-only)",
+        "gocryptfs": "gocryptfs -ro (defaults otherwise)",
+        "rclone": "rclone crypt remote (RCLONE_CONFIG_* variables) over a local directory, "
+        "mount --vfs-cache-mode off --read-only (defaults otherwise)",
+    }
+    print(f"mounts: {'; '.join(described[n] for n in names)}")
     print(
         f"random reads: {args.random_reads} x 64 KiB at unaligned offsets (seed {args.seed}); "
         f"cold open: {args.latency_files} files; N = {args.files} open files, "
@@ -529,16 +554,23 @@ def report(
             print(f"  {label:<36} {n:<10} {shown}")
     if "pqfs" in names:
         print()
-        print("pqfs mount stats at the end of each round (pqfs stats --json):")
-        for key in ("loop_stall_max_ms", "read_p50_ms", "read_p99_ms", "cache_hit_rate"):
-            vals = [r["x_" + key] for r in results["pqfs"] if "x_" + key in r]
-            if not vals:
-                print(f"  {key:<18} -")
-                continue
-            shown = " ".join(f"{v:.3f}" if key == "cache_hit_rate" else f"{v:.1f}" for v in vals)
-            print(
-                f"  {key:<18} {shown}   (max {max(vals):.3f}, median {statistics.median(vals):.3f})"
-            )
+        print("pqfs mount stats before each unmount (pqfs stats --json), per round:")
+        for phase, what in (("xa_", "open+random mount"), ("xb_", "seq+RSS mount")):
+            for key in ("loop_stall_max_ms", "read_p50_ms", "read_p99_ms", "cache_hit_rate"):
+                vals = [r[phase + key] for r in results["pqfs"] if phase + key in r]
+                if not vals:
+                    print(f"  {what:<17} {key:<18} -")
+                    continue
+                shown = " ".join(f"{v:.3f}" for v in vals)
+                print(
+                    f"  {what:<17} {key:<18} {shown}   "
+                    f"(max {max(vals):.3f}, median {statistics.median(vals):.3f})"
+                )
+        stalls = [
+            max(r.get("xa_loop_stall_max_ms", 0.0), r.get("xb_loop_stall_max_ms", 0.0))
+            for r in results["pqfs"]
+        ]
+        print(f"pqfs longest event-loop stall over all rounds: {max(stalls):.3f} ms")
 
 
 # ---------------------------------------------------------------------------- main ----
