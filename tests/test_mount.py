@@ -355,3 +355,24 @@ def test_memory_stays_bounded_with_many_open_files(
         )
         print(f"daemon RSS with 50 open files, 100 MiB read, 8 MiB cache: {rss_kib / 1024:.1f} MiB")
         assert rss_kib < (64 + 8) * 1024
+
+
+def test_unlock_with_an_identity_file(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    src, vault = library
+    key = tmp_path / "vault.key"
+    run_pqfs("identity", str(vault), "-o", str(key), env=cli_env)
+    other = tmp_path / "other.key"
+    run_pqfs("keygen", "-o", str(other), env=cli_env)
+    with mounted(vault, tmp_path / "mnt", cli_env, "--identity", str(key)) as mp:
+        f = mp / "lib" / "music" / "album" / "cover.jpg"
+        assert f.read_bytes() == (src / "music" / "album" / "cover.jpg").read_bytes()
+        run_pqfs("lock", str(mp), env=cli_env)
+        with pytest.raises(PermissionError):
+            f.read_bytes()
+        proc = run_pqfs("unlock", str(mp), "--identity", str(other), env=cli_env, check=False)
+        assert proc.returncode == 1
+        assert "holds no identity of this vault" in proc.stderr.decode()
+        run_pqfs("unlock", str(mp), "--identity", str(key), env=cli_env)
+        assert f.read_bytes() == (src / "music" / "album" / "cover.jpg").read_bytes()
