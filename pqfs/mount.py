@@ -55,7 +55,7 @@ def mount_type(path: str) -> str | None:
 
 def check_mountpoint(path: str) -> None:
     try:
-        st = os.stat(path)
+        os.stat(path)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise PqfsError(
@@ -68,7 +68,6 @@ def check_mountpoint(path: str) -> None:
         raise PqfsError(f"{path} is already a mount point")
     if not os.access(path, os.W_OK) or not os.access(path, os.X_OK):
         raise PqfsError(f"mount point {path}: permission denied")
-    del st
     if not os.path.exists("/dev/fuse"):
         raise PqfsError("/dev/fuse is missing: install fuse3 (apt install fuse3)")
 
@@ -115,11 +114,10 @@ def setup_logging(foreground: bool, log_file: str | None, debug: bool = False) -
 # ------------------------------------------------------------------------- serving ----
 
 
-def fuse_options(fsname: str, allow_other: bool) -> set[str]:
+def fuse_options(allow_other: bool) -> set[str]:
     opts = {"fsname=pqfs", "subtype=pqfs", "default_permissions", "noatime", "nodev", "nosuid"}
     if allow_other:
         opts.add("allow_other")
-    del fsname
     return opts
 
 
@@ -140,7 +138,7 @@ async def serve(
 ) -> None:
     ops = Operations(fs)
     parent_dev = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/").st_dev
-    pyfuse3.init(ops, mountpoint, fuse_options(fs.vault.storage.describe(), allow_other))
+    pyfuse3.init(ops, mountpoint, fuse_options(allow_other))
     unmounted = False
     try:
         async with trio.open_nursery() as nursery:

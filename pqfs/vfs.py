@@ -60,7 +60,6 @@ log = logging.getLogger("pqfs.mount")
 ROOT_INO = 1
 MiB = 1 << 20
 REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
-HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,6 @@ class OpenFile:
     streak: int = 0
     window: int = 0
     ahead: int = -1  # highest chunk scheduled for prefetch
-    hinted: int = 0  # backend offset up to which will_need() was sent
 
     @property
     def key_id(self) -> tuple[str, str]:
@@ -330,53 +328,49 @@ class VaultFS:
 
     # ------------------------------------------------------------------ metadata ----
 
-    def getattr(self, ino: int) -> Attr:
-        if ino == ROOT_INO and self.tree is None:
-            return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2)
+    def _node(self, ino: int) -> Node:
         node = self._tree().nodes.get(ino)
         if node is None:
             raise NotFound(f"no inode {ino}")
-        return node.attr
+        return node
 
-    def lookup(self, parent: int, name: str) -> Attr:
-        tree = self._tree()
-        node = tree.nodes.get(parent)
-        if node is None:
-            raise NotFound(f"no inode {parent}")
+    def _dir(self, ino: int) -> tuple[Tree, Node, dict[str, int]]:
+        node = self._node(ino)
         if node.children is None:
             raise NotADirectory(f"not a directory: {node.entry.path}")
+        return self._tree(), node, node.children
+
+    def getattr(self, ino: int) -> Attr:
+        if ino == ROOT_INO and self.tree is None:
+            return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2)
+        return self._node(ino).attr
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        tree, node, children = self._dir(parent)
         if name == ".":
             return node.attr
         if name == "..":
             parent_path = node.entry.path.rpartition("/")[0]
             return self.getattr(ROOT_INO if not parent_path else tree._by_path[parent_path])
-        ino = node.children.get(name)
+        ino = children.get(name)
         if ino is None:
             raise NotFound(f"no such file: {name}")
         return tree.nodes[ino].attr
 
     def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
         """Entries from offset `start`: (name, attributes, offset of the next entry)."""
-        tree = self._tree()
-        node = tree.nodes.get(ino)
-        if node is None:
-            raise NotFound(f"no inode {ino}")
-        if node.children is None:
-            raise NotADirectory(f"not a directory: {node.entry.path}")
-        out = []
-        for i in range(start, len(node.names)):
-            name = node.names[i]
-            out.append((name, tree.nodes[node.children[name]].attr, i + 1))
-        return out
+        tree, node, children = self._dir(ino)
+        return [
+            (name, tree.nodes[children[name]].attr, i + 1)
+            for i, name in enumerate(node.names[start:], start)
+        ]
 
     # ------------------------------------------------------------------ open / release ----
 
     async def open(self, ino: int, flags: int) -> int:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise ReadOnly("the mount is read-only")
-        node = self._tree().nodes.get(ino)
-        if node is None:
-            raise NotFound(f"no inode {ino}")
+        node = self._node(ino)
         if node.children is not None:
             raise IsADirectory(f"is a directory: {node.entry.path}")
         gen = self.generation
@@ -407,7 +401,8 @@ class VaultFS:
             if src.size != start + ciphertext_size(e.size):
                 log.warning("%s: object size does not match the catalog (damaged?)", e.path)
             f = OpenFile(0, node.ino, e, src, header, nonce, start, -(-e.size // CHUNK) or 1)
-            self._key(f)  # unwrap now, on this thread: the first read then costs only decryption
+            if self._cached_aead(f) is None:  # unwrap now: the first read costs only decryption
+                self._unwrap(f)
             return f
         except BaseException:
             src.close()
@@ -435,13 +430,15 @@ class VaultFS:
 
     # ------------------------------------------------------------------ keys ----
 
-    def _key(self, f: OpenFile) -> Any:
-        """The payload AEAD of an open file (any thread): from the TTL cache, else unwrapped."""
+    def _cached_aead(self, f: OpenFile) -> Any:
+        """The payload AEAD of an open file if its key is held (any thread), else None."""
         if f.own_key is not None:
             return f.own_key.aead
         hit = self.keys.get(f.key_id)
-        if hit is not None and hit.aead is not None:
-            return hit.aead
+        return None if hit is None else hit.aead
+
+    def _unwrap(self, f: OpenFile) -> Any:
+        """Unwrap the file key (worker thread), cache it, and return the payload AEAD."""
         fk = unwrap(f.header, self.vault.identities)  # raises Locked
         try:
             entry = self.keys.put(f.key_id, fk, payload_aead(fk, f.nonce))
@@ -454,13 +451,11 @@ class VaultFS:
     async def _aead(self, f: OpenFile) -> Any:
         if self.locked:
             raise Locked("the vault is locked (pqfs unlock MOUNTPOINT)")
-        if f.own_key is not None:
-            return f.own_key.aead
-        hit = self.keys.get(f.key_id)
-        if hit is not None and hit.aead is not None:
-            return hit.aead
+        aead = self._cached_aead(f)
+        if aead is not None:
+            return aead
         gen = self.generation
-        aead = await self.pool.run(functools.partial(self._key, f))
+        aead = await self.pool.run(functools.partial(self._unwrap, f))
         if gen != self.generation:
             raise Locked("the vault was locked during the read")
         return aead
@@ -481,12 +476,11 @@ class VaultFS:
             return memoryview(b"")
         first, last = off // CHUNK, (end - 1) // CHUNK
         n = end - off
-        oid = f.entry.object
         out: memoryview | None = None
-        if n <= len(self._reply) and all((oid, i) in self.cache for i in range(first, last + 1)):
+        if n <= len(self._reply):
             out = memoryview(self._reply)[:n]
-            if self._copy_cached(f, off, end, range(first, last + 1), out):
-                out = None  # evicted under us by a worker: take the slow path
+            if self._copy_cached(f, off, end, range(first, last + 1), out, stop_at_miss=True):
+                out = None  # not all cached: wait for workers, in a private buffer
         if out is None:
             self.counters.slow_reads += 1
             out = await self._read_slow(f, aead, off, end)
@@ -498,16 +492,24 @@ class VaultFS:
         return out
 
     def _copy_cached(
-        self, f: OpenFile, off: int, end: int, chunks: Iterable[int], out: memoryview
+        self,
+        f: OpenFile,
+        off: int,
+        end: int,
+        chunks: Iterable[int],
+        out: memoryview,
+        stop_at_miss: bool = False,
     ) -> set[int]:
         """Copy the cached chunks among `chunks` into `out` (which holds [off, end)); returns the
-        chunks that were not cached."""
+        chunks that were not cached (with `stop_at_miss`, only the first of them)."""
         missing = set()
         oid = f.entry.object
         for i in chunks:
             lo, hi = max(off, i * CHUNK), min(end, (i + 1) * CHUNK)
             if not self.cache.copy_out((oid, i), lo - i * CHUNK, out[lo - off : hi - off]):
                 missing.add(i)
+                if stop_at_miss:
+                    break
         return missing
 
     async def _read_slow(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview:
@@ -618,12 +620,6 @@ class VaultFS:
         ct = getattr(self._tls, "ct", None)
         if ct is None or len(ct) < count * CT_CHUNK:
             ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
-        if prefetch:  # keep the backend a window ahead of the decrypt jobs
-            lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
-            hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
-            if lo < hi:
-                f.hinted = hi
-                f.src.will_need(lo, hi - lo)
         bufs = self.cache.lend(count)
         try:
             lens = decrypt_chunks(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -110,3 +112,39 @@ def mounted(vault_dir: Path, mountpoint: Path, env: dict[str, str], *args: str) 
             proc = run_pqfs("umount", str(mountpoint), env=env, check=False)
             if proc.returncode != 0:
                 subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+@contextlib.contextmanager
+def notify_socket(path: Path) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(60)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def foreground_mount(
+    argv: list[str], env: dict[str, str], mountpoint: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`pqfs ARGV` (a `mount -f`) as a child process; killed and unmounted if still there."""
+    proc = subprocess.Popen([sys.executable, "-m", "pqfs", *argv], env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if mount_type(mountpoint) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def stop_with_sigterm(proc: subprocess.Popen[bytes], sock: socket.socket, mountpoint: Path) -> None:
+    """SIGTERM, as systemd stops a unit: STOPPING=1, a clean exit, and the mount gone."""
+    proc.send_signal(signal.SIGTERM)
+    assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
+    assert proc.wait(timeout=30) == 0
+    assert mount_type(mountpoint) is None

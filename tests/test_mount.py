@@ -8,9 +8,7 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,15 @@ import pytest
 
 from pqfs.stream import CT_CHUNK, ciphertext_size
 
-from .conftest import daemon_pid, mount_type, mounted, run_pqfs
+from .conftest import (
+    daemon_pid,
+    foreground_mount,
+    mount_type,
+    mounted,
+    notify_socket,
+    run_pqfs,
+    stop_with_sigterm,
+)
 
 NAMES = {
     "movies/Big Buck Bunny (2008)/film.mkv": 3 * 1024 * 1024 + 123,
@@ -285,17 +291,11 @@ def test_readiness_is_notified_only_once_the_mount_answers(
     _, vault = library
     mp = tmp_path / "mnt"
     mp.mkdir()
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(60)
-    env = dict(cli_env, NOTIFY_SOCKET=str(sock_path))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pqfs", "mount", "-f", str(vault), str(mp)],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    env = dict(cli_env, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    with (
+        notify_socket(tmp_path / "notify.sock") as sock,
+        foreground_mount(["mount", "-f", str(vault), str(mp)], env, mp) as proc,
+    ):
         msg = sock.recv(4096).decode()
         # At the moment READY=1 arrives, the mount already answers stat and lookups.
         st = os.stat(mp)
@@ -303,17 +303,7 @@ def test_readiness_is_notified_only_once_the_mount_answers(
         assert mount_type(mp) == "fuse.pqfs"
         assert st.st_dev != os.stat(tmp_path).st_dev
         assert (mp / "lib" / "empty.txt").exists()
-        proc.send_signal(signal.SIGTERM)
-        assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
-        assert proc.wait(timeout=30) == 0
-        assert mount_type(mp) is None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if mount_type(mp) is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
-        sock.close()
+        stop_with_sigterm(proc, sock, mp)
 
 
 @pytest.fixture

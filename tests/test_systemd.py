@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import PASSPHRASE, ROOT, mount_type, run_pqfs
+from .conftest import (
+    PASSPHRASE,
+    ROOT,
+    foreground_mount,
+    notify_socket,
+    run_pqfs,
+    stop_with_sigterm,
+)
 
 UNITS = [ROOT / "systemd" / "pqfs@.service", ROOT / "systemd" / "user" / "pqfs@.service"]
 
@@ -59,35 +63,22 @@ def test_exec_start_runs_as_systemd_would(tmp_path: Path, cli_env: dict[str, str
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o700)
     (creds / "passphrase").write_bytes(PASSPHRASE + b"\n")
-    sock_path = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(60)
-
     env = {k: v for k, v in cli_env.items() if k != "PQFS_PASSPHRASE"}
     for line in conf.read_text().splitlines():
         k, v = line.split("=", 1)
         env[k] = v
-    env.update(CREDENTIALS_DIRECTORY=str(creds), NOTIFY_SOCKET=str(sock_path))
+    env.update(CREDENTIALS_DIRECTORY=str(creds), NOTIFY_SOCKET=str(tmp_path / "notify"))
     exec_start = unit_value(UNITS[0].read_text(), "ExecStart")
     # systemd's rules: ${VAR} is one word, $VAR is split on whitespace.
     expanded = re.sub(r"\$\{(\w+)\}", lambda m: shlex.quote(env[m.group(1)]), exec_start)
     expanded = re.sub(r"\$(\w+)", lambda m: env[m.group(1)], expanded)
     argv = shlex.split(expanded)
     assert argv[0] == "/usr/local/bin/pqfs"
-    proc = subprocess.Popen([sys.executable, "-m", "pqfs", *argv[1:]], env=env)
-    try:
+    with (
+        notify_socket(tmp_path / "notify") as sock,
+        foreground_mount(argv[1:], env, mp) as proc,
+    ):
         assert "READY=1" in sock.recv(4096).decode().splitlines()
         assert (mp / "f.txt").read_text() == "hello"
         assert os.path.ismount(mp)
-        proc.send_signal(signal.SIGTERM)
-        assert "STOPPING=1" in sock.recv(4096).decode().splitlines()
-        assert proc.wait(timeout=30) == 0
-        assert mount_type(mp) is None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if mount_type(mp) is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
-        sock.close()
+        stop_with_sigterm(proc, sock, mp)
