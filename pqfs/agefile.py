@@ -8,6 +8,7 @@ chunks covering it. `decrypt_stream` is the sequential reader with age's streami
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,9 @@ class RangeSource(Protocol):
 
     def preadinto(self, offset: int, buf: memoryview) -> int: ...
 
+    def will_need(self, offset: int, length: int) -> None:
+        """A hint that [offset, offset+length) will be read soon (start fetching, don't wait)."""
+
     def close(self) -> None: ...
 
 
@@ -53,6 +57,9 @@ class BytesSource:
         buf[: len(part)] = part
         return len(part)
 
+    def will_need(self, offset: int, length: int) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -64,6 +71,12 @@ class FileSource:
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
         return _preadfull(self.fd, buf, offset)
+
+    def will_need(self, offset: int, length: int) -> None:
+        # The kernel starts reading ahead asynchronously: readahead decrypts then find the
+        # ciphertext in the page cache instead of waiting on the disk, one job at a time.
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -60,6 +60,7 @@ log = logging.getLogger("pqfs.mount")
 ROOT_INO = 1
 MiB = 1 << 20
 REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
+HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class OpenFile:
     streak: int = 0
     window: int = 0
     ahead: int = -1  # highest chunk scheduled for prefetch
+    hinted: int = 0  # backend offset up to which will_need() was sent
 
     @property
     def key_id(self) -> tuple[str, str]:
@@ -476,11 +478,14 @@ class VaultFS:
             return memoryview(b"")
         first, last = off // CHUNK, (end - 1) // CHUNK
         n = end - off
+        oid = f.entry.object
         out: memoryview | None = None
-        if n <= len(self._reply):
+        # Check before copying: a read that must wait copies into a private buffer, and copying
+        # its cached part twice measurably costs CPU on sequential streams.
+        if n <= len(self._reply) and all((oid, i) in self.cache for i in range(first, last + 1)):
             out = memoryview(self._reply)[:n]
-            if self._copy_cached(f, off, end, range(first, last + 1), out, stop_at_miss=True):
-                out = None  # not all cached: wait for workers, in a private buffer
+            if self._copy_cached(f, off, end, range(first, last + 1), out):
+                out = None  # evicted under us by a worker: take the slow path
         if out is None:
             self.counters.slow_reads += 1
             out = await self._read_slow(f, aead, off, end)
@@ -492,24 +497,16 @@ class VaultFS:
         return out
 
     def _copy_cached(
-        self,
-        f: OpenFile,
-        off: int,
-        end: int,
-        chunks: Iterable[int],
-        out: memoryview,
-        stop_at_miss: bool = False,
+        self, f: OpenFile, off: int, end: int, chunks: Iterable[int], out: memoryview
     ) -> set[int]:
         """Copy the cached chunks among `chunks` into `out` (which holds [off, end)); returns the
-        chunks that were not cached (with `stop_at_miss`, only the first of them)."""
+        chunks that were not cached."""
         missing = set()
         oid = f.entry.object
         for i in chunks:
             lo, hi = max(off, i * CHUNK), min(end, (i + 1) * CHUNK)
             if not self.cache.copy_out((oid, i), lo - i * CHUNK, out[lo - off : hi - off]):
                 missing.add(i)
-                if stop_at_miss:
-                    break
         return missing
 
     async def _read_slow(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview:
@@ -620,6 +617,12 @@ class VaultFS:
         ct = getattr(self._tls, "ct", None)
         if ct is None or len(ct) < count * CT_CHUNK:
             ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
+        if prefetch:  # keep the backend a window ahead of the decrypt jobs
+            lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
+            hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
+            if lo < hi:
+                f.hinted = hi
+                f.src.will_need(lo, hi - lo)
         bufs = self.cache.lend(count)
         try:
             lens = decrypt_chunks(
