@@ -24,6 +24,7 @@ from .keys import (
     parse_recipient,
 )
 from .progress import Progress, human
+from .storage import StorageOptions
 from .unlock import ENV_NEW_PASSPHRASE, identity_file, passphrase
 from .vault import COMMIT_EVERY_FILES, COMMIT_EVERY_SECONDS, Vault
 
@@ -58,8 +59,17 @@ def _recipients(texts: Sequence[str] | None) -> list[Recipient]:
     return out
 
 
+def _storage_options(args: argparse.Namespace) -> StorageOptions:
+    return StorageOptions(
+        endpoint_url=getattr(args, "endpoint_url", None),
+        timeout=getattr(args, "timeout", None) or StorageOptions.timeout,
+        disk_cache=getattr(args, "disk_cache", None),
+        disk_cache_size=getattr(args, "disk_cache_size", StorageOptions.disk_cache_size),
+    )
+
+
 def _open(args: argparse.Namespace, unlock: bool) -> Vault:
-    v = Vault.open(args.vault)
+    v = Vault.open(args.vault, _storage_options(args))
     if unlock:
         if getattr(args, "identity", None):
             v.unlock_with(identity_file(args.identity))
@@ -124,7 +134,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     pw = passphrase(args.passphrase_file, confirm=True, prompt="New vault passphrase")
     if args.classic:
         warn("--classic adds an X25519 identity: files are also wrapped to a non-post-quantum key")
-    v = Vault.create(args.vault, pw, extra, classic=args.classic)
+    v = Vault.create(args.vault, pw, extra, classic=args.classic, options=_storage_options(args))
     info(f"created vault {args.vault}")
     for r in v.recipients:
         text = r.encode()
@@ -351,7 +361,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    v = Vault.open(args.vault)
+    v = Vault.open(args.vault, _storage_options(args))
     v.unlock(passphrase(args.passphrase_file, prompt="Current passphrase"))
     new = passphrase(
         args.new_passphrase_file, env=ENV_NEW_PASSPHRASE, confirm=True, prompt="New passphrase"
@@ -373,6 +383,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     count, freed = v.gc()
     info(f"deleted {count} unreferenced object(s), {human(freed)} freed; catalog compacted")
+    aborted = v.storage.abort_stale_uploads()
+    if aborted:
+        info(f"aborted {aborted} upload(s) left by interrupted adds")
     return 0
 
 
@@ -418,7 +431,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     if args.log_file:
         args.log_file = os.path.abspath(args.log_file)
-    opts = MountOptions(cache_size=args.cache_size, key_ttl=args.key_ttl)
+    opts = MountOptions(
+        cache_size=args.cache_size,
+        key_ttl=args.key_ttl,
+        workers=v.storage.io_workers,
+        jobs_per_file=v.storage.jobs_per_object,
+        job_chunks=v.storage.read_chunks,
+    )
     mp = os.path.abspath(args.mountpoint)
 
     def mounted() -> None:
@@ -499,7 +518,15 @@ STAT_LINES = [
     ("key cache hits", "key_hits", "{}"),
     ("key cache misses", "key_misses", "{}"),
     ("authentication failures", "auth_failures", "{}"),
+    ("failed reads (storage)", "read_errors", "{}"),
     ("longest loop stall", "loop_stall_max_ms", "{} ms"),
+    ("S3 GET requests", "s3_gets", "{}"),
+    ("S3 bytes fetched", "s3_get_bytes", "human"),
+    ("S3 retries", "s3_retries", "{}"),
+    ("S3 failed requests", "s3_failures", "{}"),
+    ("disk cache hits", "disk_cache_hits", "{}"),
+    ("disk cache", "disk_cache_bytes", "human"),
+    ("disk cache budget", "disk_cache_budget", "human"),
 ]
 
 
@@ -512,6 +539,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     for label, key, fmt in STAT_LINES:
+        if key not in data and (key.startswith("s3_") or key.startswith("disk_cache")):
+            continue  # a local vault, or no disk cache
         value = data.get(key)
         if value is None:
             shown = "-"
@@ -539,6 +568,34 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
+    def s3_opts(sp: argparse.ArgumentParser, mount: bool = False) -> None:
+        g = sp.add_argument_group("S3 (VAULT = s3://bucket/prefix; credentials as for the AWS CLI)")
+        g.add_argument(
+            "--endpoint-url",
+            metavar="URL",
+            help="S3-compatible service (default: AWS_ENDPOINT_URL, the AWS config, or AWS)",
+        )
+        g.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=None,
+            metavar="SECONDS",
+            help="give up on a request after this long, retries included (default: 30)",
+        )
+        if mount:
+            g.add_argument(
+                "--disk-cache",
+                metavar="DIR",
+                help="keep fetched ciphertext in DIR, so reading a range again costs no request",
+            )
+            g.add_argument(
+                "--disk-cache-size",
+                type=_size,
+                default=StorageOptions.disk_cache_size,
+                metavar="SIZE",
+                help="disk cache budget (default: 1G)",
+            )
+
     def unlock_opts(sp: argparse.ArgumentParser) -> None:
         g = sp.add_argument_group("unlocking (default: prompt for the passphrase)")
         g.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
@@ -551,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("init", cmd_init, "create a new vault with a fresh post-quantum identity")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument(
         "-r",
         "--recipient",
@@ -571,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("add", cmd_add, "encrypt a file or a directory tree into the vault")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("src", metavar="SRC")
     sp.add_argument(
         "dest", metavar="DEST", nargs="?", help="path in the vault (default: the name of SRC)"
@@ -586,12 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("import", cmd_import, "import an age file (no re-encryption) into the vault")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("src", metavar="AGEFILE")
     sp.add_argument("dest", metavar="DEST", nargs="?")
     unlock_opts(sp)
 
     sp = add("ls", cmd_ls, "list a directory of the vault")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH", nargs="?")
     sp.add_argument("-l", "--long", action="store_true", help="mode, size and mtime")
     sp.add_argument("-R", "--recursive", action="store_true", help="the whole tree")
@@ -599,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("cat", cmd_cat, "write a file's plaintext (or a byte range of it) to stdout")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("--offset", type=_nonneg, default=0, metavar="N")
     sp.add_argument("--length", type=_nonneg, default=None, metavar="N")
@@ -606,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("get", cmd_get, "decrypt a file of the vault to OUT")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("out", metavar="OUT")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
@@ -613,21 +676,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("rm", cmd_rm, "remove a file (or with -r a directory) from the vault")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("-r", "--recursive", action="store_true")
     unlock_opts(sp)
 
     sp = add("verify", cmd_verify, "authenticate every chunk; exit 1 if any file fails")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH", nargs="?")
     unlock_opts(sp)
 
     sp = add("info", cmd_info, "show the vault's format, recipients and sizes")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     unlock_opts(sp)
 
     sp = add("passwd", cmd_passwd, "change the vault passphrase")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
     sp.add_argument(
         "--new-passphrase-file", metavar="FILE", help="the new passphrase (or PQFS_NEW_PASSPHRASE)"
@@ -635,16 +702,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("share", cmd_share, "add recipients to one file without re-encrypting it")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("-r", "--recipient", action="append", metavar="R", required=True)
     unlock_opts(sp)
 
     sp = add("gc", cmd_gc, "delete unreferenced objects and compact the catalog")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     unlock_opts(sp)
 
     sp = add("identity", cmd_identity, "export the vault identity (for use with age -d)")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp)
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600)")
     sp.add_argument(
         "--classic-only",
@@ -655,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("mount", cmd_mount, "mount the vault read-only as plain files (FUSE)")
     sp.add_argument("vault", metavar="VAULT")
+    s3_opts(sp, mount=True)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument(
         "-f",

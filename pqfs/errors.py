@@ -47,6 +47,10 @@ class NotFound(VaultError):
     """A path that is not in the vault."""
 
 
+class Unavailable(VaultError):
+    """The storage did not answer within the time budget (a dead or unreachable server)."""
+
+
 class Locked(PqfsError):
     """The operation needs the identity, and the vault is locked."""
 

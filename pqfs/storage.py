@@ -13,16 +13,39 @@ import errno
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from . import parallel
 from .agefile import FileSource, RangeSource
 from .errors import VaultError
 
 TMP_PREFIX = ".tmp-"
 
 
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach a remote vault (local directories ignore all of it)."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, the AWS config, or AWS itself
+    timeout: float = 30.0  # seconds for one storage operation, retries included
+    disk_cache: str | None = None  # directory for the ciphertext block cache (mount only)
+    disk_cache_size: int = 1 << 30
+
+
 class Storage(ABC):
+    # Threads the mount runs backend reads and decryption on, and how many of them one object
+    # may hold at once (a slow object must not hold them all).
+    io_workers: int = parallel.WORKERS + 2
+    jobs_per_object: int = parallel.WORKERS + 2
+    # Chunks per backend read of the mount's readahead: small enough to start decrypting soon
+    # (local), large enough that per-request costs vanish (S3: a GET costs ~2 ms of server time).
+    read_chunks: int = 16
+    # Whether the mount keeps a ciphertext buffer per worker thread: worth it for cheap local
+    # preads; a remote backend allocates per request (its threads are many, mostly waiting).
+    reuse_read_buffers: bool = True
+
     @abstractmethod
     def open_source(self, key: str) -> RangeSource:
         """Random access to an object; raises FileNotFoundError when it is absent."""
@@ -53,6 +76,21 @@ class Storage(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def empty(self) -> bool:
+        """True if nothing is stored at this location yet."""
+        return not self.list("")
+
+    def stats(self) -> dict[str, object]:
+        """Request and cache counters, for `pqfs stats`."""
+        return {}
+
+    def abort_stale_uploads(self) -> int:
+        """Clean up what interrupted writes left server-side; how many."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
+        """Release caches and connections (the mount calls it at unmount)."""
 
 
 class LocalStorage(Storage):
@@ -115,6 +153,9 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
+
     def describe(self) -> str:
         return str(self.root)
 
@@ -132,7 +173,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_storage(location: str) -> Storage:
+def open_storage(location: str, options: StorageOptions | None = None) -> Storage:
+    opts = options or StorageOptions()
     if location.startswith("s3://"):
-        raise VaultError("S3 vaults are not supported yet")
+        from .s3 import S3Storage
+
+        return S3Storage(location, opts)
+    if "://" in location:
+        raise VaultError(
+            f"unsupported vault location {location!r} (a directory or s3://bucket/prefix)"
+        )
+    if opts.disk_cache:
+        raise VaultError(
+            "--disk-cache is for s3:// vaults (a local vault is read from disk already)"
+        )
     return LocalStorage(location)

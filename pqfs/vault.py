@@ -54,7 +54,7 @@ from .keys import (
     parse_recipient,
     unwrap,
 )
-from .storage import Storage, open_storage
+from .storage import Storage, StorageOptions, open_storage
 from .stream import wipe
 
 CONFIG = "pqfs.json"
@@ -107,12 +107,12 @@ class Vault:
         extra_recipients: Sequence[Recipient] = (),
         classic: bool = False,
         log_n: int | None = None,
+        options: StorageOptions | None = None,
     ) -> Vault:
-        storage = open_storage(location)
+        storage = open_storage(location, options)
         if storage.exists(CONFIG):
             raise VaultError(f"{location} is already a pqfs vault")
-        root = getattr(storage, "root", None)
-        if root is not None and root.exists() and any(root.iterdir()):
+        if not storage.empty():
             raise VaultError(f"{location} exists and is not empty")
         idents: list[HybridIdentity | X25519Identity] = [HybridIdentity.generate()]
         if classic:
@@ -152,8 +152,8 @@ class Vault:
         storage.put_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode(), exclusive=True)
 
     @classmethod
-    def open(cls, location: str) -> Vault:
-        storage = open_storage(location)
+    def open(cls, location: str, options: StorageOptions | None = None) -> Vault:
+        storage = open_storage(location, options)
         try:
             raw = storage.read_bytes(CONFIG)
         except (FileNotFoundError, NotADirectoryError):

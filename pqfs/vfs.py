@@ -5,7 +5,7 @@ trio. It raises PqfsError subclasses; the adapter is the one place that maps the
 
 Concurrency model (all of it written down here, kept by this module):
   * Every method runs on the trio thread. Crypto and backend I/O run only in worker threads
-    (`workers.WorkerPool`, or `trio.to_thread` for opens and catalog loads), in jobs of `job_chunks` chunks (512 KiB), so one thread hop (~70 us) is
+    (`workers.WorkerPool`, or `trio.to_thread` for opens and catalog loads), in jobs of `job_chunks` chunks (1 MiB), so one thread hop (~70 us) is
     small against the work it carries; the loop itself only copies cached plaintext.
   * `_inflight` (trio thread only) maps a chunk to the Event of the job decrypting it, so two
     readers, or a reader and the prefetcher, never decrypt the same chunk twice at once.
@@ -45,6 +45,7 @@ from .errors import (
     PayloadError,
     PqfsError,
     ReadOnly,
+    Unavailable,
     VaultError,
 )
 from .header import Header
@@ -61,6 +62,10 @@ ROOT_INO = 1
 MiB = 1 << 20
 REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
 HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
+# After a read of a file found its storage unavailable (its whole time budget spent), reads of
+# that file fail at once for this long: the kernel retries a failed readahead page by page, and
+# each retry would otherwise wait out the budget again.
+UNAVAILABLE_HOLD = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ class MountOptions:
     key_ttl: float = 300.0  # seconds after last use; 0 keeps a key only while its file is open
     # Decrypt threads; two more than the cores, so that backend reads overlap decryption.
     # Reads that a caller waits on always run before readahead.
-    workers: int = parallel.WORKERS + 2
-    job_chunks: int = 16  # chunks per worker job (1 MiB): ~5x the cost of the thread hop
+    workers: int = parallel.WORKERS + 2  # S3: one per connection (threads wait on the network)
+    jobs_per_file: int = parallel.WORKERS + 2  # S3: half the workers; a slow object holds no more
+    job_chunks: int = 16  # chunks per worker job (1 MiB): ~5x the cost of the thread hop; S3: 4 MiB
     prefetch_start: int = 8  # chunks ahead once a reader is seen to be sequential
     prefetch_max: int = 256  # chunks ahead at most, per open file (16 MiB)
     max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
@@ -180,6 +186,8 @@ class OpenFile:
     window: int = 0
     ahead: int = -1  # highest chunk scheduled for prefetch
     hinted: int = 0  # backend offset up to which will_need() was sent
+    limiter: trio.Semaphore | None = None  # at most jobs_per_file worker jobs at once
+    unavailable: tuple[float, Unavailable] | None = None  # last time the storage did not answer
 
     @property
     def key_id(self) -> tuple[str, str]:
@@ -194,6 +202,7 @@ class Counters:
         self.bytes_decrypted = 0
         self.prefetch_chunks = 0
         self.auth_failures = 0
+        self.read_errors = 0  # backend failures (unreachable store, missing object)
         self.opens = 0
 
 
@@ -221,6 +230,7 @@ class VaultFS:
         self._sent: list[bytearray] = []  # private reply buffers handed to the kernel
         self._replies: list[bytearray] = []  # wiped private reply buffers, for reuse
         self._tls = threading.local()
+        self._reuse_ct = vault.storage.reuse_read_buffers
         self._nursery: trio.Nursery | None = None
         self.opened_inodes: set[int] = set()
         self.on_lock: Callable[[Iterable[int]], None] | None = (
@@ -246,6 +256,7 @@ class VaultFS:
             f.released = True
             self._maybe_close(f)
         self._files.clear()
+        self.vault.storage.close()
 
     async def _load_tree(self) -> None:
         def load() -> Catalog:
@@ -265,7 +276,7 @@ class VaultFS:
             await trio.sleep(self.options.catalog_poll)
             try:
                 await self.refresh()
-            except PqfsError as e:
+            except (PqfsError, OSError) as e:  # an unreachable store: serve what is known
                 log.warning("catalog refresh failed: %s", e)
 
     async def refresh(self) -> bool:
@@ -381,6 +392,7 @@ class VaultFS:
             f.src.close()
             raise Locked("the vault was locked while the file was being opened")
         f.fh = self._next_fh
+        f.limiter = trio.Semaphore(self.options.jobs_per_file)
         self._next_fh += 1
         self._files[f.fh] = f
         self.opened_inodes.add(ino)
@@ -517,6 +529,13 @@ class VaultFS:
         out = memoryview(buf)[: end - off]
         gen = self.generation
         pending = self._copy_cached(f, off, end, range(off // CHUNK, (end - 1) // CHUNK + 1), out)
+        if pending and f.unavailable is not None:
+            since, err = f.unavailable
+            if time.monotonic() - since < UNAVAILABLE_HOLD:
+                wipe(buf)
+                self._replies.append(buf)
+                raise err
+            f.unavailable = None
         attempt = 0
         while pending:
             oid = f.entry.object
@@ -552,6 +571,11 @@ class VaultFS:
                         err.chunk,
                         off,
                     )
+                else:
+                    self.counters.read_errors += 1
+                    log.error("%s: read at offset %d failed (EIO): %s", f.entry.path, off, err)
+                    if isinstance(err, Unavailable):
+                        f.unavailable = (time.monotonic(), err)
                 raise err
             done = set(mine)
             pending = self._copy_cached(f, off, end, sorted(pending - done), out)
@@ -584,7 +608,9 @@ class VaultFS:
             job = functools.partial(
                 self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
             )
-            n = await self.pool.run(job, urgent=not prefetch)
+            assert f.limiter is not None
+            async with f.limiter:
+                n = await self.pool.run(job, urgent=not prefetch)
             self.counters.bytes_decrypted += n
             if prefetch:
                 self.counters.prefetch_chunks += count
@@ -614,9 +640,11 @@ class VaultFS:
         prefetch: bool,
     ) -> int:
         """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers."""
-        ct = getattr(self._tls, "ct", None)
-        if ct is None or len(ct) < count * CT_CHUNK:
-            ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
+        ct: bytearray | None = None
+        if self._reuse_ct:
+            ct = getattr(self._tls, "ct", None)
+            if ct is None or len(ct) < count * CT_CHUNK:
+                ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
         if prefetch:  # keep the backend a window ahead of the decrypt jobs
             lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
             hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
@@ -632,7 +660,7 @@ class VaultFS:
                 f.chunks,
                 first,
                 [memoryview(b) for b in bufs],
-                memoryview(ct),
+                None if ct is None else memoryview(ct),
             )
         except BaseException:
             self.cache.give_back(bufs)
@@ -728,9 +756,11 @@ class VaultFS:
             "key_misses": self.keys.misses,
             "key_ttl_s": self.options.key_ttl,
             "auth_failures": c.auth_failures,
+            "read_errors": c.read_errors,
             "loop_stall_max_ms": round(self.stall.longest * 1000, 3),
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
+            **self.vault.storage.stats(),
         }
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from pqfs.vault import Vault
 
+pytest_plugins = ["tests.s3fixtures"]
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 VECTORS = SHARED / "vectors"
@@ -100,7 +101,9 @@ def daemon_pid(mountpoint: Path) -> int:
 
 
 @contextlib.contextmanager
-def mounted(vault_dir: Path, mountpoint: Path, env: dict[str, str], *args: str) -> Iterator[Path]:
+def mounted(
+    vault_dir: Path | str, mountpoint: Path, env: dict[str, str], *args: str
+) -> Iterator[Path]:
     """`pqfs mount` (background daemon) for the duration of the block, then `pqfs umount`."""
     mountpoint.mkdir(exist_ok=True)
     run_pqfs("mount", str(vault_dir), str(mountpoint), *args, env=env)

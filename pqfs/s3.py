@@ -1,0 +1,509 @@
+"""Vaults on S3-compatible object storage (AWS S3, MinIO, Ceph, B2, R2, SeaweedFS).
+
+`s3://bucket/prefix` holds exactly the keys a local vault holds under its directory, so a vault
+copied object by object between the two opens unchanged. Endpoint, region and credentials come
+from the standard AWS environment variables and config files (AWS_ENDPOINT_URL, AWS_PROFILE, ...),
+plus `--endpoint-url`.
+
+Every call here blocks: the mount runs them on its worker threads, never on the trio loop. One
+boto3 client (thread-safe) is shared, with a connection pool of CONNECTIONS.
+
+Reads are HTTP Range GETs. The mount asks for runs of whole chunks (adjacent chunks merged into
+one request, several requests in flight during playback); opening an object is one GET of its
+first OPEN_FETCH bytes, which also gives the object size (Content-Range), the header and the
+first chunk. With a disk cache, requests are widened to whole cache blocks and served from disk
+once fetched.
+
+Faults: timeouts, resets, 5xx and throttling are retried with exponential backoff and full
+jitter until the operation's time budget (`timeout`) is spent; then RemoteError (EIO in the mount).
+A slow or dead request holds only its own worker; the mount bounds workers per open file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
+
+from .diskcache import BLOCK, DiskCache
+from .errors import Unavailable, VaultError
+from .storage import TMP_PREFIX, Storage, StorageOptions
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CONNECTIONS = 16  # concurrent requests (the mount's worker threads) and pooled connections
+OPEN_FETCH = 3 * BLOCK  # first GET of an object: header, nonce and a first 128 KiB read
+HEAD_READS = 4  # reads served from the opening fetch before it is released
+PART_SIZE = 8 << 20  # multipart upload part (S3's minimum is 5 MiB)
+UPLOADS_IN_FLIGHT = 3  # parts uploading at once while the next one is encrypted
+BACKOFF_BASE = 0.05  # seconds; doubled per attempt, capped, with full jitter
+BACKOFF_CAP = 2.0
+STALE_UPLOAD_AGE = 24 * 3600  # gc aborts multipart uploads older than this (interrupted adds)
+
+T = TypeVar("T")
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,62}")
+_RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestLimitExceeded",
+}
+
+
+class RemoteError(VaultError):
+    """The object store did not answer within the time budget, or refused the request."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """`s3://bucket[/prefix]` -> (bucket, prefix ending in "/" or empty)."""
+    rest = url[len("s3://") :] if url.startswith("s3://") else ""
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise VaultError(f"not an S3 vault location: {url!r} (expected s3://bucket/prefix)")
+    prefix = prefix.strip("/")
+    if ".." in prefix.split("/"):
+        raise VaultError(f"invalid S3 prefix in {url!r}")
+    return bucket, prefix + "/" if prefix else ""
+
+
+def _status(e: BaseException) -> tuple[int, str]:
+    resp = getattr(e, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    return int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0), code
+
+
+class S3Storage(Storage):
+    io_workers = CONNECTIONS
+    jobs_per_object = CONNECTIONS // 2  # a slow object never holds every worker
+    read_chunks = 64  # 4 MiB readahead GETs: half the server and client CPU of 1 MiB ones
+    reuse_read_buffers = False
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        opts = options or StorageOptions()
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.timeout = opts.timeout
+        self.disk_cache = (
+            DiskCache(opts.disk_cache, opts.disk_cache_size) if opts.disk_cache else None
+        )
+        self._client = self._make_client(opts)
+        self._lock = threading.Lock()
+        self.counters = {
+            "s3_gets": 0,
+            "s3_get_bytes": 0,
+            "s3_requests": 0,
+            "s3_retries": 0,
+            "s3_failures": 0,
+        }
+
+    def _make_client(self, opts: StorageOptions) -> S3Client:
+        import boto3  # imported here: only S3 vaults pay for it
+        from botocore.config import Config
+
+        # Each attempt is bounded well inside the budget, so a dead server is retried and a
+        # blackholed one still fails in about `timeout`. Retries are ours (with the budget).
+        config = Config(
+            connect_timeout=max(0.5, min(5.0, opts.timeout / 4)),
+            read_timeout=max(1.0, min(20.0, opts.timeout / 3)),
+            retries={"total_max_attempts": 1},
+            max_pool_connections=CONNECTIONS,
+            tcp_keepalive=True,
+            user_agent_extra="pqfs",
+            s3={"addressing_style": "path"} if opts.endpoint_url else None,
+        )
+        try:
+            session = boto3.session.Session()
+            return session.client("s3", endpoint_url=opts.endpoint_url or None, config=config)
+        except ValueError as e:  # botocore: "Invalid endpoint: ..."
+            raise VaultError(f"S3: {e}") from None
+        except Exception as e:
+            raise VaultError(f"S3: cannot set up a client: {type(e).__name__}: {e}") from None
+
+    # ------------------------------------------------------------------ requests ----
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one request with retries; `what` names it in errors (never data or secrets)."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            self._count("s3_requests")
+            try:
+                return fn()
+            except ClientError as e:
+                status, code = _status(e)
+                if code == "NoSuchBucket":
+                    raise VaultError(f"S3 bucket {self.bucket} does not exist") from None
+                if status == 404 or code in ("NoSuchKey", "NotFound"):
+                    raise FileNotFoundError(what) from None
+                if status == 412 or code == "PreconditionFailed":
+                    raise FileExistsError(what) from None
+                if status in (401, 403):
+                    raise RemoteError(f"S3 refused {what}: {code or status}") from None
+                if not (status >= 500 or status == 429 or code in _RETRY_CODES):
+                    raise RemoteError(f"S3 {what}: {code or status}") from None
+                reason = code or str(status)
+            except (NoCredentialsError, PartialCredentialsError):
+                raise VaultError(
+                    "S3: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                    "AWS_PROFILE)"
+                ) from None
+            except (BotoCoreError, ConnectionError, TimeoutError) as e:
+                reason = type(e).__name__
+            attempt += 1
+            pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+            if time.monotonic() + pause >= deadline:
+                self._count("s3_failures")
+                raise Unavailable(
+                    f"S3 {what}: no answer within {self.timeout:g} s ({attempt} attempts, "
+                    f"last: {reason})"
+                )
+            self._count("s3_retries")
+            time.sleep(pause)
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise VaultError(f"invalid object key {key!r}")
+        return self.prefix + key
+
+    def get_range(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
+        """Fill `buf` with bytes [start, start+len(buf)) of `key`, straight from the response
+        body; returns (bytes read, fewer at the object's end; the object size)."""
+
+        def get() -> tuple[int, int]:
+            r = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={start}-{start + len(buf) - 1}",
+            )
+            total = r.get("ContentRange", "").rpartition("/")[2]
+            length = int(r["ContentLength"])
+            size = int(total) if total.isdigit() else start + length
+            if length > len(buf) or length != min(len(buf), size - start):
+                raise ConnectionError("unexpected range in the response")  # retried
+            body, got = r["Body"], 0
+            try:
+                while got < length:
+                    n = body.readinto(buf[got:length])  # type: ignore[arg-type]
+                    if not n:
+                        raise ConnectionError("short body")  # a cut connection: retried
+                    got += n
+            finally:
+                body.close()
+            return got, size
+
+        got, size = self._call(f"GET {key} [{start}, {start + len(buf)})", get)
+        self._count("s3_gets")
+        self._count("s3_get_bytes", got)
+        return got, size
+
+    # ------------------------------------------------------------------ Storage ----
+
+    def open_source(self, key: str) -> S3Source:
+        return S3Source(self, key)
+
+    def read_bytes(self, key: str) -> bytes:
+        def get() -> bytes:
+            r = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = r["Body"].read()
+            if len(data) != r["ContentLength"]:
+                raise ConnectionError("short body")
+            return data
+
+        data = self._call(f"GET {key}", get)
+        self._count("s3_gets")
+        self._count("s3_get_bytes", len(data))
+        return data
+
+    @contextlib.contextmanager
+    def writer(self, key: str, exclusive: bool = False) -> Iterator[BinaryIO]:
+        up = Upload(self, key, exclusive)
+        try:
+            yield cast(BinaryIO, up)
+            up.finish()
+        except BaseException:
+            up.abort()
+            raise
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        token: str | None = None
+        full = self._key(prefix) if prefix else self.prefix
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(
+                f"LIST {prefix or '/'}", functools.partial(self._client.list_objects_v2, **kw)
+            )
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix) :]
+                # Temp files of a local vault copied into the bucket are writes in progress.
+                if (
+                    name
+                    and not name.endswith("/")
+                    and not name.rpartition("/")[2].startswith(TMP_PREFIX)
+                ):
+                    out.append((name, int(obj["Size"])))
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call(
+                f"DELETE {key}",
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(key)),
+            )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(
+                f"HEAD {key}",
+                lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)),
+            )
+        except FileNotFoundError:
+            return False
+        return True
+
+    def empty(self) -> bool:
+        page = self._call(
+            "LIST /",
+            lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1),
+        )
+        return not page.get("Contents")
+
+    def describe(self) -> str:
+        return self.url
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            out: dict[str, object] = dict(self.counters)
+        if self.disk_cache is not None:
+            out.update(self.disk_cache.stats())
+        return out
+
+    def abort_stale_uploads(self, older_than: float = STALE_UPLOAD_AGE) -> int:
+        """Abort multipart uploads left by interrupted adds (they are invisible, but billed)."""
+        page = self._call(
+            "LIST uploads",
+            lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix),
+        )
+        n = 0
+        for u in page.get("Uploads", []):
+            started = u.get("Initiated")
+            if started is not None and time.time() - started.timestamp() < older_than:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self._call(
+                    f"ABORT {u['Key']}",
+                    functools.partial(
+                        self._client.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=u["Key"],
+                        UploadId=u["UploadId"],
+                    ),
+                )
+            n += 1
+        return n
+
+    def close(self) -> None:
+        if self.disk_cache is not None:
+            self.disk_cache.close()
+
+
+class S3Source:
+    """Random access to one object by Range GETs (a RangeSource). Thread-safe: the mount reads
+    one object from several workers at once.
+
+    Opening fetches the object's first OPEN_FETCH bytes (header, nonce, the first chunks) in one
+    GET, which also tells the size. They stay in memory only until the reading starts in earnest
+    (a read past them, or HEAD_READS reads from them), so memory does not grow with open files.
+    """
+
+    def __init__(self, storage: S3Storage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        self._head_reads = 0
+        dc = storage.disk_cache
+        size = dc.size_of(key) if dc is not None else None
+        if size is not None and dc is not None:
+            head = bytearray(min(OPEN_FETCH, size))
+            if dc.read(key, 0, memoryview(head)):
+                self.size, self._head = size, head
+                return
+        head = bytearray(OPEN_FETCH)
+        n, self.size = storage.get_range(key, 0, memoryview(head))
+        del head[n:]
+        self._head = head
+        if dc is not None:
+            dc.store(key, 0, memoryview(head), self.size)
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        n = max(0, min(len(buf), self.size - offset))
+        if n == 0:
+            return 0
+        end = offset + n
+        head = self._head  # one read of the attribute: another thread may release it
+        skip = 0
+        if offset < len(head):
+            skip = min(end, len(head)) - offset
+            buf[:skip] = head[offset : offset + skip]
+            self._head_reads += 1
+        if end > len(head) or self._head_reads >= HEAD_READS:
+            self._head = bytearray()  # reading goes on past the opening: memory back
+        if skip < n:
+            self._fetch(offset + skip, buf[skip:n])
+        return n
+
+    def _fetch(self, offset: int, buf: memoryview) -> None:
+        dc = self.storage.disk_cache
+        if dc is None:
+            self.storage.get_range(self.key, offset, buf)
+            return
+        if dc.read(self.key, offset, buf):
+            return
+        end = offset + len(buf)
+        lo = offset // BLOCK * BLOCK  # whole blocks, so that the next reader finds them
+        hi = min(self.size, -(-end // BLOCK) * BLOCK)
+        span = bytearray(hi - lo)
+        self.storage.get_range(self.key, lo, memoryview(span))
+        dc.store(self.key, lo, memoryview(span), self.size)
+        buf[:] = memoryview(span)[offset - lo : end - lo]
+
+    def will_need(self, offset: int, length: int) -> None:
+        pass  # the mount's readahead jobs already keep several range requests in flight
+
+    def close(self) -> None:
+        self._head = bytearray()
+
+
+class Upload:
+    """A streamed object: one PUT if it is small, else a multipart upload whose parts go out on
+    a few threads while the caller produces the next. Nothing is visible at `key` until
+    finish(); abort() (any error, Ctrl-C) cancels the upload server-side."""
+
+    def __init__(self, storage: S3Storage, key: str, exclusive: bool) -> None:
+        self.storage = storage
+        self.key = key
+        self.full_key = storage._key(key)
+        self.exclusive = exclusive
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buf += data
+        while len(self._buf) >= PART_SIZE:
+            part = bytes(self._buf[:PART_SIZE])
+            del self._buf[:PART_SIZE]
+            self._send(part)
+        return len(data)
+
+    def _send(self, part: bytes) -> None:
+        s = self.storage
+        if self._upload_id is None:
+            r = s._call(
+                f"CREATE UPLOAD {self.key}",
+                lambda: s._client.create_multipart_upload(Bucket=s.bucket, Key=self.full_key),
+            )
+            self._upload_id = r["UploadId"]
+            self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT, thread_name_prefix="pqfs-upload")
+        # Bounded memory: wait for the oldest part before queueing more than UPLOADS_IN_FLIGHT.
+        pending = [f for f in self._parts if not f.done()]
+        if len(pending) >= UPLOADS_IN_FLIGHT:
+            pending[0].result()
+        number = len(self._parts) + 1
+        upload_id = self._upload_id
+        assert self._pool is not None
+
+        def put() -> dict[str, Any]:
+            r = s._call(
+                f"PUT {self.key} part {number}",
+                lambda: s._client.upload_part(
+                    Bucket=s.bucket,
+                    Key=self.full_key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=part,
+                ),
+            )
+            return {"PartNumber": number, "ETag": r["ETag"]}
+
+        self._parts.append(self._pool.submit(put))
+        for f in self._parts:  # surface a failed part now, not after the whole file
+            if f.done() and f.exception() is not None:
+                f.result()
+
+    def finish(self) -> None:
+        s = self.storage
+        cond: dict[str, Any] = {"IfNoneMatch": "*"} if self.exclusive else {}
+        if self._upload_id is None:
+            body = bytes(self._buf)
+            s._call(
+                f"PUT {self.key}",
+                lambda: s._client.put_object(Bucket=s.bucket, Key=self.full_key, Body=body, **cond),
+            )
+            self._close_pool()
+            return
+        if self._buf:
+            self._send(bytes(self._buf))
+            self._buf.clear()
+        parts = [f.result() for f in self._parts]
+        upload_id = self._upload_id
+        s._call(
+            f"COMPLETE {self.key}",
+            lambda: s._client.complete_multipart_upload(
+                Bucket=s.bucket,
+                Key=self.full_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **cond,
+            ),
+        )
+        self._upload_id = None
+        self._close_pool()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        for f in self._parts:
+            f.cancel()
+        self._close_pool()
+        if self._upload_id is not None:
+            s, upload_id = self.storage, self._upload_id
+            self._upload_id = None
+            with contextlib.suppress(Exception):  # gc aborts it later if this fails too
+                s._call(
+                    f"ABORT {self.key}",
+                    lambda: s._client.abort_multipart_upload(
+                        Bucket=s.bucket, Key=self.full_key, UploadId=upload_id
+                    ),
+                )
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,335 @@
+"""What only an S3 vault does: a vault copied into a bucket, request counting, the disk cache of
+ciphertext, faults between pqfs and a real SeaweedFS, and S3 error messages. (What every backend
+does is in test_conformance.py.)"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import daemon_pid, mounted, run_pqfs
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def s3env(seaweed: Any, cli_env: dict[str, str]) -> dict[str, str]:
+    return {**cli_env, **seaweed.env()}
+
+
+def stats(mp: Path, env: dict[str, str]) -> dict[str, Any]:
+    return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
+
+
+def sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def drop_page_cache(path: Path) -> None:
+    """Forget the kernel's cached pages of one file of the mount, so reads reach the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def s3_vault(s3_bucket: str, s3env: dict[str, str], tmp_path: Path) -> tuple[str, Path]:
+    """An S3 vault holding one 24 MiB file and a small one; returns (location, source dir)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(4)
+    (src / "film.mkv").write_bytes(rng.randbytes(24 * MiB + 999))
+    (src / "small.flac").write_bytes(rng.randbytes(60_000))
+    loc = f"s3://{s3_bucket}/vault"
+    run_pqfs("init", loc, env=s3env)
+    run_pqfs("add", loc, str(src), "lib", env=s3env)
+    return loc, src
+
+
+def test_local_vault_copied_into_a_bucket_opens_unchanged(
+    seaweed: Any, s3_bucket: str, s3env: dict[str, str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "clip.mp4").write_bytes(os.urandom(3 * MiB + 5))
+    (src / "notes.txt").write_bytes(b"hello")
+    local = tmp_path / "vault"
+    run_pqfs("init", str(local), env=cli_env)
+    run_pqfs("add", str(local), str(src), env=cli_env)
+    client = seaweed.client()
+    for p in local.rglob("*"):
+        if p.is_file():
+            key = f"media/vault/{p.relative_to(local).as_posix()}"
+            client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
+    loc = f"s3://{s3_bucket}/media/vault"
+    assert b"every chunk authentic" in run_pqfs("verify", loc, env=s3env).stdout
+    assert run_pqfs("cat", loc, "src/notes.txt", env=s3env).stdout == b"hello"
+    with mounted(loc, tmp_path / "mnt", s3env) as mp:
+        assert sha_file(mp / "src/a/clip.mp4") == sha_file(src / "a/clip.mp4")
+
+
+def test_open_and_first_read_is_one_request(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
+) -> None:
+    """Opening an object fetches its header and first chunk in one ranged GET: a small file's
+    open + first read costs exactly one request (counted, not timed)."""
+    loc, src = s3_vault
+    with mounted(loc, tmp_path / "mnt", s3env) as mp:
+        before = stats(mp, s3env)["s3_gets"]
+        with open(mp / "lib/small.flac", "rb") as f:
+            assert f.read(65536) == (src / "small.flac").read_bytes()[:65536]
+        assert stats(mp, s3env)["s3_gets"] - before == 1
+
+
+def test_sequential_reads_use_merged_range_requests(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
+) -> None:
+    loc, src = s3_vault
+    with mounted(loc, tmp_path / "mnt", s3env) as mp:
+        assert sha_file(mp / "lib/film.mkv") == sha_file(src / "film.mkv")
+        s = stats(mp, s3env)
+        # 24 MiB is 385 chunks; merged requests carry many chunks each.
+        print(f"24 MiB read in {s['s3_gets']} GETs, {s['s3_get_bytes']} bytes fetched")
+        assert s["s3_gets"] <= 40
+        assert s["s3_get_bytes"] < 26 * MiB  # nothing fetched twice
+
+
+def test_disk_cache_second_pass_sends_no_request(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
+) -> None:
+    """With a plaintext cache too small to hold the file, a second pass over the same ranges is
+    served from the disk cache: zero GETs (counted)."""
+    loc, src = s3_vault
+    dc = tmp_path / "dc"
+    dc.mkdir()
+    data = (src / "film.mkv").read_bytes()
+    rng = random.Random(8)
+    ranges = [(rng.randrange(0, len(data) - 65536), 65536) for _ in range(40)]
+    args = ["--cache-size", "4M", "--disk-cache", str(dc), "--disk-cache-size", "64M"]
+    with mounted(loc, tmp_path / "mnt", s3env, *args) as mp:
+        film = mp / "lib/film.mkv"
+        assert sha_file(film) == sha_file(src / "film.mkv")
+        with open(film, "rb") as f:
+            for off, n in ranges:
+                f.seek(off)
+                assert f.read(n) == data[off : off + n]
+        first = stats(mp, s3env)
+        drop_page_cache(film)
+        assert sha_file(film) == sha_file(src / "film.mkv")
+        with open(film, "rb") as f:
+            for off, n in ranges:
+                f.seek(off)
+                assert f.read(n) == data[off : off + n]
+        second = stats(mp, s3env)
+        assert second["bytes_decrypted"] > first["bytes_decrypted"]  # it was not all cached
+        assert second["s3_gets"] == first["s3_gets"]
+        assert second["disk_cache_hits"] > first["disk_cache_hits"]
+        assert second["disk_cache_bytes"] <= 64 * MiB
+
+
+def test_disk_cache_holds_only_ciphertext(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
+) -> None:
+    loc, src = s3_vault
+    dc = tmp_path / "dc"
+    dc.mkdir()
+    with mounted(loc, tmp_path / "mnt", s3env, "--disk-cache", str(dc)) as mp:
+        assert sha_file(mp / "lib/film.mkv") == sha_file(src / "film.mkv")
+        assert list(dc.iterdir()) == []  # unlinked: nothing to find by name, gone after a crash
+        pid = daemon_pid(mp)
+        cache_files = [
+            fd for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith(str(dc))
+        ]
+        assert len(cache_files) == 1
+        blob = cache_files[0].read_bytes()
+    assert len(blob) >= 24 * MiB
+    plain = (src / "film.mkv").read_bytes()
+    for off in range(0, len(plain) - 64, len(plain) // 50):
+        assert plain[off : off + 64] not in blob
+
+
+# ------------------------------------------------------------------------ faults ----
+
+
+def test_reads_survive_dropped_connections_and_latency(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, tmp_path: Path
+) -> None:
+    """10% of HTTP exchanges reset (before or in the middle of a response) and 5 ms added to each:
+    playback-style reads and seeks still return exactly the right bytes, through retries."""
+    loc, src = s3_vault
+    want = (src / "film.mkv").read_bytes()
+    fault_proxy.latency = 0.005
+    args = ["--endpoint-url", fault_proxy.endpoint, "--cache-size", "4M"]
+    with mounted(loc, tmp_path / "mnt", s3env, *args) as mp:
+        fault_proxy.drop_rate = 0.1
+        film = mp / "lib/film.mkv"
+        for _ in range(3):  # the 4M cache cannot hold the film: every pass fetches it again
+            drop_page_cache(film)
+            with open(film, "rb") as f:
+                got = bytearray()
+                while block := f.read(MiB):  # in order, 1 MiB at a time
+                    got += block
+            assert got == want
+        rng = random.Random(6)
+        with open(film, "rb") as f:
+            for _ in range(100):  # seeks
+                off = rng.randrange(0, len(want) - 65536)
+                f.seek(off)
+                assert f.read(65536) == want[off : off + 65536]
+        s = stats(mp, s3env)
+    print(
+        f"{fault_proxy.dropped} of {fault_proxy.exchanges} exchanges reset; {s['s3_retries']} retries"
+    )
+    assert fault_proxy.dropped > 0
+    assert s["s3_retries"] > 0
+    assert s["read_errors"] == 0
+
+
+def test_a_slow_object_does_not_block_other_files(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, tmp_path: Path
+) -> None:
+    """Every response for one object is held back 4 s while 16 readers hammer it; meanwhile
+    reads of another file are served: all of them finish before any read of the slow one."""
+    loc, src = s3_vault
+    small = (src / "small.flac").read_bytes()
+    film_key = next(k for k, size in _objects(loc, s3env) if size > 20 * MiB)
+    # A short budget: readahead still waiting when the proxy closes ends soon after the test.
+    args = ["--endpoint-url", fault_proxy.endpoint, "--timeout", "5"]
+    with mounted(loc, tmp_path / "mnt", s3env, *args) as mp:
+        film = open(mp / "lib/film.mkv", "rb")  # noqa: SIM115 - closed below
+        try:
+            fault_proxy.slow_down(film_key.rpartition("/")[2].encode(), 4.0)
+            done: list[tuple[str, float]] = []
+
+            def read_film(i: int) -> None:
+                os.pread(film.fileno(), 65536, (i + 1) * 1_300_001)
+                done.append(("film", time.monotonic()))
+
+            threads = [threading.Thread(target=read_film, args=(i,)) for i in range(16)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)  # the film's reads now hold every worker they may have
+            for _ in range(3):
+                drop_page_cache(mp / "lib/small.flac")
+                assert (mp / "lib/small.flac").read_bytes() == small
+                done.append(("small", time.monotonic()))
+            for t in threads:
+                t.join()
+        finally:
+            fault_proxy.slow_down(None)
+            film.close()
+    order = [name for name, _t in sorted(done, key=lambda x: x[1])]
+    assert order[:3] == ["small"] * 3, order
+
+
+def _objects(loc: str, env: dict[str, str]) -> list[tuple[str, int]]:
+    from pqfs.storage import open_storage
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    try:
+        return open_storage(loc).list("objects/")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_stopped_server_gives_eio_then_recovers_without_remount(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], seaweed: Any, tmp_path: Path
+) -> None:
+    loc, src = s3_vault
+    want = (src / "film.mkv").read_bytes()
+    timeout = 3.0
+    with mounted(loc, tmp_path / "mnt", s3env, "--timeout", str(timeout)) as mp:
+        f = open(mp / "lib/film.mkv", "rb")  # noqa: SIM115 - held across the outage
+        try:
+            assert f.read(65536) == want[:65536]
+            seaweed.stop()
+            t0 = time.monotonic()
+            f.seek(20 * MiB)
+            with pytest.raises(OSError) as e:
+                f.read(65536)
+            elapsed = time.monotonic() - t0
+            assert e.value.errno == errno.EIO
+            print(f"EIO after {elapsed:.2f} s with --timeout {timeout}")
+            assert elapsed < 2 * timeout  # bounded by the budget, not a hang
+            assert sorted(os.listdir(mp / "lib")) == ["film.mkv", "small.flac"]  # still serving
+            seaweed.restart()
+            time.sleep(2.0)  # reads fail fast for 2 s after an outage (vfs.UNAVAILABLE_HOLD)
+            f.seek(20 * MiB)
+            assert f.read(65536) == want[20 * MiB : 20 * MiB + 65536]
+        finally:
+            f.close()
+        assert stats(mp, s3env)["read_errors"] >= 1
+
+
+# ------------------------------------------------------------------------ errors ----
+
+
+def _one_line_error(proc: Any) -> str:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_s3_errors_are_one_line(
+    seaweed: Any, s3_bucket: str, s3env: dict[str, str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    err = _one_line_error(run_pqfs("ls", "s3://", env=s3env, check=False))
+    assert "not an S3 vault location" in err
+    err = _one_line_error(run_pqfs("ls", "s3://no-such-bucket/v", env=s3env, check=False))
+    assert err == "pqfs: error: S3 bucket no-such-bucket does not exist"
+    err = _one_line_error(run_pqfs("ls", f"s3://{s3_bucket}/none", env=s3env, check=False))
+    assert err == f"pqfs: error: no pqfs vault at s3://{s3_bucket}/none"
+    nocreds = {k: v for k, v in s3env.items() if not k.startswith("AWS_")}
+    nocreds |= {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    nocreds |= {"AWS_EC2_METADATA_DISABLED": "true"}
+    err = _one_line_error(
+        run_pqfs(
+            "ls",
+            f"s3://{s3_bucket}/v",
+            "--endpoint-url",
+            seaweed.endpoint,
+            env=nocreds,
+            check=False,
+        )
+    )
+    assert "no credentials" in err
+    wrong = {**s3env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    err = _one_line_error(run_pqfs("ls", f"s3://{s3_bucket}/v", env=wrong, check=False))
+    assert "S3 refused" in err and "wrong-secret" not in err
+    t0 = time.monotonic()
+    dead = {**s3env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # nothing listens on discard
+    err = _one_line_error(
+        run_pqfs("ls", f"s3://{s3_bucket}/v", "--timeout", "1", env=dead, check=False)
+    )
+    assert "no answer within 1 s" in err
+    assert time.monotonic() - t0 < 30
+    err = _one_line_error(
+        run_pqfs(
+            "mount",
+            str(tmp_path / "v"),
+            str(tmp_path),
+            "--disk-cache",
+            str(tmp_path),
+            env=cli_env,
+            check=False,
+        )
+    )
+    assert "--disk-cache is for s3:// vaults" in err
