@@ -530,11 +530,10 @@ class VaultFS:
         gen = self.generation
         pending = self._copy_cached(f, off, end, range(off // CHUNK, (end - 1) // CHUNK + 1), out)
         if pending and f.unavailable is not None:
-            since, err = f.unavailable
+            since, cause = f.unavailable
             if time.monotonic() - since < UNAVAILABLE_HOLD:
                 wipe(buf)
-                self._replies.append(buf)
-                raise err
+                raise cause
             f.unavailable = None
         attempt = 0
         while pending:
@@ -711,6 +710,12 @@ class VaultFS:
         budget = opts.prefetch_inflight - self._prefetching
         todo = todo[: max(0, budget)]
         if not todo:
+            return
+        behind = f.ahead - last >= opts.job_chunks
+        if len(todo) < opts.job_chunks and todo[-1] < f.chunks - 1 and behind:
+            # Less than a job is due and the reader is still a job behind what is prefetched:
+            # wait and send whole jobs (on S3 one job is one GET, and small GETs cost the
+            # server and this daemon twice the CPU per byte).
             return
         f.ahead = todo[-1]
         for first, count in _runs(todo, opts.job_chunks):
