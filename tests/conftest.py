@@ -4,6 +4,7 @@ stay fast; the production default is tuned to ~1 s (see vault.tune_scrypt)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -62,6 +63,15 @@ def run_pqfs(
             f"pqfs {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}"
         )
     return proc
+
+
+def sha_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (through a mount: ordinary reads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes]:

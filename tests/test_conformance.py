@@ -19,7 +19,7 @@ from pqfs.storage import Storage
 from pqfs.vault import Vault
 
 from .backends import Backend
-from .conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs
+from .conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs, sha_file
 
 MiB = 1 << 20
 
@@ -43,14 +43,6 @@ def backend(
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------ storage ----
@@ -206,34 +198,8 @@ def test_mount_reads_every_byte(backend: Backend, media: Path, tmp_path: Path) -
                     assert f.read(100_000) == data[off : off + 100_000]
 
 
-def test_interrupted_add_leaves_nothing_and_can_be_rerun(backend: Backend, tmp_path: Path) -> None:
-    """kill -9 in the middle of an add: no half file in the vault or the store; rerunning the
-    same add then completes."""
-    loc, env = backend.location("v"), backend.env
-    run_pqfs("init", loc, env=env)
-    big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(48 * MiB))
-    st = backend.storage("v")
-    before = st.list("objects/")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pqfs", "add", loc, str(big)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while backend.partial_writes("v") == 0 and proc.poll() is None:
-        assert time.monotonic() < deadline, "the add never started writing"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert st.list("objects/") == before  # nothing visible
-    assert "big.bin" not in run_pqfs("ls", loc, env=env).stdout.decode()
-    run_pqfs("add", loc, str(big), env=env)
-    assert sha(run_pqfs("cat", loc, "big.bin", env=env).stdout) == sha_file(big)
-
-
-def test_ctrl_c_during_add_cleans_up(backend: Backend, tmp_path: Path) -> None:
+def _add_caught_writing(backend: Backend, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A new vault and a `pqfs add` of 48 MiB into it, returned once it is mid-write."""
     loc, env = backend.location("v"), backend.env
     run_pqfs("init", loc, env=env)
     big = tmp_path / "big.bin"
@@ -248,6 +214,25 @@ def test_ctrl_c_during_add_cleans_up(backend: Backend, tmp_path: Path) -> None:
     while backend.partial_writes("v") == 0 and proc.poll() is None:
         assert time.monotonic() < deadline, "the add never started writing"
         time.sleep(0.01)
+    assert proc.poll() is None, "the add finished before it could be interrupted"
+    return proc, big
+
+
+def test_interrupted_add_leaves_nothing_and_can_be_rerun(backend: Backend, tmp_path: Path) -> None:
+    """kill -9 in the middle of an add: no half file in the vault or the store; rerunning the
+    same add then completes."""
+    loc, env = backend.location("v"), backend.env
+    proc, big = _add_caught_writing(backend, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert backend.storage("v").list("objects/") == []  # nothing visible
+    assert "big.bin" not in run_pqfs("ls", loc, env=env).stdout.decode()
+    run_pqfs("add", loc, str(big), env=env)
+    assert sha(run_pqfs("cat", loc, "big.bin", env=env).stdout) == sha_file(big)
+
+
+def test_ctrl_c_during_add_cleans_up(backend: Backend, tmp_path: Path) -> None:
+    proc, _big = _add_caught_writing(backend, tmp_path)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -5,7 +5,6 @@ does is in test_conformance.py.)"""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import daemon_pid, mounted, run_pqfs
+from .conftest import daemon_pid, mounted, run_pqfs, sha_file
 
 MiB = 1 << 20
 
@@ -28,14 +27,6 @@ def s3env(seaweed: Any, cli_env: dict[str, str]) -> dict[str, str]:
 
 def stats(mp: Path, env: dict[str, str]) -> dict[str, Any]:
     return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
-
-
-def sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def drop_page_cache(path: Path) -> None:
