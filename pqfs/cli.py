@@ -431,13 +431,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     if args.log_file:
         args.log_file = os.path.abspath(args.log_file)
-    opts = MountOptions(
-        cache_size=args.cache_size,
-        key_ttl=args.key_ttl,
-        workers=v.storage.io_workers,
-        jobs_per_file=v.storage.jobs_per_object,
-        job_chunks=v.storage.read_chunks,
-    )
+    opts = MountOptions.for_storage(v.storage, cache_size=args.cache_size, key_ttl=args.key_ttl)
     mp = os.path.abspath(args.mountpoint)
 
     def mounted() -> None:

@@ -173,6 +173,9 @@ async def serve(
         log.info("unmounted %s", mountpoint)
 
 
+MAX_BACKGROUND = 64  # the kernel's queue of asynchronous FUSE requests (its default: 12)
+
+
 def _set_readahead(mountpoint: str) -> None:
     """Tune the kernel side of this mount (root only; best effort):
     * readahead of 1 MiB: larger reads, fewer round trips through FUSE for playback;
@@ -204,9 +207,6 @@ def _set_readahead(mountpoint: str) -> None:
                 f.write(str(value))
         except OSError:
             pass
-
-
-MAX_BACKGROUND = 64  # the kernel's queue of asynchronous FUSE requests (its default: 12)
 
 
 # glibc's malloc raises its mmap threshold to the size of the largest block freed, after which

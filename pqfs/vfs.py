@@ -52,6 +52,7 @@ from .header import Header
 from .keycache import CachedKey, KeyCache
 from .keys import HybridIdentity, X25519Identity, unwrap
 from .metrics import Latency, StallMeter
+from .storage import Storage
 from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
 from .vault import Vault, object_key
 from .workers import WorkerPool
@@ -84,6 +85,17 @@ class MountOptions:
     max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
     catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
+
+    @classmethod
+    def for_storage(cls, storage: Storage, **settings: Any) -> MountOptions:
+        """The bounds that depend on the backend (worker threads, jobs per file, request size)
+        taken from it; the rest from `settings` or the defaults."""
+        return cls(
+            workers=storage.io_workers,
+            jobs_per_file=storage.jobs_per_object,
+            job_chunks=storage.read_chunks,
+            **settings,
+        )
 
     @property
     def prefetch_inflight(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,11 @@ def sha_file(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def mount_stats(mp: Path, env: dict[str, str]) -> dict[str, Any]:
+    """`pqfs stats --json` of a mount."""
+    return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes]:

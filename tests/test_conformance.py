@@ -4,6 +4,7 @@ real SeaweedFS server. The same assertions hold for both: what differs is only w
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from pqfs.storage import Storage
 from pqfs.vault import Vault
 
 from .backends import Backend
-from .conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs, sha_file
+from .conftest import PASSPHRASE, daemon_pid, mount_stats, mounted, run_pqfs, sha_file
 
 MiB = 1 << 20
 
@@ -260,7 +261,7 @@ def test_memory_stays_bounded_with_many_open_files(
             many_open.append(fd)
             while os.read(fd, MiB):
                 pass
-        s = _stats(mp, env)
+        s = mount_stats(mp, env)
         assert s["open_files"] == 50
         assert s["cache_bytes"] <= 8 * MiB
         if backend.s3:
@@ -281,18 +282,10 @@ def many_open() -> Iterator[list[int]]:
         os.close(fd)
 
 
-def _stats(mp: Path, env: dict[str, str]) -> dict[str, int]:
-    import json
-
-    return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
-
-
 def test_vault_objects_open_in_process(backend: Backend) -> None:
     """The library API works the same on both (what the mount and the CLI are built on)."""
     v = Vault.create(backend.location("lib"), PASSPHRASE, log_n=10, options=backend.options)
     data = os.urandom(200_000)
-    import io
-
     oid, _header, size = v.write_object(io.BytesIO(data))
     assert size == len(data)
     st: Storage = v.storage

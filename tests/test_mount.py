@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import random
 import signal
@@ -19,10 +17,12 @@ from pqfs.stream import CT_CHUNK, ciphertext_size
 from .conftest import (
     daemon_pid,
     foreground_mount,
+    mount_stats,
     mount_type,
     mounted,
     notify_socket,
     run_pqfs,
+    sha_file,
     stop_with_sigterm,
 )
 
@@ -53,18 +53,6 @@ def library(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path]:
     return src, vault
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def stats(mp: Path, env: dict[str, str]) -> dict[str, object]:
-    return json.loads(run_pqfs("stats", str(mp), "--json", env=env).stdout)  # type: ignore[no-any-return]
-
-
 def tamper_chunk(vault: Path, size: int, chunk: int) -> None:
     """Flip one bit inside chunk `chunk` of the vault's largest object (plaintext size `size`)."""
     obj = max((vault / "objects").rglob("*.age"), key=lambda p: p.stat().st_size)
@@ -85,7 +73,7 @@ def test_files_metadata_and_browsing(
         root = mp / "lib"
         for name in NAMES:
             orig, seen = src / name, root / name
-            assert sha256(seen) == sha256(orig), name
+            assert sha_file(seen) == sha_file(orig), name
             st, so = seen.stat(), orig.stat()
             assert st.st_size == so.st_size
             assert st.st_mtime_ns == so.st_mtime_ns
@@ -165,8 +153,8 @@ def test_tampered_chunk_is_eio_and_mount_stays_up(
         assert exc.value.errno == errno.EIO
         for other in NAMES:
             if other != name:
-                assert sha256(mp / "lib" / other) == sha256(src / other)
-        assert stats(mp, cli_env)["auth_failures"] >= 1
+                assert sha_file(mp / "lib" / other) == sha_file(src / other)
+        assert mount_stats(mp, cli_env)["auth_failures"] >= 1
     text = log.read_text()
     assert "film.mkv: chunk 20 failed authentication" in text
     assert cli_env["PQFS_PASSPHRASE"] not in text and "AGE-SECRET-KEY" not in text.upper()
@@ -183,12 +171,12 @@ def test_lock_then_unlock(
     with mounted(vault, tmp_path / "mnt", cli_env) as mp:
         f = mp / "lib" / name
         assert f.read_bytes() == (src / name).read_bytes()
-        before = stats(mp, cli_env)
+        before = mount_stats(mp, cli_env)
         assert before["key_entries"] == 1 and before["cache_bytes"] > 0
 
         out = run_pqfs("lock", str(mp), env=cli_env)
         assert b"locked" in out.stderr
-        after = stats(mp, cli_env)
+        after = mount_stats(mp, cli_env)
         assert after["locked"] is True
         assert after["key_entries"] == 0 and after["cache_bytes"] == 0
         with pytest.raises(PermissionError):
@@ -207,7 +195,7 @@ def test_lock_then_unlock(
 
         run_pqfs("unlock", str(mp), env=cli_env)
         assert f.read_bytes() == (src / name).read_bytes()
-        assert stats(mp, cli_env)["locked"] is False
+        assert mount_stats(mp, cli_env)["locked"] is False
 
 
 # ------------------------------------------------------------------------ lifecycle ----

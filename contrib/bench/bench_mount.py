@@ -576,6 +576,21 @@ def report(
 # ---------------------------------------------------------------------------- main ----
 
 
+def prepare(systems: list[System], plain: Path, args: argparse.Namespace) -> dict[str, bytes]:
+    """Write the random plaintext and encrypt it into every system (untimed); the first 64 KiB
+    of every small file."""
+    log(
+        f"writing {human(args.size)} + {args.files} x {human(args.small_size)} of random data in {plain}"
+    )
+    heads = make_plain(plain, args.size, args.files, args.small_size)
+    for s in systems:
+        log(f"setup {s.name} (untimed)")
+        t0 = time.perf_counter()
+        s.setup(plain)
+        log(f"setup {s.name} done in {time.perf_counter() - t0:.1f} s")
+    return heads
+
+
 def make_plain(plain: Path, size: int, files: int, small_size: int) -> dict[str, bytes]:
     """Write the random plaintext; return the first 64 KiB of every small file."""
     (plain / "small").mkdir(parents=True)
@@ -671,15 +686,7 @@ def main() -> int:
     try:
         with interrupts_as_keyboard():
             plain = work / "plain"
-            log(
-                f"writing {human(args.size)} + {args.files} x {human(args.small_size)} of random data in {work}"
-            )
-            heads = make_plain(plain, args.size, args.files, args.small_size)
-            for s in systems:
-                log(f"setup {s.name} (untimed)")
-                t0 = time.perf_counter()
-                s.setup(plain)
-                log(f"setup {s.name} done in {time.perf_counter() - t0:.1f} s")
+            heads = prepare(systems, plain, args)
             rng = random.Random(args.seed)
             offsets = [rng.randrange(0, args.size - READ + 1) for _ in range(args.random_reads)]
             results: dict[str, list[dict[str, float]]] = {s.name: [] for s in systems}

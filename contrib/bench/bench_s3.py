@@ -98,8 +98,8 @@ from bench_mount import (
     interrupts_as_keyboard,
     log,
     machine,
-    make_plain,
     parse_size,
+    prepare,
     rss_mib,
     run,
     stale_mount,
@@ -997,15 +997,7 @@ def main() -> int:
                 systems.append(s)
 
             plain = work / "plain"
-            log(
-                f"writing {human(args.size)} + {args.files} x {human(args.small_size)} of random data"
-            )
-            heads = make_plain(plain, args.size, args.files, args.small_size)
-            for s in systems:
-                log(f"setup {s.name} (untimed)")
-                t0 = time.perf_counter()
-                s.setup(plain)
-                log(f"setup {s.name} done in {time.perf_counter() - t0:.1f} s")
+            heads = prepare(systems, plain, args)
             shutil.rmtree(plain / "small")  # big.bin stays, for the read checks
             # the GET baseline reads the small objects of pqfs (of rclone if pqfs is not run)
             prefix = "pqfs/objects/" if "pqfs" in wanted else "rclone/"
