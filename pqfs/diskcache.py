@@ -32,8 +32,10 @@ class DiskCache:
     def __init__(self, directory: str, size: int) -> None:
         if size < BLOCK:
             raise VaultError(f"disk cache size must be at least {BLOCK // 1024}K")
-        if not os.path.isdir(directory):
-            raise VaultError(f"disk cache directory {directory} does not exist")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise VaultError(f"cannot use {directory} for the disk cache: {e.strerror}") from None
         try:
             self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except OSError:  # a filesystem without O_TMPFILE: create and unlink at once

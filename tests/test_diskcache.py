@@ -92,7 +92,10 @@ def test_concurrent_readers_never_see_another_objects_bytes(tmp_path: Path) -> N
 
 
 def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(VaultError, match="does not exist"):
-        DiskCache(str(tmp_path / "nope"), 1 << 30)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(VaultError, match=r"cannot use .* for the disk cache: Not a directory"):
+        DiskCache(str(tmp_path / "file" / "cache"), 1 << 30)
+    DiskCache(str(tmp_path / "new" / "cache"), 1 << 20)  # a missing directory is created
+    assert (tmp_path / "new" / "cache").is_dir()
     with pytest.raises(VaultError, match="at least 64K"):
         DiskCache(str(tmp_path), 1000)
