@@ -28,11 +28,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from .diskcache import BLOCK, DiskCache
 from .errors import Unavailable, VaultError
+from .parallel import DaemonExecutor
 from .storage import TMP_PREFIX, Storage, StorageOptions
 
 if TYPE_CHECKING:
@@ -396,6 +397,17 @@ class S3Source:
     def will_need(self, offset: int, length: int) -> None:
         pass  # the mount's readahead jobs already keep several range requests in flight
 
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        # Only the opening fetch is in memory (the disk cache is a file: it may wait on I/O).
+        head = self._head  # one read of the attribute: another thread may release it
+        if offset + len(buf) > len(head):
+            return False
+        buf[:] = head[offset : offset + len(buf)]
+        self._head_reads += 1
+        if self._head_reads >= HEAD_READS:
+            self._head = bytearray()
+        return True
+
     def close(self) -> None:
         self._head = bytearray()
 
@@ -413,7 +425,7 @@ class Upload:
         self._buf = bytearray()
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonExecutor | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._buf += data
@@ -431,7 +443,7 @@ class Upload:
                 lambda: s._client.create_multipart_upload(Bucket=s.bucket, Key=self.full_key),
             )
             self._upload_id = r["UploadId"]
-            self._pool = ThreadPoolExecutor(UPLOADS_IN_FLIGHT, thread_name_prefix="pqfs-upload")
+            self._pool = DaemonExecutor(UPLOADS_IN_FLIGHT, "pqfs-upload")
         # Bounded memory: wait for the oldest part before queueing more than UPLOADS_IN_FLIGHT.
         pending = [f for f in self._parts if not f.done()]
         if len(pending) >= UPLOADS_IN_FLIGHT:
