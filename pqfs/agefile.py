@@ -33,6 +33,8 @@ from .stream import (
     wipe,
 )
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
 
 class RangeSource(Protocol):
     """Random access to one stored object (a local file, an S3 object, bytes in memory)."""
@@ -43,6 +45,10 @@ class RangeSource(Protocol):
 
     def will_need(self, offset: int, length: int) -> None:
         """A hint that [offset, offset+length) will be read soon (start fetching, don't wait)."""
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        """Fill `buf` from [offset, ...) only if all of it is in memory already (never waits on
+        a disk or the network); False if it is not (nothing to rely on in `buf` then)."""
 
     def close(self) -> None: ...
 
@@ -59,6 +65,9 @@ class BytesSource:
 
     def will_need(self, offset: int, length: int) -> None:
         pass
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        return self.preadinto(offset, buf) == len(buf)
 
     def close(self) -> None:
         pass
@@ -77,6 +86,14 @@ class FileSource:
         # ciphertext in the page cache instead of waiting on the disk, one job at a time.
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        # RWF_NOWAIT: the page cache answers or the call fails at once (EAGAIN, or a short
+        # count when only part of the range is cached); it never waits for the disk.
+        try:
+            return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == len(buf)
+        except OSError:  # EAGAIN; EOPNOTSUPP on file systems without RWF_NOWAIT support
+            return False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -121,26 +138,39 @@ def decrypt_chunks(
     count = len(outs)
     if count == 0:
         return []
-    if first < 0 or first + count > chunks:
-        raise PayloadError(f"chunk {first + count - 1} is past the end of the payload", first)
+    ct_len = ciphertext_span(payload_start, src.size, chunks, first, count)
     ct_start = payload_start + first * CT_CHUNK
-    ct_len = min(src.size, payload_start + (first + count) * CT_CHUNK) - ct_start
-    if ct_len <= 0:
-        raise PayloadError(f"chunk {first} is missing (truncated object)", first)
     if ct_buf is None or len(ct_buf) < ct_len:
         ct_buf = memoryview(bytearray(ct_len))
     got = src.preadinto(ct_start, ct_buf[:ct_len])
     if got != ct_len:
         raise PayloadError(f"chunk {first} could not be read in full (truncated object)", first)
+    return decrypt_read_chunks(aead, ct_buf[:ct_len], chunks, first, outs)
+
+
+def ciphertext_span(payload_start: int, size: int, chunks: int, first: int, count: int) -> int:
+    """Bytes of ciphertext that chunks [first, first+count) take in an object of `size` bytes."""
+    if first < 0 or first + count > chunks:
+        raise PayloadError(f"chunk {first + count - 1} is past the end of the payload", first)
+    ct_start = payload_start + first * CT_CHUNK
+    ct_len = min(size, payload_start + (first + count) * CT_CHUNK) - ct_start
+    if ct_len <= 0:
+        raise PayloadError(f"chunk {first} is missing (truncated object)", first)
+    return ct_len
+
+
+def decrypt_read_chunks(
+    aead: ChaCha20Poly1305, ct: memoryview, chunks: int, first: int, outs: Sequence[memoryview]
+) -> list[int]:
+    """Decrypt the ciphertext `ct` of chunks first, first+1, ... (already read) into `outs`;
+    the plaintext length of each. On failure every output written so far is wiped."""
     pos = 0
     lens: list[int] = []
     try:
-        for k in range(count):
+        for k in range(len(outs)):
             i = first + k
-            clen = min(CT_CHUNK, ct_len - pos)
-            lens.append(
-                decrypt_chunk_into(aead, i, i == chunks - 1, ct_buf[pos : pos + clen], outs[k])
-            )
+            clen = min(CT_CHUNK, len(ct) - pos)
+            lens.append(decrypt_chunk_into(aead, i, i == chunks - 1, ct[pos : pos + clen], outs[k]))
             pos += clen
     except PayloadError:
         for k in range(len(lens)):

@@ -208,8 +208,9 @@ async def test_key_ttl_zero_keeps_key_only_while_open(
         assert key_bytes == bytearray(16)
 
 
+@pytest.mark.parametrize("inline_chunks", [0, 2], ids=["worker", "inline"])
 async def test_tampered_chunk_fails_only_that_read(
-    vault: Vault, contents: dict[str, bytes], caplog: pytest.LogCaptureFixture
+    vault: Vault, contents: dict[str, bytes], caplog: pytest.LogCaptureFixture, inline_chunks: int
 ) -> None:
     e = vault.entry("big.bin")
     obj = Path(vault.storage.describe()) / object_key(e.object)
@@ -217,10 +218,12 @@ async def test_tampered_chunk_fails_only_that_read(
     raw[e.hlen + 16 + 2 * CT_CHUNK + 100] ^= 0x01  # one bit of chunk 2
     obj.write_bytes(raw)
     data = contents["big.bin"]
-    async with running(vault) as fs:
+    async with running(vault, inline_chunks=inline_chunks) as fs:
         fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
         with pytest.raises(PayloadError):
             await fs.read(fh, 2 * CHUNK + 10, 100)
+        # just written, so in the page cache: the failed read was decrypted inline (or not)
+        assert fs.stats()["reads_waited"] == (1 if inline_chunks == 0 else 0)
         with pytest.raises(PayloadError):
             await fs.read(fh, CHUNK, 3 * CHUNK)  # any read that covers chunk 2
         assert bytes(await fs.read(fh, 0, 2 * CHUNK)) == data[: 2 * CHUNK]
@@ -230,6 +233,51 @@ async def test_tampered_chunk_fails_only_that_read(
         assert fs.stats()["auth_failures"] == 2
         assert ("big.bin: chunk 2 failed authentication") in caplog.text
         assert ("big.bin", 2) not in fs.cache  # nothing unauthenticated was cached
+
+
+def _object_path(vault: Vault, path: str) -> Path:
+    return Path(vault.storage.describe()) / object_key(vault.entry(path).object)
+
+
+def _page_cache(vault: Vault, path: str, keep: bool) -> None:
+    """Load a file's object into the page cache, or drop it from there."""
+    fd = os.open(_object_path(vault, path), os.O_RDONLY)
+    try:
+        if keep:
+            while os.read(fd, 1 << 20):
+                pass
+        else:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+async def test_small_reads_decrypt_inline_only_from_memory(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    """A read missing at most `inline_chunks` chunks whose ciphertext is in the page cache is
+    decrypted on the loop; one whose ciphertext is on disk only goes to a worker (the loop
+    never waits on the disk); bigger reads always go to workers."""
+    data = contents["big.bin"]
+    oid = vault.entry("big.bin").object
+    async with running(vault) as fs:
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        _page_cache(vault, "big.bin", keep=False)
+        off = 5 * CHUNK + 100  # two chunks, on disk only: a worker reads them
+        assert bytes(await fs.read(fh, off, CHUNK)) == data[off : off + CHUNK]
+        assert (fs.stats()["reads_inline"], fs.stats()["reads_waited"]) == (0, 1)
+
+        _page_cache(vault, "big.bin", keep=True)
+        for k, off in enumerate([20 * CHUNK + 7, 30 * CHUNK, 40 * CHUNK - 1]):
+            assert bytes(await fs.read(fh, off, CHUNK)) == data[off : off + CHUNK]
+            assert fs.stats()["reads_inline"] == k + 1
+        assert fs.stats()["reads_waited"] == 1
+        assert (oid, 20) in fs.cache and (oid, 21) in fs.cache  # cached as well
+
+        off = 50 * CHUNK + 1  # three chunks: more than inline_chunks
+        assert bytes(await fs.read(fh, off, 2 * CHUNK)) == data[off : off + 2 * CHUNK]
+        assert fs.stats()["reads_waited"] == 2
 
 
 async def test_refresh_sees_files_added_while_mounted(
