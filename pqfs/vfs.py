@@ -20,6 +20,7 @@ Concurrency model (all of it written down here, kept by this module):
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import logging
 import os
@@ -51,7 +52,7 @@ from .errors import (
 from .header import Header
 from .keycache import CachedKey, KeyCache
 from .keys import HybridIdentity, X25519Identity, unwrap
-from .metrics import Latency, StallMeter
+from .metrics import GcMeter, Latency, StallMeter
 from .storage import Storage
 from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
 from .vault import Vault, object_key
@@ -229,6 +230,7 @@ class VaultFS:
         vault.key_cache = self.keys = KeyCache(ttl=opts.key_ttl)
         self.cache = ChunkCache(opts.cache_size)
         self.stall = StallMeter()
+        self.gc = GcMeter()
         self.latency = Latency()
         self.counters = Counters()
         self.generation = 0
@@ -260,14 +262,17 @@ class VaultFS:
     async def start(self, nursery: trio.Nursery) -> None:
         """Load the tree and start the background tasks (key expiry, catalog polling)."""
         self._nursery = nursery
+        self.gc.install()
         if self.vault.unlocked:
             await self._load_tree()
+        self.settle()
         nursery.start_soon(self._sweep_keys)
         nursery.start_soon(self._poll_catalog)
 
     def close(self) -> None:
         """Unmount: wipe every key, identity and plaintext buffer."""
         self.lock()
+        self.gc.remove()
         self.pool.close()
         for f in list(self._files.values()):
             f.released = True
@@ -281,6 +286,16 @@ class VaultFS:
 
         cat = await trio.to_thread.run_sync(load)
         self.tree = Tree(cat, self._salt)
+        self.settle()
+
+    @staticmethod
+    def settle() -> None:
+        """Move every object alive now out of the cyclic collector's reach (gc.freeze): the
+        S3 client's models and the tree are long-lived, and a full collection over them would
+        stop the loop for tens of ms. They are still freed by reference counting (a replaced
+        tree has no cycles); only cyclic garbage among them would stay."""
+        gc.collect()
+        gc.freeze()
 
     async def _sweep_keys(self) -> None:
         period = 1.0 if self.options.key_ttl <= 0 else min(1.0, self.options.key_ttl / 2)
@@ -312,6 +327,7 @@ class VaultFS:
         cat = await trio.to_thread.run_sync(load)
         if gen == self.generation and self.vault.unlocked:
             self.tree = Tree(cat, self._salt)
+            self.settle()
             return True
         return False
 
@@ -845,6 +861,8 @@ class VaultFS:
             "loop_stall_max_ms": round(self.stall.longest * 1000, 3),
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
+            "gc_pause_max_ms": round(self.gc.longest * 1000, 3),
+            "gc_collections": self.gc.collections,
             **self.vault.storage.stats(),
         }
 

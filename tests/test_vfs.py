@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from collections.abc import AsyncIterator
@@ -55,6 +56,7 @@ async def running(vault: Vault, **opts: object) -> AsyncIterator[VaultFS]:
             nursery.cancel_scope.cancel()
     finally:
         fs.close()
+        gc.unfreeze()  # the daemon freezes for its whole life; this test process goes on
 
 
 def ino_of(fs: VaultFS, path: str) -> int:
@@ -291,3 +293,25 @@ async def test_refresh_sees_files_added_while_mounted(
         assert await fs.refresh()
         fh = await fs.open(ino_of(fs, "new.bin"), os.O_RDONLY)
         assert bytes(await fs.read(fh, 0, 100)) == b"fresh"
+
+
+async def test_long_lived_objects_are_out_of_the_collectors_reach(
+    vault: Vault, contents: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A full collection stops every thread, the loop's too: the tree (and on S3 the client)
+    are frozen after they are built, so collections only walk short-lived objects."""
+
+    def tracked(obj: object) -> bool:
+        return any(o is obj for o in gc.get_objects())
+
+    async with running(vault) as fs:
+        assert fs.tree is not None and not tracked(fs.tree)
+        assert not tracked(next(iter(fs.tree.nodes.values())))
+        _add(vault, tmp_path, "new.bin", b"new")
+        assert await fs.refresh()
+        assert not tracked(fs.tree)  # a reloaded tree too
+        before = fs.stats()["gc_collections"]
+        gc.collect()
+        s = fs.stats()
+        assert s["gc_collections"] == before + 1
+        assert isinstance(s["gc_pause_max_ms"], float) and s["gc_pause_max_ms"] > 0
