@@ -293,8 +293,8 @@ class VaultFS:
         """Move every object alive now out of the cyclic collector's reach (gc.freeze): the
         S3 client's models and the tree are long-lived, and a full collection over them would
         stop the loop for tens of ms. They are still freed by reference counting (a replaced
-        tree has no cycles); only cyclic garbage among them would stay."""
-        gc.collect()
+        tree has no cycles); only cyclic garbage among them would stay. No collection first:
+        that would be the very pause this avoids (freezing itself is O(1))."""
         gc.freeze()
 
     async def _sweep_keys(self) -> None:
