@@ -286,7 +286,17 @@ class Pqfs(System):
 
     def extra_stats(self) -> dict[str, float]:
         data = json.loads(run([*self.cmd(), "stats", self.mnt, "--json"]))
-        keep = ("loop_stall_max_ms", "read_p50_ms", "read_p99_ms", "cache_hit_rate")
+        if float(data.get("loop_stall_max_ms") or 0) > 10:
+            log(
+                f"pqfs: loop stall of {data['loop_stall_max_ms']} ms in {data.get('loop_stall_task')}"
+            )
+        keep = (
+            "loop_stall_max_ms",
+            "read_p50_ms",
+            "read_p99_ms",
+            "cache_hit_rate",
+            "gc_pause_max_ms",
+        )
         out = {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
         self.stats.append(out)
         return out
