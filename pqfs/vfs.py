@@ -4,9 +4,12 @@ It knows nothing of FUSE (the pyfuse3 adapter is `fuseops.py`), so it is tested 
 trio. It raises PqfsError subclasses; the adapter is the one place that maps them to errno.
 
 Concurrency model (all of it written down here, kept by this module):
-  * Every method runs on the trio thread. Crypto and backend I/O run only in worker threads
-    (`workers.WorkerPool`, or `trio.to_thread` for opens and catalog loads), in jobs of `job_chunks` chunks (1 MiB), so one thread hop (~70 us) is
-    small against the work it carries; the loop itself only copies cached plaintext.
+  * Every method runs on the trio thread. Backend I/O that may wait runs only in worker threads
+    (`workers.WorkerPool`, or `trio.to_thread` for opens and catalog loads), in jobs of
+    `job_chunks` chunks (1 MiB), so one thread hop (~70 us) is small against the work it
+    carries. The loop copies cached plaintext, and decrypts itself only what costs less than a
+    hop: at most `inline_chunks` (2) chunks whose ciphertext is already in memory
+    (`RangeSource.read_cached`, a pread with RWF_NOWAIT that fails rather than wait on a disk).
   * `_inflight` (trio thread only) maps a chunk to the Event of the job decrypting it, so two
     readers, or a reader and the prefetcher, never decrypt the same chunk twice at once.
   * Demand reads are urgent jobs of the worker pool and readahead is background work: readahead
