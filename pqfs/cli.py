@@ -499,7 +499,7 @@ STAT_LINES = [
     ("locked", "locked", "{}"),
     ("open files", "open_files", "{}"),
     ("reads", "reads", "{}"),
-    ("reads decrypted without a thread hop", "reads_inline", "{}"),
+    ("reads decrypted inline", "reads_inline", "{}"),
     ("read latency p50", "read_p50_ms", "{} ms"),
     ("read latency p99", "read_p99_ms", "{} ms"),
     ("bytes read", "bytes_read", "human"),
