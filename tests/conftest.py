@@ -21,8 +21,6 @@ from pqfs.vault import Vault
 
 pytest_plugins = ["tests.s3fixtures"]
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-VECTORS = SHARED / "vectors"
 PASSPHRASE = b"correct horse battery staple"
 
 os.environ.setdefault("PQFS_SCRYPT_LOG_N", "10")

@@ -1,4 +1,4 @@
-"""Known-answer tests against vectors written by others (read-only, in ../shared/vectors/):
+"""Known-answer tests against vectors written by others (copied unchanged into tests/vectors/):
 
 * the C2SP age testkit (every file, once per KEM backend, through the sequential reader
   `decrypt_stream` and the random-access `AgeReader`);
@@ -36,9 +36,7 @@ from pqfs.encoding import b64encode, bech32_encode
 from pqfs.errors import FormatError, HeaderMacError, NoIdentityMatch, PayloadError, PqfsError
 from pqfs.header import Stanza
 
-# Same location as conftest.VECTORS (conftest is not importable as a module here).
-ROOT = Path(__file__).resolve().parent.parent
-VECTORS = ROOT.parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"  # sources and licenses: its README.md
 AGE_TESTKIT = VECTORS / "age-testkit"
 XWING_FILE = VECTORS / "xwing" / "test-vectors.json"
 WYCHEPROOF = VECTORS / "wycheproof"
@@ -67,7 +65,7 @@ class Missing:
 
 def need(case: Any) -> Any:
     if isinstance(case, Missing):
-        pytest.fail(f"test vectors not found: {case.path} (expected ../shared/vectors/)")
+        pytest.fail(f"test vectors not found: {case.path} (expected in tests/vectors/)")
     return case
 
 
@@ -330,7 +328,7 @@ def wycheproof_tests(name: str) -> list[dict[str, Any]] | None:
 def wycheproof_required(name: str) -> list[dict[str, Any]]:
     tests = wycheproof_tests(name)
     if tests is None:
-        pytest.fail(f"test vectors not found: {WYCHEPROOF / name} (expected ../shared/vectors/)")
+        pytest.fail(f"test vectors not found: {WYCHEPROOF / name} (expected in tests/vectors/)")
     return tests
 
 
