@@ -378,6 +378,72 @@ class Rclone(System):
 # ---------------------------------------------------------------------- measurement ----
 
 
+def cold_opens(s: System, names: list[str], heads: dict[str, bytes]) -> list[float]:
+    """Open + first 64 KiB of each small file: latencies (checked against the original)."""
+    lat = []
+    for name in names:
+        t0 = time.perf_counter()
+        fd = os.open(Path(s.mnt) / "small" / name, os.O_RDONLY)
+        data = os.pread(fd, READ, 0)
+        os.close(fd)
+        lat.append(time.perf_counter() - t0)
+        if data != heads[name]:
+            raise RuntimeError(f"{s.name}: small/{name} differs from the original")
+    return lat
+
+
+def preads(fd: int, offsets: list[int]) -> tuple[list[float], list[bytes]]:
+    """pread 64 KiB at every offset of an open file: latencies and data."""
+    times, got = [], []
+    for off in offsets:
+        t0 = time.perf_counter()
+        got.append(os.pread(fd, READ, off))
+        times.append(time.perf_counter() - t0)
+    return times, got
+
+
+def check_preads(s: System, plain: Path, offsets: list[int], got: list[bytes]) -> None:
+    with open(plain / "big.bin", "rb") as f:  # untimed check against the plaintext
+        for off, data in zip(offsets, got, strict=True):
+            f.seek(off)
+            if data != f.read(READ):
+                raise RuntimeError(f"{s.name}: random read at {off} differs from the original")
+
+
+def p99(times: list[float]) -> float:
+    return statistics.quantiles(times, n=100, method="inclusive")[98]
+
+
+def read_through(s: System, size: int) -> float:
+    """Read big.bin start to end in SEQ_BLOCK reads: seconds (its size checked)."""
+    t0 = time.perf_counter()
+    fd = os.open(Path(s.mnt) / "big.bin", os.O_RDONLY)
+    total = 0
+    try:
+        while block := os.read(fd, SEQ_BLOCK):
+            total += len(block)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t0
+    if total != size:
+        raise RuntimeError(f"{s.name}: read {total} bytes of big.bin, expected {size}")
+    return elapsed
+
+
+def rss_with_files_open(s: System, pid: int, names: list[str], settle: float) -> float:
+    """Daemon RSS (MiB) with every small file open and its first 64 KiB read."""
+    fds = []
+    try:
+        for name in names:
+            fds.append(os.open(Path(s.mnt) / "small" / name, os.O_RDONLY))
+            os.pread(fds[-1], READ, 0)
+        time.sleep(settle)
+        return rss_mib(pid)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def measure(
     s: System, args: argparse.Namespace, offsets: list[int], plain: Path, heads: dict[str, bytes]
 ) -> dict[str, float]:
@@ -392,16 +458,7 @@ def measure(
     try:
         # cold open + first 64 KiB, right after the mount: no file key cached yet
         drop_caches()
-        lat = []
-        for name in small[: args.latency_files]:
-            path = mnt / "small" / name
-            t0 = time.perf_counter()
-            fd = os.open(path, os.O_RDONLY)
-            data = os.pread(fd, READ, 0)
-            os.close(fd)
-            lat.append(time.perf_counter() - t0)
-            if data != heads[name]:
-                raise RuntimeError(f"{s.name}: small/{name} differs from the original")
+        lat = cold_opens(s, small[: args.latency_files], heads)
         res["open_ms"] = statistics.median(lat) * 1e3
 
         # random 64 KiB preads; the file is opened before the caches are dropped, so the
@@ -409,26 +466,16 @@ def measure(
         fd = os.open(mnt / "big.bin", os.O_RDONLY)
         try:
             drop_caches()
-            got: list[bytes] = []
-            times = []
-            for off in offsets:
-                t0 = time.perf_counter()
-                data = os.pread(fd, READ, off)
-                times.append(time.perf_counter() - t0)
-                got.append(data)
+            times, got = preads(fd, offsets)
         finally:
             os.close(fd)
         res["rand_p50_ms"] = statistics.median(times) * 1e3
-        res["rand_p99_ms"] = statistics.quantiles(times, n=100, method="inclusive")[98] * 1e3
+        res["rand_p99_ms"] = p99(times) * 1e3
         for k, v in s.extra_stats().items():
             res["xa_" + k] = v
     finally:
         s.umount()
-    with open(plain / "big.bin", "rb") as f:  # untimed check against the plaintext
-        for off, data in zip(offsets, got, strict=True):
-            f.seek(off)
-            if data != f.read(READ):
-                raise RuntimeError(f"{s.name}: random read at {off} differs from the original")
+    check_preads(s, plain, offsets, got)
     del got
 
     s.mount(args.size)
@@ -438,33 +485,13 @@ def measure(
         # sequential read, daemon CPU
         drop_caches()
         cpu0 = cpu_seconds(pid)
-        t0 = time.perf_counter()
-        fd = os.open(mnt / "big.bin", os.O_RDONLY)
-        total = 0
-        try:
-            while block := os.read(fd, SEQ_BLOCK):
-                total += len(block)
-        finally:
-            os.close(fd)
-        elapsed = time.perf_counter() - t0
+        elapsed = read_through(s, args.size)
         cpu1 = cpu_seconds(pid)
-        if total != args.size:
-            raise RuntimeError(f"{s.name}: read {total} bytes of big.bin, expected {args.size}")
-        res["seq_gbps"] = total / elapsed / 1e9
-        res["cpu_s_per_gib"] = (cpu1 - cpu0) / (total / GiB)
+        res["seq_gbps"] = args.size / elapsed / 1e9
+        res["cpu_s_per_gib"] = (cpu1 - cpu0) / (args.size / GiB)
         res["rss_read_mib"] = rss_mib(pid)
-
         # RSS with every small file held open, after the sequential read
-        fds = []
-        try:
-            for name in small:
-                fds.append(os.open(mnt / "small" / name, os.O_RDONLY))
-                os.pread(fds[-1], READ, 0)
-            time.sleep(args.settle)
-            res["rss_open_mib"] = rss_mib(pid)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        res["rss_open_mib"] = rss_with_files_open(s, pid, small, args.settle)
         for k, v in s.extra_stats().items():
             res["xb_" + k] = v
     finally:

@@ -86,21 +86,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_mount import (
     PASSPHRASE,
     READ,
-    SEQ_BLOCK,
     GiB,
     MiB,
     Pqfs,
     Rclone,
     System,
+    check_preads,
+    cold_opens,
     cpu_seconds,
     drop_caches,
     human,
     interrupts_as_keyboard,
     log,
     machine,
+    p99,
     parse_size,
+    preads,
     prepare,
+    read_through,
     rss_mib,
+    rss_with_files_open,
     run,
     stale_mount,
 )
@@ -521,27 +526,9 @@ def timed_preads(path: Path, offsets: list[int]) -> tuple[list[float], list[byte
     """pread 64 KiB at every offset (the file opened first, untimed); latencies and data."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        times, got = [], []
-        for off in offsets:
-            t0 = time.perf_counter()
-            data = os.pread(fd, READ, off)
-            times.append(time.perf_counter() - t0)
-            got.append(data)
+        return preads(fd, offsets)
     finally:
         os.close(fd)
-    return times, got
-
-
-def check_preads(s: System, plain: Path, offsets: list[int], got: list[bytes]) -> None:
-    with open(plain / "big.bin", "rb") as f:  # untimed check against the plaintext
-        for off, data in zip(offsets, got, strict=True):
-            f.seek(off)
-            if data != f.read(READ):
-                raise RuntimeError(f"{s.name}: read at {off} differs from the original")
-
-
-def p99(times: list[float]) -> float:
-    return statistics.quantiles(times, n=100, method="inclusive")[98]
 
 
 def phase_a(
@@ -561,16 +548,8 @@ def phase_a(
         st0 = s.daemon_stats() if isinstance(s, S3Pqfs) else {}
         drop_caches()
         m0 = weed.metrics()
-        lat = []
         names = sorted(heads)[: args.latency_files]
-        for name in names:
-            t0 = time.perf_counter()
-            fd = os.open(mnt / "small" / name, os.O_RDONLY)
-            data = os.pread(fd, READ, 0)
-            os.close(fd)
-            lat.append(time.perf_counter() - t0)
-            if data != heads[name]:
-                raise RuntimeError(f"{s.name}: small/{name} differs from the original")
+        lat = cold_opens(s, names, heads)
         m1 = weed.metrics()
         res["open_ms"] = statistics.median(lat) * 1e3
         d = server_delta(m0, m1, "open_")
@@ -582,12 +561,7 @@ def phase_a(
         try:
             drop_caches()
             m1 = weed.metrics()
-            times, got = [], []
-            for off in offsets:
-                t0 = time.perf_counter()
-                data = os.pread(fd, READ, off)
-                times.append(time.perf_counter() - t0)
-                got.append(data)
+            times, got = preads(fd, offsets)
             m2 = weed.metrics()
             res["rand_conns"] = s3_connections(s.pid, weed.ports["s3"])
         finally:
@@ -612,7 +586,6 @@ def phase_b(
 ) -> dict[str, float]:
     """Sequential read of the big file (throughput, daemon and server CPU), then RSS."""
     res: dict[str, float] = {}
-    mnt = Path(s.mnt)
     s.mount(args.size)
     try:
         assert s.pid is not None
@@ -622,19 +595,10 @@ def phase_b(
         m0 = weed.metrics()
         cpu0, wcpu0 = cpu_seconds(pid), cpu_seconds(weed.pid)
         with Sampler(pid, weed) as sampler:
-            t0 = time.perf_counter()
-            fd = os.open(mnt / "big.bin", os.O_RDONLY)
-            total = 0
-            try:
-                while block := os.read(fd, SEQ_BLOCK):
-                    total += len(block)
-            finally:
-                os.close(fd)
-            elapsed = time.perf_counter() - t0
+            elapsed = read_through(s, args.size)
         cpu1, wcpu1 = cpu_seconds(pid), cpu_seconds(weed.pid)
         m1 = weed.metrics()
-        if total != args.size:
-            raise RuntimeError(f"{s.name}: read {total} bytes of big.bin, expected {args.size}")
+        total = args.size
         res["seq_gbps"] = total / elapsed / 1e9
         res["cpu_s_per_gib"] = (cpu1 - cpu0) / (total / GiB)
         res["weed_cpu_s_per_gib"] = (wcpu1 - wcpu0) / (total / GiB)
@@ -646,16 +610,7 @@ def phase_b(
             res.update(pqfs_delta(st0, s.daemon_stats(), "pq_seq_"))
         res["rss_read_mib"] = rss_mib(pid)
 
-        fds = []
-        try:
-            for name in sorted(heads):
-                fds.append(os.open(mnt / "small" / name, os.O_RDONLY))
-                os.pread(fds[-1], READ, 0)
-            time.sleep(args.settle)
-            res["rss_open_mib"] = rss_mib(pid)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        res["rss_open_mib"] = rss_with_files_open(s, pid, sorted(heads), args.settle)
     finally:
         s.umount()
     return res
