@@ -378,6 +378,14 @@ class Rclone(System):
 # ---------------------------------------------------------------------- measurement ----
 
 
+def remove_work(systems: list[System], work: Path) -> None:
+    """Delete the work directory, unless a mount below it survived the cleanup."""
+    if any(os.path.ismount(s.mnt) or stale_mount(s.mnt) for s in systems):
+        print(f"bench: a mount under {work} is still there; not removing it", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def cold_opens(s: System, names: list[str], heads: dict[str, bytes]) -> list[float]:
     """Open + first 64 KiB of each small file: latencies (checked against the original)."""
     lat = []
@@ -747,10 +755,7 @@ def main() -> int:
     finally:
         for s in systems:
             s.cleanup()
-        if any(os.path.ismount(s.mnt) or stale_mount(s.mnt) for s in systems):
-            print(f"bench: a mount under {work} is still there; not removing it", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(systems, work)
 
 
 if __name__ == "__main__":

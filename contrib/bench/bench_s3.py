@@ -104,10 +104,10 @@ from bench_mount import (
     preads,
     prepare,
     read_through,
+    remove_work,
     rss_mib,
     rss_with_files_open,
     run,
-    stale_mount,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1025,10 +1025,7 @@ def main() -> int:
         for s in systems:
             s.cleanup()
         weed.stop()
-        if any(os.path.ismount(s.mnt) or stale_mount(s.mnt) for s in systems):
-            print(f"bench: a mount under {work} is still there; not removing it", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        remove_work(systems, work)
 
 
 if __name__ == "__main__":
