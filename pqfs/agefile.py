@@ -16,7 +16,7 @@ from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from . import parallel
+from . import pagecache, parallel
 from .errors import FormatError, PayloadError, PqfsError
 from .header import MAX_HEADER, Header, TruncatedHeader, parse_header
 from .keys import Identity, Recipient, new_file_key, unwrap, wrap_all
@@ -50,6 +50,10 @@ class RangeSource(Protocol):
         """Fill `buf` from [offset, ...) only if all of it is in memory already (never waits on
         a disk or the network); False if it is not (nothing to rely on in `buf` then)."""
 
+    def direct_fd(self) -> int | None:
+        """An O_DIRECT descriptor of a local file, for reads that `read_cached` has found not
+        in memory without starting a read of its own (`aio.py`); None where there is none."""
+
     def close(self) -> None: ...
 
 
@@ -69,6 +73,9 @@ class BytesSource:
     def read_cached(self, offset: int, buf: memoryview) -> bool:
         return self.preadinto(offset, buf) == len(buf)
 
+    def direct_fd(self) -> int | None:
+        return None
+
     def close(self) -> None:
         pass
 
@@ -77,6 +84,7 @@ class FileSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self.size = os.fstat(self.fd).st_size
+        self._direct: int | None = None  # opened on first use; -1: not possible here
 
     def preadinto(self, offset: int, buf: memoryview) -> int:
         return _preadfull(self.fd, buf, offset)
@@ -88,6 +96,10 @@ class FileSource:
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def read_cached(self, offset: int, buf: memoryview) -> bool:
+        # cachestat first: on a miss, RWF_NOWAIT would start a buffered read of the range (the
+        # kernel's readahead), and the caller is about to read it with O_DIRECT instead.
+        if pagecache.residency(self.fd, offset, len(buf)) is False:
+            return False
         # RWF_NOWAIT: the page cache answers or the call fails at once (EAGAIN, or a short
         # count when only part of the range is cached); it never waits for the disk.
         try:
@@ -95,7 +107,16 @@ class FileSource:
         except OSError:  # EAGAIN; EOPNOTSUPP on file systems without RWF_NOWAIT support
             return False
 
+    def direct_fd(self) -> int | None:
+        if self._direct is None:  # not thread-safe: only the mount's trio thread calls this
+            fd = pagecache.open_direct(self.fd) if pagecache.checks() else None
+            self._direct = -1 if fd is None else fd
+        return None if self._direct < 0 else self._direct
+
     def close(self) -> None:
+        if self._direct is not None and self._direct >= 0:
+            os.close(self._direct)
+        self._direct = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

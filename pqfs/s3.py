@@ -397,6 +397,9 @@ class S3Source:
     def will_need(self, offset: int, length: int) -> None:
         pass  # the mount's readahead jobs already keep several range requests in flight
 
+    def direct_fd(self) -> int | None:
+        return None
+
     def read_cached(self, offset: int, buf: memoryview) -> bool:
         # Only the opening fetch is in memory (the disk cache is a file: it may wait on I/O).
         head = self._head  # one read of the attribute: another thread may release it

@@ -22,6 +22,7 @@ Concurrency model (all of it written down here, kept by this module):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -30,7 +31,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ import trio
 from . import catalog as cat_mod
 from . import parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
+from .aio import DirectIO
 from .catalog import Catalog, Entry
 from .chunkcache import ChunkCache
 from .errors import (
@@ -87,6 +89,9 @@ class MountOptions:
     # A read missing at most this many chunks whose ciphertext is already in memory (page
     # cache) is decrypted on the loop itself: 2 chunks take ~30 us, less than a thread hop.
     inline_chunks: int = 2
+    # Such a read whose ciphertext is not in memory (local disk): one O_DIRECT read submitted
+    # from the loop (`aio.py`), then decrypted there; this many in flight at most (0: never).
+    direct_reads: int = 16
     prefetch_start: int = 8  # chunks ahead once a reader is seen to be sequential
     prefetch_max: int = 256  # chunks ahead at most, per open file (16 MiB)
     max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
@@ -218,6 +223,7 @@ class Counters:
         self.reads = 0
         self.slow_reads = 0  # reads that waited for a worker (not all their chunks were cached)
         self.inline_reads = 0  # reads that decrypted their missing chunks on the loop
+        self.direct_reads = 0  # reads whose chunks came from one O_DIRECT read, not a worker
         self.bytes_read = 0
         self.bytes_decrypted = 0
         self.prefetch_chunks = 0
@@ -247,6 +253,7 @@ class VaultFS:
         self._prefetching = 0  # chunks in prefetch jobs not yet finished
         self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
         self.pool = WorkerPool(opts.workers)
+        self._dio: DirectIO | None = None  # created in start(): after the daemon has forked
         self._reply = bytearray(opts.max_read)
         self._inline_ct = bytearray(opts.inline_chunks * CT_CHUNK)  # ciphertext: not secret
         self._sent: list[tuple[bytearray, int]] = []  # private reply buffers handed to the kernel
@@ -265,6 +272,11 @@ class VaultFS:
     async def start(self, nursery: trio.Nursery) -> None:
         """Load the tree and start the background tasks (key expiry, catalog polling)."""
         self._nursery = nursery
+        if self.options.direct_reads > 0:
+            try:
+                self._dio = DirectIO(self.options.direct_reads)
+            except OSError as e:
+                log.info("reads that miss the page cache go through worker threads: %s", e)
         self.gc.install()
         if self.vault.unlocked:
             await self._load_tree()
@@ -281,6 +293,9 @@ class VaultFS:
             f.released = True
             self._maybe_close(f)
         self._files.clear()
+        if self._dio is not None:
+            self._dio.close()
+            self._dio = None
         self.vault.storage.close()
 
     async def _load_tree(self) -> None:
@@ -558,6 +573,7 @@ class VaultFS:
         if self._copy_cached(f, off, end, cached, out):
             return None  # evicted under us by a worker: take the slow path
         if ct is not None:
+            self.counters.inline_reads += 1  # counted whether or not it authenticates
             try:
                 n = self._decrypt(
                     f,
@@ -574,7 +590,6 @@ class VaultFS:
                 self._report(f, off, e)
                 raise
             self.counters.bytes_decrypted += n
-            self.counters.inline_reads += 1
         return out
 
     def _ciphertext_now(self, f: OpenFile, missing: list[int]) -> memoryview | None:
@@ -647,7 +662,8 @@ class VaultFS:
             errors: list[BaseException] = []
             runs = _runs(mine, self.options.job_chunks)
             if len(runs) == 1 and not waits:  # the common case: no nursery to set up
-                await self._job(f, aead, *runs[0], False, (out, off, end), errors)
+                if not await self._direct_job(f, aead, *runs[0], (out, off, end), errors):
+                    await self._job(f, aead, *runs[0], False, (out, off, end), errors)
             else:
                 async with trio.open_nursery() as nursery:
                     for first, count in runs:
@@ -674,6 +690,28 @@ class VaultFS:
         )  # only now: an earlier _wipe_sent() must not wipe it mid-read
         return out[: end - off]
 
+    @contextlib.contextmanager
+    def _claim(self, f: OpenFile, first: int, count: int) -> Iterator[None]:
+        """Mark chunks [first, first+count) as being decrypted (readers of them wait for this
+        instead of decrypting them again) and the file as read from (it is not closed under
+        the read); both undone, and waiters woken, whatever happens."""
+        events = []
+        for i in range(first, first + count):
+            k = (f.entry.object, i)
+            if k not in self._inflight:
+                ev = self._inflight[k] = trio.Event()
+                events.append((k, ev))
+        f.jobs += 1
+        try:
+            yield
+        finally:
+            f.jobs -= 1
+            for k, ev in events:
+                if self._inflight.get(k) is ev:
+                    del self._inflight[k]
+                ev.set()
+            self._maybe_close(f)
+
     async def _job(
         self,
         f: OpenFile,
@@ -685,23 +723,16 @@ class VaultFS:
         errors: list[BaseException],
     ) -> None:
         """Decrypt chunks [first, first+count) on a worker thread into the cache (and `dest`)."""
-        keys = [(f.entry.object, i) for i in range(first, first + count)]
-        events = []
-        for k in keys:
-            ev = self._inflight.get(k)
-            if ev is None:
-                ev = self._inflight[k] = trio.Event()
-                events.append((k, ev))
-        f.jobs += 1
         if prefetch:
             self._prefetching += count
         try:
-            job = functools.partial(
-                self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
-            )
-            assert f.limiter is not None
-            async with f.limiter:
-                n = await self.pool.run(job, urgent=not prefetch)
+            with self._claim(f, first, count):
+                job = functools.partial(
+                    self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
+                )
+                assert f.limiter is not None
+                async with f.limiter:
+                    n = await self.pool.run(job, urgent=not prefetch)
             self.counters.bytes_decrypted += n
             if prefetch:
                 self.counters.prefetch_chunks += count
@@ -711,14 +742,56 @@ class VaultFS:
             else:
                 errors.append(e if isinstance(e, PqfsError) else VaultError(str(e)))
         finally:
-            f.jobs -= 1
             if prefetch:
                 self._prefetching -= count
-            for k, ev in events:
-                if self._inflight.get(k) is ev:
-                    del self._inflight[k]
-                ev.set()
-            self._maybe_close(f)
+
+    async def _direct_job(
+        self,
+        f: OpenFile,
+        aead: Any,
+        first: int,
+        count: int,
+        dest: tuple[memoryview, int, int],
+        errors: list[BaseException],
+    ) -> bool:
+        """A read of a few chunks not in memory, from a local disk: their ciphertext read with
+        one O_DIRECT read submitted from here, decrypted here (as inline reads are: less work
+        than a thread hop). False, with nothing done, where that is not possible: the caller
+        sends a worker job instead."""
+        dio = self._dio
+        if dio is None or count > self.options.inline_chunks:
+            return False
+        fd = f.src.direct_fd()
+        if fd is None:
+            return False
+        try:
+            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
+        except PayloadError:
+            return False  # a truncated object: the worker path reports it
+        req = dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
+        if req is None:
+            return False
+        with self._claim(f, first, count):
+            generation = self.cache.generation
+            self.counters.direct_reads += 1  # counted whether or not it authenticates
+            bufs: list[bytearray] = []
+            try:
+                bufs = self.cache.lend(count)  # while the disk reads: new buffers fault pages
+                ct = await req.result()
+                if len(ct) != n:
+                    raise PayloadError(
+                        f"chunk {first} could not be read in full (truncated object)", first
+                    )
+                self.counters.bytes_decrypted += self._decrypt(
+                    f, aead, first, count, dest, generation, False, ct, bufs
+                )
+            except (PqfsError, OSError) as e:
+                errors.append(e if isinstance(e, PqfsError) else VaultError(str(e)))
+            finally:
+                await req.release()
+                if bufs:  # not taken over by _decrypt (which gives back or inserts them)
+                    self.cache.give_back(bufs)
+        return True
 
     def _decrypt(
         self,
@@ -730,9 +803,11 @@ class VaultFS:
         generation: int,
         prefetch: bool,
         read: memoryview | None = None,
+        lent: list[bytearray] | None = None,
     ) -> int:
         """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers.
-        With `read` (the chunks' ciphertext, read without waiting) it runs on the loop."""
+        With `read` (the chunks' ciphertext, already read) it runs on the loop. `lent`: buffers
+        already lent by the cache; this call takes them over (the list is emptied)."""
         ct: bytearray | None = None
         if self._reuse_ct and read is None:
             ct = getattr(self._tls, "ct", None)
@@ -744,7 +819,11 @@ class VaultFS:
             if lo < hi:
                 f.hinted = hi
                 f.src.will_need(lo, hi - lo)
-        bufs = self.cache.lend(count)
+        if lent:
+            bufs = lent[:]
+            lent.clear()
+        else:
+            bufs = self.cache.lend(count)
         outs = [memoryview(b) for b in bufs]
         try:
             if read is not None:
@@ -843,6 +922,8 @@ class VaultFS:
             "reads": c.reads,
             "reads_waited": c.slow_reads,
             "reads_inline": c.inline_reads,
+            "reads_direct": c.direct_reads,
+            "reads_direct_refused": 0 if self._dio is None else self._dio.refused,
             "read_p50_ms": None if p50 is None else round(p50 * 1000, 3),
             "read_p99_ms": None if p99 is None else round(p99 * 1000, 3),
             "bytes_read": c.bytes_read,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from pqfs import pagecache
 from pqfs.catalog import put_op
 from pqfs.errors import IsADirectory, Locked, NotADirectory, NotFound, PayloadError, ReadOnly
 from pqfs.stream import CHUNK, CT_CHUNK
@@ -210,9 +211,9 @@ async def test_key_ttl_zero_keeps_key_only_while_open(
         assert key_bytes == bytearray(16)
 
 
-@pytest.mark.parametrize("inline_chunks", [0, 2], ids=["worker", "inline"])
+@pytest.mark.parametrize("path", ["worker", "inline", "direct"])
 async def test_tampered_chunk_fails_only_that_read(
-    vault: Vault, contents: dict[str, bytes], caplog: pytest.LogCaptureFixture, inline_chunks: int
+    vault: Vault, contents: dict[str, bytes], caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     e = vault.entry("big.bin")
     obj = Path(vault.storage.describe()) / object_key(e.object)
@@ -220,12 +221,19 @@ async def test_tampered_chunk_fails_only_that_read(
     raw[e.hlen + 16 + 2 * CT_CHUNK + 100] ^= 0x01  # one bit of chunk 2
     obj.write_bytes(raw)
     data = contents["big.bin"]
-    async with running(vault, inline_chunks=inline_chunks) as fs:
+    opts = {"worker": {"inline_chunks": 0}, "inline": {}, "direct": {}}[path]
+    async with running(vault, **opts) as fs:
         fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        # just written, so in the page cache (inline, or a worker), unless dropped (direct)
+        _page_cache(vault, "big.bin", keep=path != "direct")
         with pytest.raises(PayloadError):
             await fs.read(fh, 2 * CHUNK + 10, 100)
-        # just written, so in the page cache: the failed read was decrypted inline (or not)
-        assert fs.stats()["reads_waited"] == (1 if inline_chunks == 0 else 0)
+        s = fs.stats()
+        assert (s["reads_waited"], s["reads_inline"], s["reads_direct"]) == {
+            "worker": (1, 0, 0),
+            "inline": (0, 1, 0),
+            "direct": (1, 0, 1),
+        }[path]
         with pytest.raises(PayloadError):
             await fs.read(fh, CHUNK, 3 * CHUNK)  # any read that covers chunk 2
         assert bytes(await fs.read(fh, 0, 2 * CHUNK)) == data[: 2 * CHUNK]
@@ -255,20 +263,31 @@ def _page_cache(vault: Vault, path: str, keep: bool) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("direct_reads", [16, 0], ids=["direct", "no-direct"])
 async def test_small_reads_decrypt_inline_only_from_memory(
-    vault: Vault, contents: dict[str, bytes]
+    vault: Vault, contents: dict[str, bytes], direct_reads: int
 ) -> None:
     """A read missing at most `inline_chunks` chunks whose ciphertext is in the page cache is
-    decrypted on the loop; one whose ciphertext is on disk only goes to a worker (the loop
-    never waits on the disk); bigger reads always go to workers."""
+    decrypted on the loop. One whose ciphertext is on disk only is read with O_DIRECT, from the
+    loop without waiting on it, then decrypted there; or, without direct reads, by a worker.
+    Bigger reads always go to workers."""
     data = contents["big.bin"]
     oid = vault.entry("big.bin").object
-    async with running(vault) as fs:
+    async with running(vault, direct_reads=direct_reads) as fs:
         fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
         _page_cache(vault, "big.bin", keep=False)
-        off = 5 * CHUNK + 100  # two chunks, on disk only: a worker reads them
+        off = 5 * CHUNK + 100  # two chunks, on disk only
         assert bytes(await fs.read(fh, off, CHUNK)) == data[off : off + CHUNK]
-        assert (fs.stats()["reads_inline"], fs.stats()["reads_waited"]) == (0, 1)
+        s = fs.stats()
+        assert (s["reads_inline"], s["reads_waited"]) == (0, 1)
+        assert s["reads_direct"] == (1 if direct_reads else 0)
+        assert (oid, 5) in fs.cache and (oid, 6) in fs.cache
+        ct_start = vault.entry("big.bin").hlen + 16 + 5 * CT_CHUNK
+        fd = os.open(_object_path(vault, "big.bin"), os.O_RDONLY)
+        try:  # a direct read leaves the page cache alone; a worker's read goes through it
+            assert pagecache.residency(fd, ct_start, 2 * CT_CHUNK) is (direct_reads == 0)
+        finally:
+            os.close(fd)
 
         _page_cache(vault, "big.bin", keep=True)
         for k, off in enumerate([20 * CHUNK + 7, 30 * CHUNK, 40 * CHUNK - 1]):
@@ -277,9 +296,11 @@ async def test_small_reads_decrypt_inline_only_from_memory(
         assert fs.stats()["reads_waited"] == 1
         assert (oid, 20) in fs.cache and (oid, 21) in fs.cache  # cached as well
 
-        off = 50 * CHUNK + 1  # three chunks: more than inline_chunks
+        _page_cache(vault, "big.bin", keep=False)
+        off = 50 * CHUNK + 1  # three chunks: more than inline_chunks, so a worker's
         assert bytes(await fs.read(fh, off, 2 * CHUNK)) == data[off : off + 2 * CHUNK]
-        assert fs.stats()["reads_waited"] == 2
+        s = fs.stats()
+        assert s["reads_waited"] == 2 and s["reads_direct"] == (1 if direct_reads else 0)
 
 
 async def test_refresh_sees_files_added_while_mounted(
