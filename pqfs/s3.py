@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import random
 import re
 import threading
@@ -205,14 +206,17 @@ class S3Storage(Storage):
             if length > len(buf) or length != min(len(buf), size - start):
                 raise ConnectionError("unexpected range in the response")  # retried
             body, got = r["Body"], 0
+            raw, readinto = _body_reader(body, r)
             try:
                 while got < length:
-                    n = body.readinto(buf[got:length])  # type: ignore[arg-type]
+                    n = readinto(buf[got:length])
                     if not n:
                         raise ConnectionError("short body")  # a cut connection: retried
                     got += n
+                if raw is not None:  # read past urllib3, which would have done this itself
+                    raw.release_conn()
             finally:
-                body.close()
+                body.close()  # after release_conn, this leaves the connection in the pool
             return got, size
 
         got, size = self._call(f"GET {key} [{start}, {start + len(buf)})", get)
@@ -333,6 +337,27 @@ class S3Storage(Storage):
     def close(self) -> None:
         if self.disk_cache is not None:
             self.disk_cache.close()
+
+
+def _body_reader(body: Any, response: Any) -> tuple[Any, Callable[[memoryview], int]]:
+    """How to read a GET's body into our buffer: straight from the http.client response
+    beneath botocore and urllib3 where it is there, else through the body's own readinto.
+
+    Why: urllib3's readinto reads into a new bytes object and copies it; each such multi-MiB
+    object is fresh mmap'd memory (mount.bound_malloc) whose pages fault in on first touch.
+    Measured with 8 threads of 4 MiB range GETs from SeaweedFS: 0.82 GB/s and 1.28 client CPU
+    s/GiB through urllib3, 1.18 GB/s and 0.75 s/GiB from the http.client response. With a
+    Content-Encoding, or another stack beneath botocore, the body's own reader is used."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if (
+        isinstance(fp, http.client.HTTPResponse)
+        and hasattr(raw, "release_conn")
+        and not response.get("ContentEncoding")
+        and not getattr(raw, "_fp_bytes_read", 0)
+    ):
+        return raw, fp.readinto
+    return None, body.readinto
 
 
 class S3Source:

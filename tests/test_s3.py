@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .conftest import daemon_pid, mount_stats, mounted, run_pqfs, sha_file
+from .s3server import RESET_MID_RESPONSE
 
 MiB = 1 << 20
 
@@ -147,6 +148,43 @@ def test_disk_cache_holds_only_ciphertext(
     plain = (src / "film.mkv").read_bytes()
     for off in range(0, len(plain) - 64, len(plain) // 50):
         assert plain[off : off + 64] not in blob
+
+
+def test_range_gets_read_into_the_buffer_and_keep_their_connection(
+    s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies are read straight into the caller's buffer (beneath urllib3, which would copy
+    them), and the connection still goes back to the pool: 40 GETs in a row, one connection.
+    A response cut short is retried on a new connection, never reused half-read."""
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env(fault_proxy.endpoint).items():
+        monkeypatch.setenv(name, value)
+    data = random.Random(9).randbytes(3 * MiB + 17)
+    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
+    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
+    try:
+        rng = random.Random(10)
+        for _ in range(40):
+            off, n = rng.randrange(0, len(data)), rng.choice([1, 65552, 131104, 1 * MiB])
+            buf = bytearray(n)
+            got, size = st.get_range("obj", off, memoryview(buf))
+            assert size == len(data) and bytes(buf[:got]) == data[off : off + n]
+        assert fault_proxy.accepted == 1
+        r = st._client.get_object(Bucket=s3_bucket, Key="v/obj", Range="bytes=0-9")  # type: ignore[attr-defined]
+        raw, _ = s3mod._body_reader(r["Body"], r)
+        r["Body"].close()
+        assert raw is not None  # botocore still has http.client beneath it: the direct reader
+        fault_proxy.drop_modes = (RESET_MID_RESPONSE,)
+        fault_proxy.drop_rate = 0.5
+        for _ in range(10):
+            buf = bytearray(MiB)
+            assert st.get_range("obj", 5, memoryview(buf))[0] == MiB
+            assert bytes(buf) == data[5 : 5 + MiB]
+        assert fault_proxy.dropped > 0 and fault_proxy.accepted > 1
+    finally:
+        st.close()
 
 
 # ------------------------------------------------------------------------ faults ----
