@@ -15,17 +15,40 @@ Invariants (kept by this class alone, under its lock; workers and the trio threa
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 from .stream import CHUNK, wipe
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls run without the GIL
+
+
+def populated(size: int = CHUNK) -> memoryview:
+    """A zeroed buffer whose pages are already faulted in, faulted without the GIL.
+
+    Why: a memoryview is zeroed by calloc under the GIL, and on this project's VM the first touch
+    of a page the process has not used is slow (and after the host has reclaimed freed memory,
+    very slow): a worker allocating a 1 MiB job's buffers held the GIL for 13-26 ms while their
+    pages faulted in, and the loop, waiting for the GIL, stalled as long. Here the mapping is
+    made lazily and madvise(MADV_POPULATE_WRITE), called through ctypes, faults it in while
+    other threads run. Where that fails the pages fault in on first write, as before."""
+    m = mmap.mmap(-1, size)
+    anchor = ctypes.c_char.from_buffer(m)
+    _libc.madvise(
+        ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), _MADV_POPULATE_WRITE
+    )
+    del anchor  # the mapping must not stay exported: the view below keeps it alive
+    return memoryview(m)
+
 
 class _Slot:
     __slots__ = ("buf", "length", "prefetched")
 
-    def __init__(self, buf: bytearray, length: int, prefetched: bool) -> None:
+    def __init__(self, buf: memoryview, length: int, prefetched: bool) -> None:
         self.buf = buf
         self.length = length
         self.prefetched = prefetched
@@ -35,7 +58,7 @@ class ChunkCache:
     def __init__(self, budget: int) -> None:
         self.capacity = max(4, budget // CHUNK)
         self._slots: OrderedDict[Hashable, _Slot] = OrderedDict()
-        self._free: list[bytearray] = []
+        self._free: list[memoryview] = []
         self._lent = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -67,28 +90,33 @@ class ChunkCache:
 
     # ------------------------------------------------------------------ writers ----
 
-    def lend(self, count: int) -> list[bytearray]:
+    def lend(self, count: int) -> list[memoryview]:
         """`count` wiped buffers for a worker to decrypt into, taken from the free list, newly
         allocated while under capacity, or evicted from the LRU end."""
-        out: list[bytearray] = []
+        out: list[memoryview] = []
+        new = 0  # buffers to allocate: counted as lent at once, made after the lock is released
         with self._lock:
             for _ in range(count):
                 if self._free:
                     out.append(self._free.pop())
-                elif len(self._slots) + self._lent + len(out) < self.capacity or not self._slots:
-                    out.append(bytearray(CHUNK))
+                elif (
+                    len(self._slots) + self._lent + len(out) + new < self.capacity
+                    or not self._slots
+                ):
+                    new += 1
                 else:
                     _, slot = self._slots.popitem(last=False)
                     wipe(slot.buf)
                     self.evictions += 1
                     out.append(slot.buf)
-            self._lent += len(out)
+            self._lent += len(out) + new
+        out.extend(populated() for _ in range(new))  # faulting pages: not under the lock
         return out
 
     def insert(
         self,
         keys: Sequence[Hashable],
-        bufs: Sequence[bytearray],
+        bufs: Sequence[memoryview],
         lengths: Sequence[int],
         generation: int,
         prefetched: bool = False,
@@ -108,7 +136,7 @@ class ChunkCache:
                     self._free.append(old.buf)
                 self._slots[key] = _Slot(buf, n, prefetched)
 
-    def give_back(self, bufs: Sequence[bytearray]) -> None:
+    def give_back(self, bufs: Sequence[memoryview]) -> None:
         """Return lent buffers unused (a failed decrypt): wiped, then kept for reuse."""
         for b in bufs:
             wipe(b)
@@ -132,7 +160,7 @@ class ChunkCache:
         with self._lock:
             return len(self._slots)
 
-    def buffers(self) -> list[bytearray]:
+    def buffers(self) -> list[memoryview]:
         """For tests: every buffer the cache holds (cached and free), no copies."""
         with self._lock:
             return [s.buf for s in self._slots.values()] + list(self._free)
