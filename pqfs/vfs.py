@@ -23,6 +23,7 @@ Concurrency model (all of it written down here, kept by this module):
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
@@ -759,8 +760,8 @@ class VaultFS:
     ) -> bool:
         """A read of a few chunks not in memory, from a local disk: their ciphertext read with
         one O_DIRECT read submitted from here, decrypted here (as inline reads are: less work
-        than a thread hop). False, with nothing done, where that is not possible: the caller
-        sends a worker job instead."""
+        than a thread hop). False, with nothing done, where that is not possible (or the kernel
+        refused to read without blocking): the caller sends a worker job instead."""
         dio = self._dio
         if dio is None or count > self.options.inline_chunks:
             return False
@@ -774,6 +775,7 @@ class VaultFS:
         req = dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
         if req is None:
             return False
+        refused = False
         with self._claim(f, first, count):
             generation = self.cache.generation
             self.counters.direct_reads += 1  # counted whether or not it authenticates
@@ -788,13 +790,20 @@ class VaultFS:
                 self.counters.bytes_decrypted += self._decrypt(
                     f, aead, first, count, dest, generation, False, ct, bufs
                 )
-            except (PqfsError, OSError) as e:
-                errors.append(e if isinstance(e, PqfsError) else VaultError(str(e)))
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    errors.append(VaultError(str(e)))
+                else:  # RWF_NOWAIT said so at completion rather than at submit: a worker reads
+                    self.counters.direct_reads -= 1
+                    dio.refused += 1
+                    refused = True
+            except PqfsError as e:
+                errors.append(e)
             finally:
                 await req.release()
                 if bufs:  # not taken over by _decrypt (which gives back or inserts them)
                     self.cache.give_back(bufs)
-        return True
+        return not refused
 
     def _decrypt(
         self,

@@ -3,10 +3,12 @@ check that starts no read (pqfs.pagecache), and the worker pool's wake-ups (pqfs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,13 +74,23 @@ def test_read_cached_never_starts_a_read_on_a_miss(data_file: tuple[Path, bytes]
 # ---------------------------------------------------------------- aio ----
 
 
-async def test_direct_reads_return_the_file_bytes(data_file: tuple[Path, bytes]) -> None:
-    path, data = data_file
+@contextlib.contextmanager
+def direct(path: Path, depth: int) -> Iterator[tuple[FileSource, int, aio.DirectIO]]:
+    """A file open with its O_DIRECT descriptor, and an AIO context of `depth` slots."""
     src = FileSource(path)
-    dio = aio.DirectIO(4)
+    dio = aio.DirectIO(depth)
     try:
         fd = src.direct_fd()
         assert fd is not None
+        yield src, fd, dio
+    finally:
+        dio.close()
+        src.close()
+
+
+async def test_direct_reads_return_the_file_bytes(data_file: tuple[Path, bytes]) -> None:
+    path, data = data_file
+    with direct(path, 4) as (src, fd, dio):
         for off, n in [(0, 100), (1, 65552), (65536 + 7, 131104), (len(data) - 50, 50)]:
             req = dio.submit(fd, off, n)
             assert req is not None
@@ -94,20 +106,13 @@ async def test_direct_reads_return_the_file_bytes(data_file: tuple[Path, bytes])
             await req.release()
         # page cache untouched: the bytes came from the disk
         assert pagecache.residency(src.fd, 0, len(data)) is False
-    finally:
-        dio.close()
-        src.close()
 
 
 async def test_in_flight_reads_are_bounded_and_slots_reused(
     data_file: tuple[Path, bytes],
 ) -> None:
     path, data = data_file
-    src = FileSource(path)
-    dio = aio.DirectIO(2)
-    try:
-        fd = src.direct_fd()
-        assert fd is not None
+    with direct(path, 2) as (_, fd, dio):
         a, b = dio.submit(fd, 0, 4096), dio.submit(fd, 8192, 4096)
         assert a is not None and b is not None
         assert dio.submit(fd, 0, 4096) is None  # both slots busy: the caller uses a worker
@@ -122,21 +127,14 @@ async def test_in_flight_reads_are_bounded_and_slots_reused(
             assert c is not None
             await c.release()  # released without asking for the result: waits for it first
         assert dio.submitted == 7
-    finally:
-        dio.close()
-        src.close()
 
 
 async def test_a_cancelled_reader_still_waits_for_the_disk(data_file: tuple[Path, bytes]) -> None:
     """The kernel writes into the slot's buffer until the read completes: a cancelled task must
     not hand the buffer back before that."""
     path, data = data_file
-    src = FileSource(path)
-    dio = aio.DirectIO(1)
     got: list[bytes] = []
-    try:
-        fd = src.direct_fd()
-        assert fd is not None
+    with direct(path, 1) as (_, fd, dio):
 
         async def reader() -> None:
             req = dio.submit(fd, 0, 65536)
@@ -150,9 +148,6 @@ async def test_a_cancelled_reader_still_waits_for_the_disk(data_file: tuple[Path
             scope.cancel()
             await reader()
         assert got == [data[:65536]]  # shielded: the read completed despite the cancel
-    finally:
-        dio.close()
-        src.close()
 
 
 def test_a_local_file_has_one_direct_descriptor_closed_with_it(tmp_path: Path) -> None:
