@@ -43,7 +43,7 @@ from . import parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
 from .aio import DirectIO
 from .catalog import Catalog, Entry
-from .chunkcache import ChunkCache, populated
+from .chunkcache import ChunkCache
 from .errors import (
     IsADirectory,
     Locked,
@@ -69,7 +69,6 @@ log = logging.getLogger("pqfs.mount")
 ROOT_INO = 1
 MiB = 1 << 20
 REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
-REPLY_PREFILL = 4  # of which made at start (what a stream with kernel readahead keeps in use)
 HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
 # After a read of a file found its storage unavailable (its whole time budget spent), reads of
 # that file fail at once for this long: the kernel retries a failed readahead page by page, and
@@ -256,12 +255,10 @@ class VaultFS:
         self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
         self.pool = WorkerPool(opts.workers)
         self._dio: DirectIO | None = None  # created in start(): after the daemon has forked
-        # Reply buffers: faulted in now, and without the GIL (chunkcache.populated), since the
-        # copies into them run under the GIL, on the loop or on a worker the loop then waits for.
-        self._reply = populated(opts.max_read)
+        self._reply = bytearray(opts.max_read)
         self._inline_ct = bytearray(opts.inline_chunks * CT_CHUNK)  # ciphertext: not secret
-        self._sent: list[tuple[memoryview, int]] = []  # private reply buffers sent to the kernel
-        self._replies = [populated(opts.max_read) for _ in range(REPLY_PREFILL)]  # wiped, for reuse
+        self._sent: list[tuple[bytearray, int]] = []  # private reply buffers sent to the kernel
+        self._replies: list[bytearray] = []  # wiped private reply buffers, for reuse
         self._tls = threading.local()
         self._reuse_ct = vault.storage.reuse_read_buffers
         self._nursery: trio.Nursery | None = None
@@ -644,7 +641,7 @@ class VaultFS:
         # A private buffer: other reads reuse the shared one while this read waits.
         buf = self._replies.pop() if self._replies and end - off <= self.options.max_read else None
         if buf is None:
-            buf = populated(max(end - off, self.options.max_read))
+            buf = bytearray(max(end - off, self.options.max_read))
         out = memoryview(buf)[: end - off]
         gen = self.generation
         pending = self._copy_cached(f, off, end, range(off // CHUNK, (end - 1) // CHUNK + 1), out)
@@ -728,6 +725,13 @@ class VaultFS:
     ) -> None:
         """Decrypt chunks [first, first+count) on a worker thread into the cache (and `dest`)."""
         if prefetch:
+            # Between start_soon and now a reader may have begun reading the first of these
+            # chunks itself (it found them neither cached nor claimed): don't fetch them twice.
+            oid = f.entry.object
+            while count and ((oid, first) in self._inflight or (oid, first) in self.cache):
+                first, count = first + 1, count - 1
+            if not count:
+                return
             self._prefetching += count
         try:
             with self._claim(f, first, count):
