@@ -36,7 +36,7 @@ def populated(size: int = CHUNK) -> memoryview:
     pages faulted in, and the loop, waiting for the GIL, stalled as long. Here the mapping is
     made lazily and madvise(MADV_POPULATE_WRITE), called through ctypes, faults it in while
     other threads run. Where that fails the pages fault in on first write, as before."""
-    m = mmap.mmap(-1, size)
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(m)
     _libc.madvise(
         ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), _MADV_POPULATE_WRITE
