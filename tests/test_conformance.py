@@ -266,12 +266,20 @@ def test_memory_stays_bounded_with_many_open_files(
         assert s["cache_bytes"] <= 8 * MiB
         if backend.s3:
             assert s["disk_cache_bytes"] <= 32 * MiB
-        status = Path(f"/proc/{daemon_pid(mp)}/status").read_text().splitlines()
-        rss_kib = int(next(x.split()[1] for x in status if x.startswith("VmRSS:")))
-        print(
-            f"{backend.name}: daemon RSS with 50 open files, 100 MiB read: {rss_kib / 1024:.1f} MiB"
+        status = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{daemon_pid(mp)}/status").read_text().splitlines()
         )
-        assert rss_kib < (64 + 8) * 1024
+        kib = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+        print(
+            f"{backend.name}: daemon RSS with 50 open files, 100 MiB read: "
+            f"{kib['VmRSS'] / 1024:.1f} MiB, of which {kib['RssFile'] / 1024:.1f} MiB file pages"
+        )
+        # The bound is on the daemon's own memory. File pages (mapped shared libraries, ~11-15
+        # MiB) count in VmRSS as far as the page cache happens to hold them: the same code
+        # measured 68.9 MiB beside an old virtualenv and 72.1 MiB in a fresh clone's, where
+        # pip had just written cryptography's 15 MiB library (4.5 against 7.9 MiB of it mapped).
+        assert kib["RssAnon"] + kib["RssShmem"] < (64 + 8) * 1024
 
 
 @pytest.fixture
