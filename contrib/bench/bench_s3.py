@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_mount import METRICS as MOUNT_METRICS
 from bench_mount import (
     PASSPHRASE,
     READ,
@@ -677,15 +678,12 @@ def phase_get(weed: Weed, keys: list[str], args: argparse.Namespace) -> dict[str
 
 # ------------------------------------------------------------------------- reporting ----
 
-METRICS = [  # key, label, better, format
-    ("seq_gbps", "seq read GB/s (1 MiB reads)", "higher", "{:.3f}"),
-    ("rand_p50_ms", "random 64 KiB read p50 ms", "lower", "{:.3f}"),
-    ("rand_p99_ms", "random 64 KiB read p99 ms", "lower", "{:.3f}"),
-    ("open_ms", "cold open+64 KiB read ms (median)", "lower", "{:.3f}"),
-    ("cpu_s_per_gib", "daemon CPU s per GiB read", "lower", "{:.3f}"),
+# The mount benchmark's metrics, plus the server's CPU cost of each system's requests.
+_AFTER_CPU = [k for k, *_ in MOUNT_METRICS].index("cpu_s_per_gib") + 1
+METRICS = [
+    *MOUNT_METRICS[:_AFTER_CPU],
     ("weed_cpu_s_per_gib", "SeaweedFS CPU s per GiB read", "lower", "{:.3f}"),
-    ("rss_read_mib", "daemon RSS MiB after seq read", "lower", "{:.1f}"),
-    ("rss_open_mib", "daemon RSS MiB, N files open", "lower", "{:.1f}"),
+    *MOUNT_METRICS[_AFTER_CPU:],
 ]
 TRAFFIC = [  # server-side (SeaweedFS counters), both systems; key, label, format
     ("seq_gets", "seq: GET requests", "{:.0f}"),
