@@ -500,7 +500,7 @@ STAT_LINES = [
     ("open files", "open_files", "{}"),
     ("reads", "reads", "{}"),
     ("reads decrypted inline", "reads_inline", "{}"),
-    ("reads from disk past the page cache", "reads_direct", "{}"),
+    ("direct disk reads", "reads_direct", "{}"),
     ("read latency p50", "read_p50_ms", "{} ms"),
     ("read latency p99", "read_p99_ms", "{} ms"),
     ("bytes read", "bytes_read", "human"),
