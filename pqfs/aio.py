@@ -13,8 +13,8 @@ against 0.29 ms for the worker path (hop, buffered read, decrypt, hop back).
 Invariants (trio thread only; nothing here is shared with worker threads):
   * at most `depth` reads are in flight; `submit` returns None rather than queue;
   * a slot (iocb, eventfd, buffer) goes back to the free list only after the kernel has
-    completed its read and the completion was reaped: the wait is shielded from cancellation,
-    so the kernel never writes into a buffer that was reused or unmapped;
+    completed its read and the completion was reaped: release() waits for that shielded from
+    cancellation, so the kernel never writes into a buffer that was reused or unmapped;
   * close() runs only when no read is in flight (the mount closes after its nursery ends);
     io_destroy would wait for any that were.
 """
@@ -97,21 +97,23 @@ class Read:
     def __init__(self, owner: DirectIO, slot: _Slot, lo: int, offset: int, length: int) -> None:
         self._owner, self._slot = owner, slot
         self._start = offset - lo
-        self._length = length
+        self.length = length
         self._done = False
 
     async def result(self) -> memoryview:
-        """The bytes read (fewer at the end of the file), valid until release()."""
+        """The bytes read (fewer at the end of the file), valid until release(). Cancellable:
+        release() then still waits for the kernel to finish with the buffer."""
         res = await self._owner._wait(self._slot)
         self._done = True
         if res < 0:
             raise OSError(-res, os.strerror(-res))
-        end = max(self._start, min(res, self._start + self._length))
+        end = max(self._start, min(res, self._start + self.length))
         return memoryview(self._slot.buf)[self._start : end]
 
     async def release(self) -> None:
         if not self._done:  # never hand the buffer back while the kernel may still write it
-            await self._owner._wait(self._slot)
+            with trio.CancelScope(shield=True):
+                await self._owner._wait(self._slot)
             self._done = True
         self._owner._free.append(self._slot)
 
@@ -163,12 +165,13 @@ class DirectIO:
         return Read(self, slot, lo, offset, length)
 
     async def _wait(self, slot: _Slot) -> int:
-        with trio.CancelScope(shield=True):  # see the invariants: the kernel owns the buffer
-            while slot.index not in self._results:
-                await trio.lowlevel.wait_readable(slot.efd)
-                with contextlib.suppress(BlockingIOError):  # woken with nothing to read
-                    os.eventfd_read(slot.efd)
-                self._reap()
+        # Cancelled here, the completion stays with the kernel, or in _results once reaped for
+        # another slot: release() waits for it, shielded (see the invariants).
+        while slot.index not in self._results:
+            await trio.lowlevel.wait_readable(slot.efd)
+            with contextlib.suppress(BlockingIOError):  # woken with nothing to read
+                os.eventfd_read(slot.efd)
+            self._reap()
         return self._results.pop(slot.index)
 
     def _reap(self) -> None:

@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from . import armor, kem
 from . import catalog as cat_mod
-from . import kem
 from .agefile import (
     AgeReader,
     FileSource,
@@ -294,7 +294,11 @@ class Vault:
         """Import an existing age file without re-encrypting it: it must open with the vault
         identity and authenticate completely; the vault recipients are then added to its header."""
         dest = normpath(dest)
-        src = FileSource(src_path)
+        with armor.binary_path(src_path) as binary:
+            return self._import_binary(src_path, binary, dest)
+
+    def _import_binary(self, src_path: str, binary: str, dest: str) -> Entry:
+        src = FileSource(binary)
         try:
             try:
                 header = read_header(src)

@@ -41,7 +41,7 @@ import trio
 from . import catalog as cat_mod
 from . import parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
-from .aio import DirectIO
+from .aio import DirectIO, Read
 from .catalog import Catalog, Entry
 from .chunkcache import ChunkCache
 from .errors import (
@@ -231,6 +231,16 @@ class Counters:
         self.auth_failures = 0
         self.read_errors = 0  # backend failures (unreachable store, missing object)
         self.opens = 0
+
+
+@dataclass
+class _Started:
+    """A direct read begun for a read's missing chunks [first, first+count)."""
+
+    first: int
+    count: int
+    req: Read
+    taken: bool = False  # handed to _direct_job, which releases it
 
 
 class VaultFS:
@@ -534,20 +544,26 @@ class VaultFS:
         The returned view is valid until the next call on this loop (the adapter hands it to the
         kernel at once); the buffer behind it is wiped by that next call or by lock()."""
         t0 = time.perf_counter()
-        self._wipe_sent()
-        f = self._file(fh)
-        aead = await self._aead(f)
-        end = min(off + size, f.entry.size)
-        if off >= end:
+        try:
+            f = self._file(fh)
+            aead = await self._aead(f)
+            end = min(off + size, f.entry.size)
+            n = end - off
+            # A cold read starts its disk read in here, before the bookkeeping of this call.
+            now = self._read_now(f, aead, off, end) if 0 < n <= len(self._reply) else None
+        except BaseException:
+            self._wipe_sent()
+            raise
+        if n <= 0:
+            self._wipe_sent()
             return memoryview(b"")
         last = (end - 1) // CHUNK
-        n = end - off
-        out: memoryview | None = None
-        if n <= len(self._reply):
-            out = self._read_now(f, aead, off, end)
-        if out is None:
+        if isinstance(now, memoryview):
+            self._wipe_sent()
+            out = now
+        else:
             self.counters.slow_reads += 1
-            out = await self._read_slow(f, aead, off, end)
+            out = await self._read_slow(f, aead, off, end, now)
         self._note_access(f, aead, off, end, last)
         c = self.counters
         c.reads += 1
@@ -555,10 +571,12 @@ class VaultFS:
         self.latency.add(time.perf_counter() - t0)
         return out
 
-    def _read_now(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview | None:
+    def _read_now(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview | _Started | None:
         """The read answered without waiting, into the shared reply buffer: every chunk cached,
-        or the few missing ones decrypted here from ciphertext already in memory. None if it
-        has to wait (then nothing was decrypted)."""
+        or the few missing ones decrypted here from ciphertext already in memory. Otherwise
+        nothing was decrypted, and the result is either None or, when the few missing chunks
+        are on a local disk and not in the page cache, their direct read, already started:
+        the disk works while the caller sets up the wait."""
         oid = f.entry.object
         chunks = range(off // CHUNK, (end - 1) // CHUNK + 1)
         # Check before copying: a read that must wait copies into a private buffer, and copying
@@ -566,9 +584,10 @@ class VaultFS:
         missing = [i for i in chunks if (oid, i) not in self.cache]
         ct: memoryview | None = None
         if missing:
-            ct = self._ciphertext_now(f, missing)
-            if ct is None:
-                return None
+            got = self._ciphertext_now(f, missing)
+            if not isinstance(got, memoryview):
+                return got
+            ct = got
         out = memoryview(self._reply)[: end - off]
         cached = chunks if not missing else [i for i in chunks if i not in missing]
         if self._copy_cached(f, off, end, cached, out):
@@ -593,9 +612,10 @@ class VaultFS:
             self.counters.bytes_decrypted += n
         return out
 
-    def _ciphertext_now(self, f: OpenFile, missing: list[int]) -> memoryview | None:
+    def _ciphertext_now(self, f: OpenFile, missing: list[int]) -> memoryview | _Started | None:
         """The ciphertext of the chunks `missing` if it can be had without waiting: a few
-        consecutive chunks, no job decrypting them already, bytes already in memory."""
+        consecutive chunks, no job decrypting them already, bytes already in memory. If the
+        bytes are on a local disk instead, their direct read is started and returned."""
         count = len(missing)
         if count > self.options.inline_chunks or missing[-1] - missing[0] != count - 1:
             return None
@@ -608,7 +628,10 @@ class VaultFS:
             return None  # a truncated object: the worker path reports it
         ct = memoryview(self._inline_ct)[:n]
         start = f.payload_start + missing[0] * CT_CHUNK
-        return ct if f.src.read_cached(start, ct) else None
+        if f.src.read_cached(start, ct):
+            return ct
+        req = self._direct_start(f, missing[0], count)
+        return None if req is None else _Started(missing[0], count, req)
 
     def _report(self, f: OpenFile, off: int, err: BaseException) -> None:
         """Count and log a failed read (never with key material or plaintext)."""
@@ -637,7 +660,22 @@ class VaultFS:
                 missing.add(i)
         return missing
 
-    async def _read_slow(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview:
+    async def _read_slow(
+        self, f: OpenFile, aead: Any, off: int, end: int, started: _Started | None = None
+    ) -> memoryview:
+        """The read that waits, into a private buffer. `started`: the direct read of its missing
+        chunks, begun by _read_now; there is no checkpoint between that and its claim in
+        _direct_job, so no other reader can start the same chunks in between."""
+        try:
+            return await self._read_waiting(f, aead, off, end, started)
+        finally:
+            if started is not None and not started.taken:  # an error before the job took it
+                await started.req.release()
+
+    async def _read_waiting(
+        self, f: OpenFile, aead: Any, off: int, end: int, started: _Started | None
+    ) -> memoryview:
+        self._wipe_sent()
         # A private buffer: other reads reuse the shared one while this read waits.
         buf = self._replies.pop() if self._replies and end - off <= self.options.max_read else None
         if buf is None:
@@ -663,8 +701,16 @@ class VaultFS:
             errors: list[BaseException] = []
             runs = _runs(mine, self.options.job_chunks)
             if len(runs) == 1 and not waits:  # the common case: no nursery to set up
-                if not await self._direct_job(f, aead, *runs[0], (out, off, end), errors):
-                    await self._job(f, aead, *runs[0], False, (out, off, end), errors)
+                first, count = runs[0]
+                req = None
+                if started is not None and (started.first, started.count) == (first, count):
+                    started.taken, req = True, started.req
+                elif attempt == 0:
+                    req = self._direct_start(f, first, count)
+                if req is None or not await self._direct_job(
+                    f, aead, first, count, (out, off, end), errors, req
+                ):
+                    await self._job(f, aead, first, count, False, (out, off, end), errors)
             else:
                 async with trio.open_nursery() as nursery:
                     for first, count in runs:
@@ -753,6 +799,23 @@ class VaultFS:
             if prefetch:
                 self._prefetching -= count
 
+    def _direct_start(self, f: OpenFile, first: int, count: int) -> Read | None:
+        """Start one O_DIRECT read of the ciphertext of a few chunks on a local disk, submitted
+        from here (as inline reads are decrypted here: less work than a thread hop). None, with
+        nothing started, where that is not possible or the kernel would block to start it: the
+        caller sends a worker job instead."""
+        dio = self._dio
+        if dio is None or count > self.options.inline_chunks:
+            return None
+        fd = f.src.direct_fd()
+        if fd is None:
+            return None
+        try:
+            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
+        except PayloadError:
+            return None  # a truncated object: the worker path reports it
+        return dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
+
     async def _direct_job(
         self,
         f: OpenFile,
@@ -761,25 +824,13 @@ class VaultFS:
         count: int,
         dest: tuple[memoryview, int, int],
         errors: list[BaseException],
+        req: Read,
     ) -> bool:
-        """A read of a few chunks not in memory, from a local disk: their ciphertext read with
-        one O_DIRECT read submitted from here, decrypted here (as inline reads are: less work
-        than a thread hop). False, with nothing done, where that is not possible (or the kernel
-        refused to read without blocking): the caller sends a worker job instead."""
-        dio = self._dio
-        if dio is None or count > self.options.inline_chunks:
-            return False
-        fd = f.src.direct_fd()
-        if fd is None:
-            return False
-        try:
-            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
-        except PayloadError:
-            return False  # a truncated object: the worker path reports it
-        req = dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
-        if req is None:
-            return False
+        """Finish a direct read (`_direct_start`): decrypt its chunks here, into the cache and
+        `dest`. False if the kernel refused it at completion (it would have blocked): the
+        caller sends a worker job instead. Releases `req` in any case."""
         refused = False
+        n = req.length
         with self._claim(f, first, count):
             generation = self.cache.generation
             self.counters.direct_reads += 1  # counted whether or not it authenticates
@@ -799,7 +850,8 @@ class VaultFS:
                     errors.append(VaultError(str(e)))
                 else:  # RWF_NOWAIT said so at completion rather than at submit: a worker reads
                     self.counters.direct_reads -= 1
-                    dio.refused += 1
+                    if self._dio is not None:
+                        self._dio.refused += 1
                     refused = True
             except PqfsError as e:
                 errors.append(e)

@@ -131,13 +131,14 @@ async def test_in_flight_reads_are_bounded_and_slots_reused(
 
 async def test_a_cancelled_reader_still_waits_for_the_disk(data_file: tuple[Path, bytes]) -> None:
     """The kernel writes into the slot's buffer until the read completes: a cancelled task must
-    not hand the buffer back before that."""
+    not hand the buffer back before that (release() waits, shielded), or the next read in the
+    same slot would take the first one's completion and bytes for its own."""
     path, data = data_file
     got: list[bytes] = []
     with direct(path, 1) as (_, fd, dio):
 
-        async def reader() -> None:
-            req = dio.submit(fd, 0, 65536)
+        async def reader(offset: int) -> None:
+            req = dio.submit(fd, offset, 65536)
             assert req is not None
             try:
                 got.append(bytes(await req.result()))
@@ -146,8 +147,12 @@ async def test_a_cancelled_reader_still_waits_for_the_disk(data_file: tuple[Path
 
         with trio.CancelScope() as scope:
             scope.cancel()
-            await reader()
-        assert got == [data[:65536]]  # shielded: the read completed despite the cancel
+            await reader(0)
+        assert got == []  # the wait for the result was cancelled
+        assert scope.cancelled_caught
+        await reader(65536)  # the one slot again
+        assert got == [data[65536:131072]]
+        assert not dio._results
 
 
 def test_a_local_file_has_one_direct_descriptor_closed_with_it(tmp_path: Path) -> None:

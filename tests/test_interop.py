@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pqfs import armor
 from pqfs.catalog import put_op
 from pqfs.header import parse_header
 from pqfs.keys import parse_recipient
@@ -223,8 +224,9 @@ def test_share_with_age_recipient_keeps_payload(
     assert [s.args[0] for s in new_h.stanzas[len(old_h.stanzas) :]] == ["X25519"]
 
 
+@pytest.mark.parametrize("armored", [False, True], ids=["binary", "armored"])
 def test_import_file_encrypted_by_age(
-    vault: Vault, tmp_path: Path, cli_env: dict[str, str]
+    vault: Vault, tmp_path: Path, cli_env: dict[str, str], armored: bool
 ) -> None:
     root = Path(vault.storage.root)  # type: ignore[attr-defined]
     x25519 = [r.encode() for r in vault.recipients if not r.post_quantum]
@@ -233,8 +235,9 @@ def test_import_file_encrypted_by_age(
     data = os.urandom(2 * CHUNK + 999)
     plain.write_bytes(data)
     enc = tmp_path / "movie.mkv.age"
-    proc = age("-e", "-r", x25519[0], "-o", str(enc), str(plain))
+    proc = age("-e", *(["-a"] if armored else []), "-r", x25519[0], "-o", str(enc), str(plain))
     assert proc.returncode == 0, proc.stderr
+    assert enc.read_bytes().startswith(b"-----BEGIN AGE ENCRYPTED FILE-----") == armored
 
     run_pqfs("import", str(root), str(enc), "films/movie.mkv", env=cli_env)
     assert run_pqfs("cat", str(root), "films/movie.mkv", env=cli_env).stdout == data
@@ -244,6 +247,8 @@ def test_import_file_encrypted_by_age(
     e = v.entry("films/movie.mkv")
     assert e.size == len(data)
     raw, enc_raw = obj_path(v, e.object).read_bytes(), enc.read_bytes()
+    if armored:
+        enc_raw = armor.decode(enc_raw)
     assert raw[e.hlen :] == enc_raw[parse_header(enc_raw).length :], "import re-encrypted"
     # the imported object is wrapped to the vault's own (post-quantum) key as well
     assert "mlkem768x25519" in [s.args[0] for s in parse_header(raw).stanzas]
@@ -286,6 +291,21 @@ def test_import_corrupted_age_file_fails_cleanly(
     raw[parse_header(bytes(raw)).length + NONCE_SIZE + CHUNK + 100] ^= 1  # inside chunk 1
     enc.write_bytes(bytes(raw))
     assert_import_refused(root, enc, cli_env, "chunk 1")
+
+
+def test_import_of_tampered_armor_fails_cleanly(
+    vault: Vault, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """Armor is parsed strictly (it is malleable otherwise): text after the END line is refused
+    with one line, and nothing is imported."""
+    root = Path(vault.storage.root)  # type: ignore[attr-defined]
+    x25519 = next(r.encode() for r in vault.recipients if not r.post_quantum)
+    plain = tmp_path / "p"
+    plain.write_bytes(os.urandom(5000))
+    enc = tmp_path / "p.age"
+    assert age("-e", "-a", "-r", x25519, "-o", str(enc), str(plain)).returncode == 0
+    enc.write_bytes(enc.read_bytes() + b"appended\n")
+    assert_import_refused(root, enc, cli_env, "after the END")
 
 
 def test_parse_recipient_accepts_age_keygen_output(tmp_path: Path) -> None:

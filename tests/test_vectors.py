@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from pqfs import agefile, kem, keys, stream
+from pqfs import agefile, armor, kem, keys, stream
 from pqfs.encoding import b64encode, bech32_encode
 from pqfs.errors import FormatError, HeaderMacError, NoIdentityMatch, PayloadError, PqfsError
 from pqfs.header import Stanza
@@ -41,7 +41,6 @@ AGE_TESTKIT = VECTORS / "age-testkit"
 XWING_FILE = VECTORS / "xwing" / "test-vectors.json"
 WYCHEPROOF = VECTORS / "wycheproof"
 
-ARMOR_REASON = "ASCII armor is not implemented by pqfs (vaults store binary age files)"
 LIBOQS_REASON = "liboqs-python / liboqs not installed"
 
 # Every KEM backend of this machine ("cryptography" = pyca's native HPKE suite, then the composed
@@ -137,6 +136,8 @@ def age_identities(vec: AgeVector, backend: str) -> list[keys.Identity]:
 
 def category(exc: PqfsError) -> str:
     """The testkit's name (`expect`) for a pqfs error."""
+    if isinstance(exc, armor.ArmorError):
+        return "armor failure"
     if isinstance(exc, NoIdentityMatch):
         return "no match"
     if isinstance(exc, HeaderMacError):
@@ -162,16 +163,25 @@ def classify(action: Callable[[], object]) -> str:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_age_testkit(name: Any, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     vec = load_age_vector(need(name))
-    if vec.armored:
-        pytest.skip(ARMOR_REASON)
     monkeypatch.setenv("PQFS_KEM_BACKEND", backend)
     identities = age_identities(vec, backend)
+    body = vec.body
+    if vec.armored:
+        decoded: list[bytes] = []
+        outcome = classify(lambda: decoded.append(armor.decode(vec.body)))
+        if outcome != "success":
+            assert outcome == vec.expect, vec.one("comment")
+            return
+        body = decoded[0]
+        assert armor.is_armored(vec.body)
+    else:
+        assert not armor.is_armored(vec.body)
 
     # Sequential reader: age's own semantics, the authenticated prefix is released.
     out: list[bytes] = []
     sizes: list[int] = []
     outcome = classify(
-        lambda: sizes.append(agefile.decrypt_stream(io.BytesIO(vec.body), identities, out.append))
+        lambda: sizes.append(agefile.decrypt_stream(io.BytesIO(body), identities, out.append))
     )
     released = b"".join(out)
     assert outcome == vec.expect, vec.one("comment")
@@ -184,14 +194,14 @@ def test_age_testkit(name: Any, backend: str, monkeypatch: pytest.MonkeyPatch) -
     # Random-access reader: stricter, it authenticates the final chunk before releasing anything.
     if vec.expect == "success":
         assert sizes == [len(released)]
-        reader = agefile.AgeReader(agefile.BytesSource(vec.body), identities=identities)
+        reader = agefile.AgeReader(agefile.BytesSource(body), identities=identities)
         assert reader.size == len(released)
         assert reader.read(0, reader.size) == released
         assert reader.read(0, reader.size + 1) == released
         assert b"".join(bytes(v) for v in reader.iter_range(0, reader.size)) == released
     else:
         with pytest.raises(PqfsError) as excinfo:
-            reader = agefile.AgeReader(agefile.BytesSource(vec.body), identities=identities)
+            reader = agefile.AgeReader(agefile.BytesSource(body), identities=identities)
             reader.read(0, reader.size)
         got = category(excinfo.value)
         if vec.expect == "payload failure":

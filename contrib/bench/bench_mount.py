@@ -296,6 +296,8 @@ class Pqfs(System):
             "read_p99_ms",
             "cache_hit_rate",
             "gc_pause_max_ms",
+            "reads_direct",
+            "reads_direct_refused",
         )
         out = {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
         self.stats.append(out)
@@ -601,7 +603,14 @@ def report(
         print()
         print("pqfs mount stats before each unmount (pqfs stats --json), per round:")
         for phase, what in (("xa_", "open+random mount"), ("xb_", "seq+RSS mount")):
-            for key in ("loop_stall_max_ms", "read_p50_ms", "read_p99_ms", "cache_hit_rate"):
+            for key in (
+                "loop_stall_max_ms",
+                "read_p50_ms",
+                "read_p99_ms",
+                "cache_hit_rate",
+                "reads_direct",
+                "reads_direct_refused",
+            ):
                 vals = [r[phase + key] for r in results["pqfs"] if phase + key in r]
                 if not vals:
                     print(f"  {what:<17} {key:<18} -")
