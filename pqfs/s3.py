@@ -14,6 +14,14 @@ first OPEN_FETCH bytes, which also gives the object size (Content-Range), the he
 first chunk. With a disk cache, requests are widened to whole cache blocks and served from disk
 once fetched.
 
+Range GETs, the hot path, skip botocore's per-request machinery: botocore presigns one GET URL
+per object (SigV4 in the query string, made again well before it expires, and at once after a
+403), and each range request is a plain HTTP GET of that URL with a Range header over a urllib3
+pool (the HTTP library beneath botocore), its body read straight into the caller's buffer.
+Measured against SeaweedFS on this project's VM, 128 KiB at random offsets of a 1 GiB object:
+p50 2.9 ms through boto3's get_object, 1.6 ms this way. Where an HTTP proxy is configured
+(HTTP(S)_PROXY), GETs go through boto3 instead, which honours it.
+
 Faults: timeouts, resets, 5xx and throttling are retried with exponential backoff and full
 jitter until the operation's time budget (`timeout`) is spent; then RemoteError (EIO in the mount).
 A slow or dead request holds only its own worker; the mount bounds workers per open file.
@@ -24,10 +32,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
+import os
 import random
 import re
 import threading
 import time
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
@@ -48,6 +60,8 @@ UPLOADS_IN_FLIGHT = 3  # parts uploading at once while the next one is encrypted
 BACKOFF_BASE = 0.05  # seconds; doubled per attempt, capped, with full jitter
 BACKOFF_CAP = 2.0
 STALE_UPLOAD_AGE = 24 * 3600  # gc aborts multipart uploads older than this (interrupted adds)
+PRESIGN_TTL = 3600  # seconds a presigned range GET URL is valid; made again after half of it
+PRESIGNED_KEYS = 4096  # objects whose presigned GET URL is kept (least recently used dropped)
 
 T = TypeVar("T")
 
@@ -81,9 +95,23 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 def _status(e: BaseException) -> tuple[int, str]:
+    if isinstance(e, _HTTPStatus):
+        return e.status, e.code
     resp = getattr(e, "response", None) or {}
     code = str(resp.get("Error", {}).get("Code", ""))
     return int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0), code
+
+
+class _HTTPStatus(Exception):
+    """An error answer to a presigned GET: its status and S3 error code."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"{status} {code}")
+        self.status, self.code = status, code
+
+
+_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class S3Storage(Storage):
@@ -100,8 +128,14 @@ class S3Storage(Storage):
         self.disk_cache = (
             DiskCache(opts.disk_cache, opts.disk_cache_size) if opts.disk_cache else None
         )
+        # Each attempt is bounded well inside the budget, so a dead server is retried and a
+        # blackholed one still fails in about `timeout`. Retries are ours (with the budget).
+        self._connect_timeout = max(0.5, min(5.0, opts.timeout / 4))
+        self._read_timeout = max(1.0, min(20.0, opts.timeout / 3))
         self._client = self._make_client(opts)
         self._lock = threading.Lock()
+        self._http = self._make_http()
+        self._urls: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (url, renew at)
         self.counters = {
             "s3_gets": 0,
             "s3_get_bytes": 0,
@@ -114,11 +148,9 @@ class S3Storage(Storage):
         import boto3  # imported here: only S3 vaults pay for it
         from botocore.config import Config
 
-        # Each attempt is bounded well inside the budget, so a dead server is retried and a
-        # blackholed one still fails in about `timeout`. Retries are ours (with the budget).
         config = Config(
-            connect_timeout=max(0.5, min(5.0, opts.timeout / 4)),
-            read_timeout=max(1.0, min(20.0, opts.timeout / 3)),
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
             retries={"total_max_attempts": 1},
             max_pool_connections=CONNECTIONS,
             tcp_keepalive=True,
@@ -132,6 +164,24 @@ class S3Storage(Storage):
             raise VaultError(f"S3: {e}") from None
         except Exception as e:
             raise VaultError(f"S3: cannot set up a client: {type(e).__name__}: {e}") from None
+
+    def _make_http(self) -> Any:
+        """The urllib3 pool for presigned range GETs; None (boto3 GETs) behind an HTTP proxy."""
+        import urllib3
+        from botocore.httpsession import get_cert_path
+
+        endpoint = urllib.parse.urlsplit(self._client.meta.endpoint_url)
+        if urllib.request.getproxies() and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+            return None
+        return urllib3.PoolManager(
+            num_pools=4,
+            maxsize=CONNECTIONS,
+            block=False,
+            retries=False,  # ours, with the time budget (_call)
+            timeout=urllib3.Timeout(connect=self._connect_timeout, read=self._read_timeout),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True),
+        )
 
     # ------------------------------------------------------------------ requests ----
 
@@ -154,7 +204,7 @@ class S3Storage(Storage):
             self._count("s3_requests")
             try:
                 return fn()
-            except ClientError as e:
+            except (ClientError, _HTTPStatus) as e:
                 status, code = _status(e)
                 if code == "NoSuchBucket":
                     raise VaultError(f"S3 bucket {self.bucket} does not exist") from None
@@ -172,7 +222,11 @@ class S3Storage(Storage):
                     "S3: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
                     "AWS_PROFILE)"
                 ) from None
-            except (BotoCoreError, ConnectionError, TimeoutError) as e:
+            except (BotoCoreError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+                reason = type(e).__name__
+            except Exception as e:
+                if not _is_transport_error(e):
+                    raise
                 reason = type(e).__name__
             attempt += 1
             pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
@@ -193,35 +247,116 @@ class S3Storage(Storage):
     def get_range(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
         """Fill `buf` with bytes [start, start+len(buf)) of `key`, straight from the response
         body; returns (bytes read, fewer at the object's end; the object size)."""
+        what = f"GET {key} [{start}, {start + len(buf)})"
+        if self._http is not None:
+            refused = [False]
 
-        def get() -> tuple[int, int]:
-            r = self._client.get_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Range=f"bytes={start}-{start + len(buf) - 1}",
-            )
-            total = r.get("ContentRange", "").rpartition("/")[2]
-            length = int(r["ContentLength"])
-            size = int(total) if total.isdigit() else start + length
-            if length > len(buf) or length != min(len(buf), size - start):
-                raise ConnectionError("unexpected range in the response")  # retried
-            body, got = r["Body"], 0
-            raw, readinto = _body_reader(body, r)
-            try:
-                while got < length:
-                    n = readinto(buf[got:length])
-                    if not n:
-                        raise ConnectionError("short body")  # a cut connection: retried
-                    got += n
-                if raw is not None:  # read past urllib3, which would have done this itself
-                    raw.release_conn()
-            finally:
-                body.close()  # after release_conn, this leaves the connection in the pool
-            return got, size
+            def get() -> tuple[int, int]:
+                try:
+                    return self._presigned_get(key, start, buf)
+                except _HTTPStatus as e:
+                    if e.status == 403 and not refused[0]:
+                        # A URL signed with credentials that have since expired (or a clock
+                        # that jumped): sign again, once, with what botocore has now.
+                        refused[0] = True
+                        with self._lock:
+                            self._urls.pop(key, None)
+                        raise ConnectionError("presigned GET refused; signing again") from None
+                    raise
 
-        got, size = self._call(f"GET {key} [{start}, {start + len(buf)})", get)
+            got, size = self._call(what, get)
+        else:
+            got, size = self._call(what, functools.partial(self._boto_get, key, start, buf))
         self._count("s3_gets")
         self._count("s3_get_bytes", got)
+        return got, size
+
+    def _url(self, key: str) -> str:
+        """The presigned GET URL of `key` (made by botocore, which also finds the credentials)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._urls.get(key)
+            if hit is not None and hit[1] > now:
+                self._urls.move_to_end(key)
+                return hit[0]
+        url = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=PRESIGN_TTL,
+        )
+        with self._lock:
+            self._urls[key] = (url, now + PRESIGN_TTL / 2)
+            self._urls.move_to_end(key)
+            while len(self._urls) > PRESIGNED_KEYS:
+                self._urls.popitem(last=False)
+        return url
+
+    def _presigned_get(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
+        r = self._http.request(
+            "GET",
+            self._url(key),
+            headers={"Range": f"bytes={start}-{start + len(buf) - 1}"},
+            preload_content=False,
+            redirect=False,
+        )
+        done = False
+        try:
+            if r.status == 416:  # a range past the end: only of an empty object
+                total = r.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit():
+                    done = True
+                    return 0, int(total)
+            if r.status not in (200, 206):
+                match = _ERROR_CODE.search(r.read(64 << 10))
+                raise _HTTPStatus(r.status, match.group(1).decode() if match else "")
+            length = int(r.headers.get("Content-Length", -1))
+            m = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
+            if r.status == 200 and start == 0:  # the server ignored the range: fine if it fits
+                size = length
+            elif r.status == 206 and m is not None and int(m.group(1)) == start:
+                size = int(m.group(3)) if m.group(3) != "*" else start + length
+            else:
+                raise ConnectionError("unexpected range in the response")  # retried
+            if length < 0 or length > len(buf) or length != min(len(buf), size - start):
+                raise ConnectionError("unexpected range in the response")  # retried
+            readinto = _raw_readinto(r)
+            got = 0
+            while got < length:
+                n = readinto(buf[got:length])
+                if not n:
+                    raise ConnectionError("short body")  # a cut connection: retried
+                got += n
+            done = True
+            return got, size
+        finally:
+            if done:
+                r.release_conn()  # the body was read to its end: the connection is reusable
+            else:
+                r.close()  # part of a body may still be on the wire: never reuse it
+
+    def _boto_get(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
+        r = self._client.get_object(
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Range=f"bytes={start}-{start + len(buf) - 1}",
+        )
+        total = r.get("ContentRange", "").rpartition("/")[2]
+        length = int(r["ContentLength"])
+        size = int(total) if total.isdigit() else start + length
+        if length > len(buf) or length != min(len(buf), size - start):
+            raise ConnectionError("unexpected range in the response")  # retried
+        body, got = r["Body"], 0
+        raw, readinto = _body_reader(body, r)
+        try:
+            while got < length:
+                n = readinto(buf[got:length])
+                if not n:
+                    raise ConnectionError("short body")  # a cut connection: retried
+                got += n
+            if raw is not None:  # read past urllib3, which would have done this itself
+                raw.release_conn()
+        finally:
+            body.close()  # after release_conn, this leaves the connection in the pool
         return got, size
 
     # ------------------------------------------------------------------ Storage ----
@@ -337,6 +472,26 @@ class S3Storage(Storage):
     def close(self) -> None:
         if self.disk_cache is not None:
             self.disk_cache.close()
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    """A failure of the connection or of HTTP itself (urllib3's errors): retried."""
+    import urllib3.exceptions
+
+    return isinstance(e, urllib3.exceptions.HTTPError | OSError)
+
+
+def _raw_readinto(r: Any) -> Callable[[memoryview], int]:
+    """readinto of a urllib3 response's body, from the http.client response beneath it where it
+    is there (see _body_reader: urllib3's own copies through a fresh bytes object)."""
+    fp = getattr(r, "_fp", None)
+    if (
+        isinstance(fp, http.client.HTTPResponse)
+        and not r.headers.get("Content-Encoding")
+        and not getattr(r, "_fp_bytes_read", 0)
+    ):
+        return fp.readinto
+    return cast(Callable[[memoryview], int], r.readinto)
 
 
 def _body_reader(body: Any, response: Any) -> tuple[Any, Callable[[memoryview], int]]:

@@ -150,12 +150,14 @@ def test_disk_cache_holds_only_ciphertext(
         assert plain[off : off + 64] not in blob
 
 
+@pytest.mark.parametrize("transport", ["presigned", "boto3"])
 def test_range_gets_read_into_the_buffer_and_keep_their_connection(
-    s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
+    s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     """Bodies are read straight into the caller's buffer (beneath urllib3, which would copy
     them), and the connection still goes back to the pool: 40 GETs in a row, one connection.
-    A response cut short is retried on a new connection, never reused half-read."""
+    A response cut short is retried on a new connection, never reused half-read. Both ways of
+    sending a range GET: presigned URLs over our urllib3 pool, and boto3 (behind a proxy)."""
     from pqfs import s3 as s3mod
     from pqfs.storage import StorageOptions, open_storage
 
@@ -164,6 +166,9 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
     data = random.Random(9).randbytes(3 * MiB + 17)
     s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
     st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
+    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    if transport == "boto3":
+        st._http = None
     try:
         rng = random.Random(10)
         for _ in range(40):
@@ -183,6 +188,56 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
             assert st.get_range("obj", 5, memoryview(buf))[0] == MiB
             assert bytes(buf) == data[5 : 5 + MiB]
         assert fault_proxy.dropped > 0 and fault_proxy.accepted > 1
+    finally:
+        st.close()
+
+
+def test_an_expired_presigned_url_is_signed_again(
+    s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 for a presigned GET (expired URL, expired session credentials) gets one new
+    signature and a retry; the read succeeds."""
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    data = random.Random(3).randbytes(200_000)
+    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
+    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=s3.endpoint))
+    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    try:
+        stale = st._client.generate_presigned_url(
+            "get_object", Params={"Bucket": s3_bucket, "Key": "v/obj"}, ExpiresIn=1
+        )
+        time.sleep(2.1)
+        st._urls["obj"] = (stale, time.monotonic() + 3600)  # believed valid for an hour
+        buf = bytearray(1000)
+        assert st.get_range("obj", 500, memoryview(buf)) == (1000, len(data))
+        assert bytes(buf) == data[500:1500]
+        assert st.counters["s3_retries"] == 1
+        assert st._urls["obj"][0] != stale
+    finally:
+        st.close()
+
+
+@pytest.mark.parametrize("transport", ["presigned", "boto3"])
+def test_range_get_of_a_missing_object_is_not_found(
+    s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=s3.endpoint))
+    assert isinstance(st, s3mod.S3Storage)
+    if transport == "boto3":
+        st._http = None
+    try:
+        with pytest.raises(FileNotFoundError):
+            st.get_range("nothing-here", 0, memoryview(bytearray(10)))
+        assert st.counters["s3_retries"] == 0
     finally:
         st.close()
 
