@@ -263,7 +263,7 @@ class VaultFS:
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._prefetching = 0  # chunks in prefetch jobs not yet finished
         self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
-        self.pool = WorkerPool(opts.workers)
+        self.pool = WorkerPool(opts.workers, after_job=self.cache.top_up)
         self._dio: DirectIO | None = None  # created in start(): after the daemon has forked
         self._reply = bytearray(opts.max_read)
         self._inline_ct = bytearray(opts.inline_chunks * CT_CHUNK)  # ciphertext: not secret
@@ -785,8 +785,14 @@ class VaultFS:
                     self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
                 )
                 assert f.limiter is not None
-                async with f.limiter:
+                try:  # no scheduler round trip when a slot is free (the usual case)
+                    f.limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await f.limiter.acquire()
+                try:
                     n = await self.pool.run(job, urgent=not prefetch)
+                finally:
+                    f.limiter.release()
             self.counters.bytes_decrypted += n
             if prefetch:
                 self.counters.prefetch_chunks += count

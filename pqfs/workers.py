@@ -44,9 +44,17 @@ _Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
 
 
 class WorkerPool:
-    def __init__(self, threads: int, name: str = "pqfs-decrypt") -> None:
+    def __init__(
+        self,
+        threads: int,
+        name: str = "pqfs-decrypt",
+        after_job: Callable[[], None] | None = None,
+    ) -> None:
+        """`after_job`: run by a worker after each job's result has been handed over (work that
+        should be off the waiting task's path, such as preparing buffers for later jobs)."""
         self.threads = threads
         self.name = name
+        self._after_job = after_job
         self._urgent: deque[_Job] = deque()
         self._background: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -76,6 +84,9 @@ class WorkerPool:
                 else:
                     return  # closed and drained
             done(outcome.capture(fn))
+            if self._after_job is not None:
+                with contextlib.suppress(Exception):  # an optimisation only
+                    self._after_job()
 
     async def run(self, fn: Callable[[], T], urgent: bool = True) -> T:
         """Run `fn` on a worker; the calling task sleeps until it is done."""

@@ -92,3 +92,23 @@ def test_new_buffers_come_faulted_in_and_zeroed() -> None:
     assert bytes(bufs[0][:4]) == b"abc\0"
     (buf,) = ChunkCache(4 * CHUNK).lend(1)
     assert isinstance(buf, memoryview) and len(buf) == CHUNK and not any(buf)
+
+
+def test_top_up_keeps_spares_within_the_budget() -> None:
+    """Workers fault in a few buffers ahead of need; never past the budget, and lend takes
+    them first (no new buffer while spares remain)."""
+    cache = ChunkCache(8 * CHUNK)
+    cache.top_up(3)
+    spares = cache.buffers()
+    assert len(spares) == 3 and all(len(b) == CHUNK and not any(b) for b in spares)
+    lent = cache.lend(2)
+    assert all(any(b is s for s in spares) for b in lent)  # the spares, not new buffers
+    cache.insert([("o", 0), ("o", 1)], lent, [CHUNK, CHUNK], cache.generation)
+    cache.top_up(3)
+    assert len(cache.buffers()) == 5  # 2 cached + 3 spares
+    more = cache.lend(3)
+    cache.insert([("o", i) for i in range(2, 5)], more, [CHUNK] * 3, cache.generation)
+    cache.top_up(10)
+    assert len(cache.buffers()) == 8  # 5 cached + 3 spares: the budget, not 5 + 10
+    cache.top_up(10)
+    assert len(cache.buffers()) == 8

@@ -651,10 +651,18 @@ def phase_c(
     return res
 
 
-def phase_get(weed: Weed, keys: list[str], args: argparse.Namespace) -> dict[str, float]:
+def phase_get(
+    weed: Weed,
+    keys: list[str],
+    args: argparse.Namespace,
+    big: str | None = None,
+    offsets: list[int] | None = None,
+) -> dict[str, float]:
     """One ranged GET of 64 KiB, cold (page cache dropped, each object once) and warm (the same
     GETs again, --gets of them): straight from boto3, and as pqfs sends them (a URL presigned
-    by botocore, then a plain GET with a Range header over urllib3)."""
+    by botocore, then a plain GET with a Range header over urllib3). With `big` (the big
+    file's object) also the GETs a random read needs at least: the two chunks of ciphertext
+    (128 KiB) under each random-read offset, page cache dropped, presigned."""
     import urllib3
 
     client = weed.client()
@@ -693,6 +701,21 @@ def phase_get(weed: Weed, keys: list[str], args: argparse.Namespace) -> dict[str
         out[f"get_{name}cold_ms"] = statistics.median(cold) * 1e3
         out[f"get_{name}cold_p99_ms"] = p99(cold) * 1e3 if len(cold) > 1 else cold[0] * 1e3
         out[f"get_{name}warm_ms"] = statistics.median(warm) * 1e3
+    if big is not None and offsets:
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": BUCKET, "Key": big}, ExpiresIn=3600
+        )
+        span = 2 * (64 << 10) + 32  # two chunks of ciphertext, tags included
+        drop_caches()
+        times = []
+        for off in offsets:
+            lo = off // (64 << 10) * ((64 << 10) + 16)
+            t0 = time.perf_counter()
+            body = pool.request("GET", url, headers={"Range": f"bytes={lo}-{lo + span - 1}"}).data
+            times.append(time.perf_counter() - t0)
+            if len(body) != span:
+                raise RuntimeError(f"presigned GET {big} at {lo}: {len(body)} bytes")
+        out["get_chunks_p50_ms"] = statistics.median(times) * 1e3
     return out
 
 
@@ -745,6 +768,7 @@ GETS = [
     ("get_presigned_cold_ms", "presigned: one 64 KiB GET, cold, ms (median)", "{:.3f}"),
     ("get_presigned_cold_p99_ms", "presigned: one 64 KiB GET, cold, p99 ms", "{:.3f}"),
     ("get_presigned_warm_ms", "presigned: one 64 KiB GET, warm, ms (median)", "{:.3f}"),
+    ("get_chunks_p50_ms", "presigned: 2 chunks at the random offsets, p50 ms", "{:.3f}"),
 ]
 
 
@@ -869,6 +893,12 @@ def report(
             verdict, shown = ("MET" if ok else "MISSED"), f"{value:.2f}"
         print(f"  {label:<48} {shown:>8}   target {op} {goal:g}: {verdict}")
         summary["targets"][key] = {"value": value, "op": op, "goal": goal, "verdict": verdict}
+    floor = med(results["s3get"], "get_chunks_p50_ms")
+    if floor and both and mr["rand_p50_ms"]:
+        print(
+            f"  {'(random floor: one 2-chunk GET / rclone p50)':<48} "
+            f"{floor / mr['rand_p50_ms']:>8.2f}"
+        )
     warm = med(results["s3get"], "get_warm_ms")
     if warm and mp["open_ms"]:
         print(
@@ -992,6 +1022,7 @@ def main() -> int:
             )
             if not objects:
                 raise RuntimeError(f"no small objects under {prefix} for the GET baseline")
+            bigs = [o["Key"] for o in listing.get("Contents", []) if o["Size"] >= args.size]
 
             rng = random.Random(args.seed)
             offsets = [rng.randrange(0, args.size - READ + 1) for _ in range(args.random_reads)]
@@ -1019,7 +1050,7 @@ def main() -> int:
                             f"p50 {res['dc2_p50_ms']:.2f} ms"
                         )
                     log(line)
-                g = phase_get(weed, objects, args)
+                g = phase_get(weed, objects, args, bigs[0] if bigs else None, offsets)
                 results["s3get"].append(g)
                 log(
                     f"  one 64 KiB GET: boto3 cold {g['get_cold_ms']:.2f} ms, "
