@@ -43,7 +43,7 @@ from . import parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
 from .aio import DirectIO, Read
 from .catalog import Catalog, Entry
-from .chunkcache import ChunkCache
+from .chunkcache import ChunkCache, populated
 from .errors import (
     IsADirectory,
     Locked,
@@ -69,6 +69,7 @@ log = logging.getLogger("pqfs.mount")
 ROOT_INO = 1
 MiB = 1 << 20
 REPLY_POOL = 16  # wiped max_read buffers kept for reads that wait on workers
+REPLY_SPARES = 2  # of which workers keep this many faulted in ahead of need
 HINT_CHUNKS = 64  # how far ahead of readahead the backend is asked to start fetching
 # After a read of a file found its storage unavailable (its whole time budget spent), reads of
 # that file fail at once for this long: the kernel retries a failed readahead page by page, and
@@ -263,12 +264,17 @@ class VaultFS:
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._prefetching = 0  # chunks in prefetch jobs not yet finished
         self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
-        self.pool = WorkerPool(opts.workers, after_job=self.cache.top_up)
+        self.pool = WorkerPool(opts.workers, after_job=self._after_job)
         self._dio: DirectIO | None = None  # created in start(): after the daemon has forked
-        self._reply = bytearray(opts.max_read)
+        # Reply buffers are faulted in before use, never by a first write on the loop: on this
+        # project's VM a page's first touch can cost ~0.1 ms (the host backs it only then), so
+        # a fresh 1 MiB buffer stalled the loop, or a worker holding the GIL, for 10-25 ms.
+        self._reply = populated(opts.max_read)
         self._inline_ct = bytearray(opts.inline_chunks * CT_CHUNK)  # ciphertext: not secret
-        self._sent: list[tuple[bytearray, int]] = []  # private reply buffers sent to the kernel
-        self._replies: list[bytearray] = []  # wiped private reply buffers, for reuse
+        self._sent: list[tuple[memoryview, int]] = []  # private reply buffers sent to the kernel
+        # Wiped private reply buffers, for reuse. The loop pops and returns them; workers only
+        # append new zeroed ones (_after_job), so a list (atomic append/pop) is enough.
+        self._replies: list[memoryview] = []
         self._tls = threading.local()
         self._reuse_ct = vault.storage.reuse_read_buffers
         self._nursery: trio.Nursery | None = None
@@ -679,7 +685,7 @@ class VaultFS:
         # A private buffer: other reads reuse the shared one while this read waits.
         buf = self._replies.pop() if self._replies and end - off <= self.options.max_read else None
         if buf is None:
-            buf = bytearray(max(end - off, self.options.max_read))
+            buf = populated(max(end - off, self.options.max_read))
         out = memoryview(buf)[: end - off]
         gen = self.generation
         pending = self._copy_cached(f, off, end, range(off // CHUNK, (end - 1) // CHUNK + 1), out)
@@ -973,6 +979,13 @@ class VaultFS:
             self._nursery.start_soon(self._job, f, aead, first, count, True, None, [])
 
     # ------------------------------------------------------------------ reply buffers ----
+
+    def _after_job(self) -> None:
+        """Worker thread, after a job: fault in buffers the next reads will need (cache
+        buffers, private reply buffers), off the loop and without the GIL."""
+        self.cache.top_up()
+        if len(self._replies) < REPLY_SPARES:
+            self._replies.append(populated(self.options.max_read))
 
     def _wipe_sent(self) -> None:
         """Wipe the private reply buffers of earlier reads: their replies have been sent."""

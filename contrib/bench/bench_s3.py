@@ -753,6 +753,7 @@ PQFS_ONLY = [  # pqfs-side, from pqfs stats --json; key, label, format
     ("pq_open_s3_gets", "cold open: s3_gets (all files)", "{:.0f}"),
     ("pq_open_s3_get_bytes", "cold open: s3_get_bytes (MiB, all files)", "mib"),
     ("pq_rand_loop_stall_max_ms", "open+random mount: longest loop stall ms", "{:.1f}"),
+    ("pq_rand_read_p50_ms", "open+random mount: read p50 in the daemon ms", "{:.2f}"),
     ("dc1_s3_gets", "disk cache pass 1: s3_gets", "{:.0f}"),
     ("dc2_s3_gets", "disk cache pass 2: s3_gets (target 0)", "{:.0f}"),
     ("dc2_disk_cache_hits", "disk cache pass 2: disk_cache_hits", "{:.0f}"),
