@@ -431,7 +431,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     if args.log_file:
         args.log_file = os.path.abspath(args.log_file)
-    opts = MountOptions.for_storage(v.storage, cache_size=args.cache_size, key_ttl=args.key_ttl)
+    opts = MountOptions.for_storage(
+        v.storage, cache_size=args.cache_size, key_ttl=args.key_ttl, direct_io=args.direct_io
+    )
     mp = os.path.abspath(args.mountpoint)
 
     def mounted() -> None:
@@ -743,6 +745,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         metavar="SECONDS",
         help="keep unwrapped file keys this long after last use; 0: only while open (default: 300)",
+    )
+    sp.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="keep decrypted pages out of the kernel's page cache: plaintext stays only in the "
+        "wiped --cache-size (programs that mmap files MAP_SHARED then get ENODEV)",
     )
     sp.add_argument(
         "--allow-other",

@@ -160,6 +160,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         fh = await self.fs.open(inode, flags)
+        if self.fs.options.direct_io:  # see MountOptions.direct_io
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         # keep_cache: objects are immutable (a replaced file gets a new inode), so the kernel's
         # page cache stays valid across opens; lock() invalidates it explicitly.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)

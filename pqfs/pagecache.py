@@ -35,9 +35,9 @@ _libc = ctypes.CDLL(None, use_errno=True) if _CACHESTAT is not None else None
 _usable = _CACHESTAT is not None  # False after an ENOSYS or EPERM: never asked again
 
 
-def residency(fd: int, offset: int, length: int) -> bool | None:
-    """Whether every page of [offset, offset+length) of `fd` is in the page cache; None if the
-    kernel cannot tell without reading (no cachestat)."""
+def cached_pages(fd: int, offset: int, length: int) -> int | None:
+    """How many pages of [offset, offset+length) of `fd` are in the page cache (length 0: to
+    the end of the file); None if the kernel cannot tell without reading (no cachestat)."""
     global _usable
     if not _usable:
         return None
@@ -48,8 +48,17 @@ def residency(fd: int, offset: int, length: int) -> bool | None:
         if err in (errno.ENOSYS, errno.EPERM):
             _usable = False  # an old kernel, or a seccomp filter: never ask again
         return None
+    return int(st.cache)
+
+
+def residency(fd: int, offset: int, length: int) -> bool | None:
+    """Whether every page of [offset, offset+length) of `fd` is in the page cache; None if the
+    kernel cannot tell without reading (no cachestat)."""
+    cached = cached_pages(fd, offset, length)
+    if cached is None:
+        return None
     pages = (offset + length + PAGE - 1) // PAGE - offset // PAGE
-    return int(st.cache) >= pages
+    return cached >= pages
 
 
 def checks() -> bool:

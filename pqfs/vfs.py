@@ -97,6 +97,12 @@ class MountOptions:
     prefetch_start: int = 8  # chunks ahead once a reader is seen to be sequential
     prefetch_max: int = 256  # chunks ahead at most, per open file (16 MiB)
     max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
+    # Reads bypass the kernel's page cache (FOPEN_DIRECT_IO): plaintext then lives only in
+    # pqfs's own budgeted, wiped cache, never in kernel pages that outlive a read. Off by
+    # default because it costs MAP_SHARED mmap (libfuse 3.14 cannot ask for
+    # FUSE_DIRECT_IO_ALLOW_MMAP; MAP_PRIVATE works), the kernel's readahead (small reads become
+    # small requests) and its caching of re-read pages.
+    direct_io: bool = False
     catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
 

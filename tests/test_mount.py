@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pqfs import pagecache
 from pqfs.stream import CT_CHUNK, ciphertext_size
 
 from .conftest import (
@@ -163,12 +165,13 @@ def test_tampered_chunk_is_eio_and_mount_stays_up(
 # ------------------------------------------------------------------------ lock ----
 
 
+@pytest.mark.parametrize("args", [[], ["--direct-io"]], ids=["default", "direct-io"])
 def test_lock_then_unlock(
-    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str], args: list[str]
 ) -> None:
     src, vault = library
     name = "deep/a/b/c/d/e/f.bin"
-    with mounted(vault, tmp_path / "mnt", cli_env) as mp:
+    with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
         f = mp / "lib" / name
         assert f.read_bytes() == (src / name).read_bytes()
         before = mount_stats(mp, cli_env)
@@ -196,6 +199,38 @@ def test_lock_then_unlock(
         run_pqfs("unlock", str(mp), env=cli_env)
         assert f.read_bytes() == (src / name).read_bytes()
         assert mount_stats(mp, cli_env)["locked"] is False
+
+
+def test_direct_io_keeps_plaintext_out_of_the_kernel_page_cache(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """With --direct-io reads bypass the kernel's page cache (plaintext lives only in pqfs's own
+    wiped cache): after a read, no page of the file is cached; MAP_SHARED mmap is then refused
+    (ENODEV, as documented) and MAP_PRIVATE works. By default the kernel caches pages, and both
+    kinds of mmap work."""
+    src, vault = library
+    name = "movies/Big Buck Bunny (2008)/film.mkv"
+    want = (src / name).read_bytes()
+    for args in ([], ["--direct-io"]):
+        with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
+            fd = os.open(mp / "lib" / name, os.O_RDONLY)
+            try:
+                assert os.pread(fd, len(want) + 1, 0) == want
+                cached = pagecache.cached_pages(fd, 0, 0)
+                assert cached is not None
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) as m:  # MAP_PRIVATE
+                    assert m[:] == want
+                if not args:
+                    assert cached >= len(want) // mmap.PAGESIZE
+                    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:  # MAP_SHARED
+                        assert m[:] == want
+                else:
+                    assert cached == 0
+                    with pytest.raises(OSError) as e:
+                        mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                    assert e.value.errno == errno.ENODEV
+            finally:
+                os.close(fd)
 
 
 # ------------------------------------------------------------------------ lifecycle ----

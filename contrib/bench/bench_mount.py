@@ -250,6 +250,7 @@ class Pqfs(System):
 
     def __init__(self, work: Path, cache_size: str) -> None:
         super().__init__(work)
+        self._steal0 = 0.0
         self.cache_size = cache_size
         self.vault = str(self.work / "vault")
         self.env = dict(os.environ, PQFS_PASSPHRASE=PASSPHRASE, PQFS_SCRYPT_LOG_N="12")
@@ -280,6 +281,7 @@ class Pqfs(System):
             [*self.cmd(), "mount", self.vault, self.mnt, "--cache-size", self.cache_size],
             env=self.env,
         )
+        self._steal0 = steal_ms()
 
     def _umount(self) -> None:
         run([*self.cmd(), "umount", self.mnt])
@@ -300,8 +302,19 @@ class Pqfs(System):
             "reads_direct_refused",
         )
         out = {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
+        # Time the host took the vCPUs away while this mount served (all CPUs): a loop stall
+        # can be the host's, not the daemon's.
+        out["steal_ms"] = steal_ms() - self._steal0
         self.stats.append(out)
         return out
+
+
+def steal_ms() -> float:
+    """Steal time of all CPUs so far (/proc/stat, USER_HZ ticks), in ms."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(fields[8]) * 1000 / hz if len(fields) > 8 else 0.0
 
 
 class Gocryptfs(System):
@@ -610,6 +623,7 @@ def report(
                 "cache_hit_rate",
                 "reads_direct",
                 "reads_direct_refused",
+                "steal_ms",
             ):
                 vals = [r[phase + key] for r in results["pqfs"] if phase + key in r]
                 if not vals:
