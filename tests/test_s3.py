@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,33 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
         st.close()
 
 
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(
+    s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep-alive connections die while idle (server timeouts, restarts): the next GET notices
+    before sending on it, opens a new one, and costs no retry (no backoff pause)."""
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env(fault_proxy.endpoint).items():
+        monkeypatch.setenv(name, value)
+    data = random.Random(5).randbytes(300_000)
+    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
+    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
+    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    try:
+        buf = bytearray(5000)
+        assert st.get_range("obj", 100, memoryview(buf))[0] == 5000
+        fault_proxy.down = True  # cuts every open connection
+        fault_proxy.down = False
+        time.sleep(0.2)
+        assert st.get_range("obj", 200_000, memoryview(buf))[0] == 5000
+        assert bytes(buf) == data[200_000:205_000]
+        assert st.counters["s3_retries"] == 0 and fault_proxy.accepted == 2
+    finally:
+        st.close()
+
+
 def test_an_expired_presigned_url_is_signed_again(
     s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,12 +239,14 @@ def test_an_expired_presigned_url_is_signed_again(
             "get_object", Params={"Bucket": s3_bucket, "Key": "v/obj"}, ExpiresIn=1
         )
         time.sleep(2.1)
-        st._urls["obj"] = (stale, time.monotonic() + 3600)  # believed valid for an hour
+        u = urllib.parse.urlsplit(stale)
+        target = f"{u.path}?{u.query}"
+        st._urls["obj"] = (u.scheme, u.netloc, target, time.monotonic() + 3600)  # "valid"
         buf = bytearray(1000)
         assert st.get_range("obj", 500, memoryview(buf)) == (1000, len(data))
         assert bytes(buf) == data[500:1500]
         assert st.counters["s3_retries"] == 1
-        assert st._urls["obj"][0] != stale
+        assert st._urls["obj"][2] != target
     finally:
         st.close()
 
