@@ -16,8 +16,8 @@ once fetched.
 
 Range GETs, the hot path, skip botocore's per-request machinery: botocore presigns one GET URL
 per object (SigV4 in the query string, made again well before it expires, and at once after a
-403), and each range request is a plain HTTP GET of that URL with a Range header over one persistent
-http.client connection per worker thread (the stdlib HTTP layer beneath urllib3 and botocore),
+403), and each range request is a plain HTTP GET of that URL with a Range header over a small
+pool of persistent http.client connections (the stdlib HTTP layer beneath urllib3 and botocore),
 its body read straight into the caller's buffer. Measured against SeaweedFS on this project's
 VM, 128 KiB at random offsets of a 1 GiB object, page cache dropped: p50 2.9 ms through boto3's
 get_object, 1.6 ms over a urllib3 pool, 1.55 ms over http.client. Where an HTTP proxy is configured
@@ -118,50 +118,66 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class _Connections:
-    """One persistent HTTP(S) connection per worker thread and host, for presigned range GETs.
+    """Idle persistent HTTP(S) connections for presigned range GETs, at most CONNECTIONS kept
+    per host (a request takes one or opens one, and gives it back only after reading its
+    response to the end; more requests at once than that open connections that are closed
+    after use, as urllib3's non-blocking pool does).
 
-    Why not a urllib3 pool: per request it parses the long presigned URL twice (~40 us here)
-    and locks its pool; a worker thread only ever needs its own connection. A connection is
-    dropped after any error (a retry then starts afresh) and replaced when the server has
-    closed it while idle (checked before reuse, as urllib3 does)."""
+    Why not a urllib3 pool: per request it parses the long presigned URL twice (~40 us here).
+    A connection the server has closed while idle is replaced before use (checked as urllib3
+    does), so it costs no retry."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, ca_file: str | None) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._ca_file = ca_file
         self._ssl: ssl.SSLContext | None = None
-        self._local = threading.local()
-
-    def _mine(self) -> dict[tuple[str, str], http.client.HTTPConnection]:
-        conns = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-        return cast(dict[tuple[str, str], http.client.HTTPConnection], conns)
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
 
     def get(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        conns = self._mine()
-        conn = conns.get((scheme, netloc))
-        if conn is not None and (conn.sock is None or _closed_by_peer(conn.sock)):
+        while True:
+            with self._lock:
+                idle = self._idle.get((scheme, netloc))
+                conn = idle.pop() if idle else None
+            if conn is None:
+                break
+            if conn.sock is not None and not _closed_by_peer(conn.sock):
+                return conn
             conn.close()
-            conn = None
-        if conn is None:
-            if scheme == "https":
+        if scheme == "https":
+            with self._lock:
                 if self._ssl is None:
                     self._ssl = ssl.create_default_context(cafile=self._ca_file)
-                conn = http.client.HTTPSConnection(
-                    netloc, timeout=self._connect_timeout, context=self._ssl
-                )
-            else:
-                conn = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
+                context = self._ssl
+            conn = http.client.HTTPSConnection(
+                netloc, timeout=self._connect_timeout, context=context
+            )
+        else:
+            conn = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
+        try:
             conn.connect()
             assert conn.sock is not None
             conn.sock.settimeout(self._read_timeout)  # connect and read have their own bounds
-            conns[(scheme, netloc)] = conn
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    def drop(self, scheme: str, netloc: str) -> None:
-        conn = self._mine().pop((scheme, netloc), None)
-        if conn is not None:
+    def put(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
+        """Give back a connection whose last response was read to its end."""
+        with self._lock:
+            idle = self._idle.setdefault((scheme, netloc), [])
+            if len(idle) < CONNECTIONS:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
             conn.close()
 
 
@@ -352,6 +368,7 @@ class S3Storage(Storage):
         assert self._http is not None
         scheme, netloc, target = self._url(key)
         conn = self._http.get(scheme, netloc)
+        done = False
         try:
             conn.request("GET", target, headers={"Range": f"bytes={start}-{start + len(buf) - 1}"})
             r = conn.getresponse()
@@ -359,6 +376,7 @@ class S3Storage(Storage):
                 total = (r.getheader("Content-Range") or "").rpartition("/")[2]
                 r.read()
                 if total.isdigit():
+                    done = True
                     return 0, int(total)
             if r.status not in (200, 206):
                 match = _ERROR_CODE.search(r.read(64 << 10))
@@ -380,10 +398,13 @@ class S3Storage(Storage):
                 if not n:
                     raise ConnectionError("short body")  # a cut connection: retried
                 got += n
-            return got, size  # the body was read to its end: the connection stays for reuse
-        except BaseException:
-            self._http.drop(scheme, netloc)  # part of a response may be on the wire: never reuse
-            raise
+            done = True
+            return got, size
+        finally:
+            if done:  # the response was read to its end: the connection can serve another
+                self._http.put(scheme, netloc, conn)
+            else:  # part of a response may still be on the wire: never reuse it
+                conn.close()
 
     def _boto_get(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
         r = self._client.get_object(
@@ -521,6 +542,8 @@ class S3Storage(Storage):
         return n
 
     def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
         if self.disk_cache is not None:
             self.disk_cache.close()
 

@@ -220,6 +220,47 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(
         st.close()
 
 
+def test_idle_connections_stay_bounded(
+    s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More GETs at once than CONNECTIONS open more connections (the proxy's latency keeps
+    them all in flight together), but only CONNECTIONS are kept idle afterwards; close()
+    closes those."""
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env(fault_proxy.endpoint).items():
+        monkeypatch.setenv(name, value)
+    data = random.Random(6).randbytes(100_000)
+    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
+    fault_proxy.latency = 0.2
+    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
+    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    n = s3mod.CONNECTIONS + 8
+    barrier = threading.Barrier(n)
+    got: list[bytes] = []
+
+    def read(i: int) -> None:
+        buf = bytearray(1000)
+        barrier.wait()
+        st.get_range("obj", i * 1000, memoryview(buf))
+        got.append(bytes(buf) if bytes(buf) == data[i * 1000 : i * 1000 + 1000] else b"")
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(got) == n and all(got)
+        assert fault_proxy.accepted == n  # one connection per GET in flight
+        idle = [c for conns in st._http._idle.values() for c in conns]
+        assert len(idle) == s3mod.CONNECTIONS
+    finally:
+        st.close()
+    assert not st._http._idle and all(c.sock is None for c in idle)
+
+
 def test_an_expired_presigned_url_is_signed_again(
     s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
