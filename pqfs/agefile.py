@@ -54,6 +54,11 @@ class RangeSource(Protocol):
         """An O_DIRECT descriptor of a local file, for reads that `read_cached` has found not
         in memory without starting a read of its own (`aio.py`); None where there is none."""
 
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        """Fill `buf` from [offset, ...) without a thread, awaited on the trio loop, where the
+        source can (S3: `s3async`); False where it cannot or that one attempt failed (nothing
+        to rely on in `buf` then): the caller reads on a worker instead."""
+
     def close(self) -> None: ...
 
 
@@ -75,6 +80,9 @@ class BytesSource:
 
     def direct_fd(self) -> int | None:
         return None
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        return False  # read_cached already has everything
 
     def close(self) -> None:
         pass
@@ -106,6 +114,9 @@ class FileSource:
             return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == len(buf)
         except OSError:  # EAGAIN; EOPNOTSUPP on file systems without RWF_NOWAIT support
             return False
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        return False  # the loop's reads of local files go through direct_fd (aio.py)
 
     def direct_fd(self) -> int | None:
         if self._direct is None:  # not thread-safe: only the mount's trio thread calls this

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from .diskcache import BLOCK, DiskCache
 from .errors import Unavailable, VaultError
 from .parallel import DaemonExecutor
+from .s3async import Fallback, LoopGets
 from .storage import TMP_PREFIX, Storage, StorageOptions
 
 if TYPE_CHECKING:
@@ -146,12 +147,8 @@ class _Connections:
                 return conn
             conn.close()
         if scheme == "https":
-            with self._lock:
-                if self._ssl is None:
-                    self._ssl = ssl.create_default_context(cafile=self._ca_file)
-                context = self._ssl
             conn = http.client.HTTPSConnection(
-                netloc, timeout=self._connect_timeout, context=context
+                netloc, timeout=self._connect_timeout, context=self.context()
             )
         else:
             conn = http.client.HTTPConnection(netloc, timeout=self._connect_timeout)
@@ -163,6 +160,13 @@ class _Connections:
             conn.close()
             raise
         return conn
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS settings of every HTTPS GET (botocore's CA bundle, or AWS_CA_BUNDLE)."""
+        with self._lock:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context(cafile=self._ca_file)
+            return self._ssl
 
     def put(self, scheme: str, netloc: str, conn: http.client.HTTPConnection) -> None:
         """Give back a connection whose last response was read to its end."""
@@ -211,6 +215,9 @@ class S3Storage(Storage):
         self._client = self._make_client(opts)
         self._lock = threading.Lock()
         self._http = self._make_http()
+        self._loop_gets = (
+            LoopGets(CONNECTIONS, self._http.context) if self._http is not None else None
+        )
         # key -> (scheme, host[:port], path?query of its presigned GET URL, when to sign again)
         self._urls: OrderedDict[str, tuple[str, str, str, float]] = OrderedDict()
         self.counters = {
@@ -219,6 +226,8 @@ class S3Storage(Storage):
             "s3_requests": 0,
             "s3_retries": 0,
             "s3_failures": 0,
+            "s3_loop_gets": 0,  # small GETs sent from the mount's loop (s3async)
+            "s3_loop_fallbacks": 0,  # ... that a worker took over (an error, no URL yet)
         }
 
     def _make_client(self, opts: StorageOptions) -> S3Client:
@@ -337,6 +346,26 @@ class S3Storage(Storage):
         else:
             got, size = self._call(what, functools.partial(self._boto_get, key, start, buf))
         self._count("s3_gets")
+        self._count("s3_get_bytes", got)
+        return got, size
+
+    def cached_url(self, key: str) -> tuple[str, str, str] | None:
+        """The presigned GET URL of `key` if one is at hand (never signs: that may block)."""
+        with self._lock:
+            hit = self._urls.get(key)
+            if hit is None or hit[3] <= time.monotonic():
+                return None
+            self._urls.move_to_end(key)
+            return hit[0], hit[1], hit[2]
+
+    async def aget_range(self, key: str, start: int, buf: memoryview) -> tuple[int, int]:
+        """get_range's one attempt from the trio loop (s3async); Fallback: read on a worker."""
+        url = self.cached_url(key)
+        if url is None or self._loop_gets is None:
+            raise Fallback("no presigned URL at hand")
+        got, size = await self._loop_gets.get_range(*url, start, buf)
+        self._count("s3_gets")
+        self._count("s3_loop_gets")
         self._count("s3_get_bytes", got)
         return got, size
 
@@ -542,6 +571,8 @@ class S3Storage(Storage):
         return n
 
     def close(self) -> None:
+        if self._loop_gets is not None:
+            self._loop_gets.close()
         if self._http is not None:
             self._http.close()
         if self.disk_cache is not None:
@@ -637,6 +668,17 @@ class S3Source:
 
     def will_need(self, offset: int, length: int) -> None:
         pass  # the mount's readahead jobs already keep several range requests in flight
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        # With a disk cache the read goes through a file (it may wait): a worker's job.
+        if self.storage.disk_cache is not None or offset + len(buf) > self.size:
+            return False
+        try:
+            got, _ = await self.storage.aget_range(self.key, offset, buf)
+        except Fallback:
+            self.storage._count("s3_loop_fallbacks")
+            return False
+        return got == len(buf)
 
     def direct_fd(self) -> int | None:
         return None

@@ -719,10 +719,14 @@ class VaultFS:
                     started.taken, req = True, started.req
                 elif attempt == 0:
                     req = self._direct_start(f, first, count)
-                if req is None or not await self._direct_job(
-                    f, aead, first, count, (out, off, end), errors, req
-                ):
-                    await self._job(f, aead, first, count, False, (out, off, end), errors)
+                dest = (out, off, end)
+                read = req is not None and await self._direct_job(
+                    f, aead, first, count, dest, errors, req
+                )
+                if not read and attempt == 0:  # S3: one GET from this loop (s3async)
+                    read = await self._fetch_job(f, aead, first, count, dest, errors)
+                if not read:
+                    await self._job(f, aead, first, count, False, dest, errors)
             else:
                 async with trio.open_nursery() as nursery:
                     for first, count in runs:
@@ -878,6 +882,42 @@ class VaultFS:
                 if bufs:  # not taken over by _decrypt (which gives back or inserts them)
                     self.cache.give_back(bufs)
         return not refused
+
+    async def _fetch_job(
+        self,
+        f: OpenFile,
+        aead: Any,
+        first: int,
+        count: int,
+        dest: tuple[memoryview, int, int],
+        errors: list[BaseException],
+    ) -> bool:
+        """A few chunks fetched by the source itself on this loop (S3: one GET, `s3async`)
+        and decrypted here, as direct reads are: no thread hop. False, with nothing done,
+        where the source cannot or its one attempt failed: the caller sends a worker job."""
+        if count > self.options.inline_chunks:
+            return False
+        try:
+            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
+        except PayloadError:
+            return False  # a truncated object: the worker path reports it
+        ct = bytearray(n)  # ciphertext: not secret
+        with self._claim(f, first, count):
+            generation = self.cache.generation
+            bufs: list[memoryview] = []
+            try:
+                if not await f.src.fetch(f.payload_start + first * CT_CHUNK, memoryview(ct)):
+                    return False
+                bufs = self.cache.lend(count)
+                self.counters.bytes_decrypted += self._decrypt(
+                    f, aead, first, count, dest, generation, False, memoryview(ct), bufs
+                )
+            except PqfsError as e:
+                errors.append(e)
+            finally:
+                if bufs:  # not taken over by _decrypt (which gives back or inserts them)
+                    self.cache.give_back(bufs)
+        return True
 
     def _decrypt(
         self,

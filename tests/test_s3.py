@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from pqfs.stream import CHUNK
+
 from .conftest import daemon_pid, mount_stats, mounted, run_pqfs, sha_file
 from .s3server import RESET_MID_RESPONSE
 
@@ -85,6 +87,39 @@ def test_open_and_first_read_is_one_request(
         after = mount_stats(mp, s3env)
         assert after["s3_gets"] - before["s3_gets"] == 1
         assert after["reads_inline"] - before["reads_inline"] >= 1
+
+
+def test_random_reads_get_from_the_loop_and_fall_back_to_workers(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, s3: Any, tmp_path: Path
+) -> None:
+    """A random read's GET is sent from the mount's loop (no thread hop: s3async); when that
+    one attempt fails (connections cut mid-response) a worker reads instead, with retries:
+    every read returns the right bytes either way."""
+    loc, src = s3_vault
+    env = {**s3env, **s3.env(fault_proxy.endpoint)}
+    want = (src / "film.mkv").read_bytes()
+    rng = random.Random(12)
+    with mounted(loc, tmp_path / "mnt", env) as mp:
+        fd = os.open(mp / "lib/film.mkv", os.O_RDONLY)
+        try:
+            os.pread(fd, 4096, 0)  # opened: the object's presigned URL is known from here on
+            for phase in ("clean", "faults"):
+                if phase == "faults":
+                    fault_proxy.drop_modes = (RESET_MID_RESPONSE,)
+                    fault_proxy.drop_rate = 0.5
+                before = mount_stats(mp, env)
+                for _ in range(30):
+                    off = rng.randrange(CHUNK, len(want) - 65536)
+                    assert os.pread(fd, 65536, off) == want[off : off + 65536]
+                after = mount_stats(mp, env)
+                loop_gets = after["s3_loop_gets"] - before["s3_loop_gets"]
+                fallbacks = after["s3_loop_fallbacks"] - before["s3_loop_fallbacks"]
+                if phase == "clean":
+                    assert loop_gets >= 25 and fallbacks == 0
+                else:
+                    assert fallbacks > 0 and after["read_errors"] == before["read_errors"]
+        finally:
+            os.close(fd)
 
 
 def test_sequential_reads_use_merged_range_requests(
