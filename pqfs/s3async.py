@@ -12,8 +12,9 @@ chunked or cut body, a timeout) raises `Fallback`, and the caller sends the read
 whose path has the retries, the time budget and the error reporting. Only trio thread code.
 
 Invariants (trio thread only):
-  * a connection in the idle list has had its last response read to the end, and at most
-    CONNECTIONS are kept per host;
+  * at most `connections` GETs are in flight from here (more fall back to the workers, whose
+    number bounds theirs), and at most as many idle connections are kept per host;
+  * a connection in the idle list has had its last response read to the end;
   * a connection whose exchange did not complete (an error, a timeout, a cancellation) is
     closed at once, never reused.
 """
@@ -41,11 +42,15 @@ class LoopGets:
         self._keep = connections
         self._ssl = ssl_context  # a callable returning the SSLContext, made on first https use
         self._idle: dict[tuple[str, str], list[trio.abc.Stream]] = {}
+        self._in_flight = 0
 
     async def get_range(
         self, scheme: str, netloc: str, target: str, start: int, buf: memoryview
     ) -> tuple[int, int]:
         """Fill `buf` from byte `start` of the object at `target`; (bytes read, object size)."""
+        if self._in_flight >= self._keep:
+            raise Fallback("as many GETs in flight from the loop as connections")
+        self._in_flight += 1
         stream = self._take(scheme, netloc)
         done = False
         try:
@@ -63,6 +68,7 @@ class LoopGets:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as e:
             raise Fallback(type(e).__name__) from None
         finally:
+            self._in_flight -= 1
             if stream is not None:
                 if done:
                     self._give_back(scheme, netloc, stream)
