@@ -186,23 +186,35 @@ def test_disk_cache_holds_only_ciphertext(
         assert plain[off : off + 64] not in blob
 
 
+def s3_storage(
+    s3: Any, bucket: str, endpoint: str, monkeypatch: pytest.MonkeyPatch, data: bytes | None
+) -> Any:
+    """An S3Storage on `bucket`/v through `endpoint` (the server or a fault proxy in front of
+    it), credentials from the environment as a user's; `data` stored as its object "obj"."""
+    from pqfs import s3 as s3mod
+    from pqfs.storage import StorageOptions, open_storage
+
+    for name, value in s3.env(endpoint).items():
+        monkeypatch.setenv(name, value)
+    if data is not None:
+        s3.client().put_object(Bucket=bucket, Key="v/obj", Body=data)
+    st = open_storage(f"s3://{bucket}/v", StorageOptions(endpoint_url=endpoint))
+    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    return st
+
+
 @pytest.mark.parametrize("transport", ["presigned", "boto3"])
 def test_range_gets_read_into_the_buffer_and_keep_their_connection(
     s3: Any, s3_bucket: str, fault_proxy: Any, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
-    """Bodies are read straight into the caller's buffer (beneath urllib3, which would copy
-    them), and the connection still goes back to the pool: 40 GETs in a row, one connection.
+    """Bodies are read straight into the caller's buffer (for boto3: beneath urllib3, which
+    would copy them), and the connection goes back to the pool: 40 GETs in a row, one connection.
     A response cut short is retried on a new connection, never reused half-read. Both ways of
-    sending a range GET: presigned URLs over our urllib3 pool, and boto3 (behind a proxy)."""
+    sending a range GET: presigned URLs over our http.client pool, and boto3 (behind a proxy)."""
     from pqfs import s3 as s3mod
-    from pqfs.storage import StorageOptions, open_storage
 
-    for name, value in s3.env(fault_proxy.endpoint).items():
-        monkeypatch.setenv(name, value)
     data = random.Random(9).randbytes(3 * MiB + 17)
-    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
-    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
-    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
     if transport == "boto3":
         st._http = None
     try:
@@ -233,15 +245,8 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(
 ) -> None:
     """Keep-alive connections die while idle (server timeouts, restarts): the next GET notices
     before sending on it, opens a new one, and costs no retry (no backoff pause)."""
-    from pqfs import s3 as s3mod
-    from pqfs.storage import StorageOptions, open_storage
-
-    for name, value in s3.env(fault_proxy.endpoint).items():
-        monkeypatch.setenv(name, value)
     data = random.Random(5).randbytes(300_000)
-    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
-    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
-    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
     try:
         buf = bytearray(5000)
         assert st.get_range("obj", 100, memoryview(buf))[0] == 5000
@@ -262,15 +267,10 @@ def test_idle_connections_stay_bounded(
     them all in flight together), but only CONNECTIONS are kept idle afterwards; close()
     closes those."""
     from pqfs import s3 as s3mod
-    from pqfs.storage import StorageOptions, open_storage
 
-    for name, value in s3.env(fault_proxy.endpoint).items():
-        monkeypatch.setenv(name, value)
     data = random.Random(6).randbytes(100_000)
-    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
+    st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
     fault_proxy.latency = 0.2
-    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=fault_proxy.endpoint))
-    assert isinstance(st, s3mod.S3Storage) and st._http is not None
     n = s3mod.CONNECTIONS + 8
     barrier = threading.Barrier(n)
     got: list[bytes] = []
@@ -301,15 +301,8 @@ def test_an_expired_presigned_url_is_signed_again(
 ) -> None:
     """A 403 for a presigned GET (expired URL, expired session credentials) gets one new
     signature and a retry; the read succeeds."""
-    from pqfs import s3 as s3mod
-    from pqfs.storage import StorageOptions, open_storage
-
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
     data = random.Random(3).randbytes(200_000)
-    s3.client().put_object(Bucket=s3_bucket, Key="v/obj", Body=data)
-    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=s3.endpoint))
-    assert isinstance(st, s3mod.S3Storage) and st._http is not None
+    st = s3_storage(s3, s3_bucket, s3.endpoint, monkeypatch, data)
     try:
         stale = st._client.generate_presigned_url(
             "get_object", Params={"Bucket": s3_bucket, "Key": "v/obj"}, ExpiresIn=1
@@ -331,13 +324,7 @@ def test_an_expired_presigned_url_is_signed_again(
 def test_range_get_of_a_missing_object_is_not_found(
     s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
-    from pqfs import s3 as s3mod
-    from pqfs.storage import StorageOptions, open_storage
-
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    st = open_storage(f"s3://{s3_bucket}/v", StorageOptions(endpoint_url=s3.endpoint))
-    assert isinstance(st, s3mod.S3Storage)
+    st = s3_storage(s3, s3_bucket, s3.endpoint, monkeypatch, None)
     if transport == "boto3":
         st._http = None
     try:
