@@ -520,6 +520,7 @@ STAT_LINES = [
     ("longest loop stall", "loop_stall_max_ms", "{} ms"),
     ("longest GC pause", "gc_pause_max_ms", "{} ms"),
     ("S3 GET requests", "s3_gets", "{}"),
+    ("S3 GETs from the loop", "s3_loop_gets", "{}"),
     ("S3 bytes fetched", "s3_get_bytes", "human"),
     ("S3 retries", "s3_retries", "{}"),
     ("S3 failed requests", "s3_failures", "{}"),
