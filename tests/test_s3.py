@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pqfs.stream import CHUNK
+from pqfs.stream import CHUNK, CT_CHUNK, ciphertext_size
 
 from .conftest import daemon_pid, mount_stats, mounted, run_pqfs, sha_file
 from .s3server import RESET_MID_RESPONSE
@@ -118,6 +118,37 @@ def test_random_reads_get_from_the_loop_and_fall_back_to_workers(
                     assert loop_gets >= 25 and fallbacks == 0
                 else:
                     assert fallbacks > 0 and after["read_errors"] == before["read_errors"]
+        finally:
+            os.close(fd)
+
+
+def test_a_tampered_chunk_read_from_the_loop_is_eio(
+    s3_vault: tuple[str, Path], s3env: dict[str, str], s3: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A chunk fetched and decrypted on the loop (s3async) that fails authentication gives EIO
+    for that read only, counted; reads elsewhere in the file still work."""
+    loc, src = s3_vault
+    want = (src / "film.mkv").read_bytes()
+    client = s3.client()
+    objects = client.list_objects_v2(Bucket=s3_bucket, Prefix="vault/objects/")["Contents"]
+    key = max(objects, key=lambda o: o["Size"])["Key"]
+    raw = bytearray(client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    payload = len(raw) - ciphertext_size(len(want))
+    raw[payload + 200 * CT_CHUNK + 1000] ^= 0x10  # inside chunk 200
+    client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(raw))
+    with mounted(loc, tmp_path / "mnt", s3env) as mp:
+        fd = os.open(mp / "lib/film.mkv", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == want[:4096]
+            before = mount_stats(mp, s3env)
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 65536, 200 * CHUNK + 5000)
+            assert e.value.errno == errno.EIO
+            off = 100 * CHUNK + 123
+            assert os.pread(fd, 65536, off) == want[off : off + 65536]
+            after = mount_stats(mp, s3env)
+            assert after["auth_failures"] - before["auth_failures"] >= 1
+            assert after["s3_loop_gets"] > before["s3_loop_gets"]
         finally:
             os.close(fd)
 
