@@ -54,6 +54,10 @@ class RangeSource(Protocol):
         """An O_DIRECT descriptor of a local file, for reads that `read_cached` has found not
         in memory without starting a read of its own (`aio.py`); None where there is none."""
 
+    @property
+    def fetches(self) -> bool:
+        """Whether `fetch` can read at all (so that callers skip setting it up where not)."""
+
     async def fetch(self, offset: int, buf: memoryview) -> bool:
         """Fill `buf` from [offset, ...) without a thread, awaited on the trio loop, where the
         source can (S3: `s3async`); False where it cannot or that one attempt failed (nothing
@@ -80,6 +84,8 @@ class BytesSource:
 
     def direct_fd(self) -> int | None:
         return None
+
+    fetches = False
 
     async def fetch(self, offset: int, buf: memoryview) -> bool:
         return False  # read_cached already has everything
@@ -114,6 +120,8 @@ class FileSource:
             return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == len(buf)
         except OSError:  # EAGAIN; EOPNOTSUPP on file systems without RWF_NOWAIT support
             return False
+
+    fetches = False
 
     async def fetch(self, offset: int, buf: memoryview) -> bool:
         return False  # the loop's reads of local files go through direct_fd (aio.py)

@@ -6,7 +6,8 @@ spec asks, everything but the following is rejected with ArmorError:
   * whitespace before the BEGIN line and after the END line (nothing else around the block);
   * LF or CRLF line endings, and no end of line after the END line;
   * base64 lines of exactly 64 columns, the last one 1 to 64, each canonical base64 with
-    padding only at its end (every line decodes on its own, as age's own reader does).
+    padding only at its end, and only on the last line (every line decodes on its own, as
+    age's own reader does).
 """
 
 from __future__ import annotations
@@ -41,22 +42,23 @@ def is_armored(head: bytes) -> bool:
 def decode_stream(src: BinaryIO, write: Callable[[bytes], object]) -> int:
     """Decode the armored file `src`, passing the binary age file to `write` line by line;
     returns its size. Raises ArmorError (after some output, which is then not to be used)."""
-    line = src.readline()
+    line = src.readline(_PEEK)
     while line and not line.strip(_SPACE):  # blank lines before the block
-        line = src.readline()
+        line = src.readline(_PEEK)
     first = line.lstrip(_SPACE)
     if _content(first) != BEGIN:
         raise ArmorError("not an ASCII-armored age file (no BEGIN AGE ENCRYPTED FILE line)")
     size = 0
     short = False  # a line shorter than COLUMNS was seen: only the END line may follow it
     while True:
-        raw = src.readline()
+        raw = src.readline(COLUMNS + 3)  # longer lines are cut here, and refused below
         if not raw:
             raise ArmorError("armored age file is truncated (no END AGE ENCRYPTED FILE line)")
         line = _content(raw)
         if line == END:
-            if src.read().strip(_SPACE):
-                raise ArmorError("data after the END AGE ENCRYPTED FILE line")
+            while tail := src.read(1 << 16):
+                if tail.strip(_SPACE):
+                    raise ArmorError("data after the END AGE ENCRYPTED FILE line")
             return size
         if short:
             raise ArmorError("armored age file has a short line before its last one")
@@ -68,7 +70,7 @@ def decode_stream(src: BinaryIO, write: Callable[[bytes], object]) -> int:
             raise ArmorError("armored age file has a line that is not base64") from None
         if base64.b64encode(data) != line:
             raise ArmorError("armored age file is not canonical base64")
-        short = len(line) < COLUMNS
+        short = len(line) < COLUMNS or line.endswith(b"=")  # padding ends the data
         write(data)
         size += len(data)
 

@@ -37,7 +37,6 @@ import http.client
 import os
 import random
 import re
-import select
 import ssl
 import threading
 import time
@@ -51,7 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from .diskcache import BLOCK, DiskCache
 from .errors import Unavailable, VaultError
 from .parallel import DaemonExecutor
-from .s3async import Fallback, LoopGets
+from .s3async import Fallback, LoopGets, closed_by_peer
 from .storage import TMP_PREFIX, Storage, StorageOptions
 
 if TYPE_CHECKING:
@@ -65,7 +64,13 @@ UPLOADS_IN_FLIGHT = 3  # parts uploading at once while the next one is encrypted
 BACKOFF_BASE = 0.05  # seconds; doubled per attempt, capped, with full jitter
 BACKOFF_CAP = 2.0
 STALE_UPLOAD_AGE = 24 * 3600  # gc aborts multipart uploads older than this (interrupted adds)
-PRESIGN_TTL = 3600  # seconds a presigned range GET URL is valid; made again after half of it
+PRESIGN_TTL = 3600  # seconds a presigned range GET URL is valid
+# ... but it is made again after this long: a URL also dies with the temporary credentials
+# (STS, SSO, instance roles) it was signed with, which botocore renews 10-15 minutes before
+# they expire; signing costs ~0.3 ms per object.
+PRESIGN_RENEW = 300
+# Refusals of a presigned GET that a new signature cures (expired URL or session credentials).
+_RESIGN_CODES = {"ExpiredToken", "ExpiredRequest", "TokenRefreshRequired", "RequestExpired"}
 PRESIGNED_KEYS = 4096  # objects whose presigned GET URL is kept (least recently used dropped)
 
 T = TypeVar("T")
@@ -116,7 +121,8 @@ class _HTTPStatus(Exception):
 
 
 _ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 class _Connections:
@@ -136,6 +142,7 @@ class _Connections:
         self._ssl: ssl.SSLContext | None = None
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
+        self._closed = False
 
     def get(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         while True:
@@ -144,7 +151,7 @@ class _Connections:
                 conn = idle.pop() if idle else None
             if conn is None:
                 break
-            if conn.sock is not None and not _closed_by_peer(conn.sock):
+            if conn.sock is not None and not closed_by_peer(conn.sock.fileno()):
                 return conn
             conn.close()
         if scheme == "https":
@@ -173,26 +180,18 @@ class _Connections:
         """Give back a connection whose last response was read to its end."""
         with self._lock:
             idle = self._idle.setdefault((scheme, netloc), [])
-            if len(idle) < CONNECTIONS:
+            if len(idle) < CONNECTIONS and not self._closed:
                 idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True  # a GET still running gives its connection back to nobody
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
         for conn in conns:
             conn.close()
-
-
-def _closed_by_peer(sock: Any) -> bool:
-    """An idle keep-alive socket that is readable has been closed (or broken) by the server."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
 
 
 class S3Storage(Storage):
@@ -334,7 +333,7 @@ class S3Storage(Storage):
                 try:
                     return self._presigned_get(key, start, buf)
                 except _HTTPStatus as e:
-                    if e.status == 403 and not refused[0]:
+                    if (e.status == 403 or e.code in _RESIGN_CODES) and not refused[0]:
                         # A URL signed with credentials that have since expired (or a clock
                         # that jumped): sign again, once, with what botocore has now.
                         refused[0] = True
@@ -388,7 +387,7 @@ class S3Storage(Storage):
         )
         target = url.path + ("?" + url.query if url.query else "")
         with self._lock:
-            self._urls[key] = (url.scheme, url.netloc, target, now + PRESIGN_TTL / 2)
+            self._urls[key] = (url.scheme, url.netloc, target, now + PRESIGN_RENEW)
             self._urls.move_to_end(key)
             while len(self._urls) > PRESIGNED_KEYS:
                 self._urls.popitem(last=False)
@@ -412,7 +411,7 @@ class S3Storage(Storage):
                 match = _ERROR_CODE.search(r.read(64 << 10))
                 raise _HTTPStatus(r.status, match.group(1).decode() if match else "")
             cl = r.getheader("Content-Length") or ""
-            length = int(cl) if cl.isdigit() else -1
+            length = int(cl) if _DIGITS.fullmatch(cl) else -1
             m = _CONTENT_RANGE.fullmatch(r.getheader("Content-Range") or "")
             if r.status == 200 and start == 0:  # the server ignored the range: fine if it fits
                 size = length
@@ -428,6 +427,8 @@ class S3Storage(Storage):
                 if not n:
                     raise ConnectionError("short body")  # a cut connection: retried
                 got += n
+            if not r.isclosed() and r.read():  # an empty body: let http.client finish it
+                raise ConnectionError("more body than announced")
             done = True
             return got, size
         finally:
@@ -671,9 +672,13 @@ class S3Source:
     def will_need(self, offset: int, length: int) -> None:
         pass  # the mount's readahead jobs already keep several range requests in flight
 
-    async def fetch(self, offset: int, buf: memoryview) -> bool:
+    @property
+    def fetches(self) -> bool:
         # With a disk cache the read goes through a file (it may wait): a worker's job.
-        if self.storage.disk_cache is not None or offset + len(buf) > self.size:
+        return self.storage.disk_cache is None and self.storage._loop_gets is not None
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        if not self.fetches or offset + len(buf) > self.size:
             return False
         try:
             got, _ = await self.storage.aget_range(self.key, offset, buf)

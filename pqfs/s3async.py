@@ -22,6 +22,7 @@ Invariants (trio thread only):
 from __future__ import annotations
 
 import contextlib
+import re
 import select
 import ssl
 import urllib.parse
@@ -30,7 +31,11 @@ from typing import Any
 import trio
 
 REQUEST_TIMEOUT = 0.5  # seconds for the one attempt here; past it a worker takes the read over
+CONNECT_TIMEOUT = 2.0  # seconds for a new connection (DNS, TCP, TLS), which is kept once made
+PAUSE_AFTER_TIMEOUT = 10.0  # seconds without loop GETs after one timed out (a slow endpoint)
 MAX_HEAD = 16 << 10  # a response head larger than this is not S3's
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-[0-9]{1,20}/([0-9]{1,20})")
 
 
 class Fallback(Exception):
@@ -43,6 +48,7 @@ class LoopGets:
         self._ssl = ssl_context  # a callable returning the SSLContext, made on first https use
         self._idle: dict[tuple[str, str], list[trio.abc.Stream]] = {}
         self._in_flight = 0
+        self._paused_until = 0.0  # after a timeout, reads go to the workers for a while
 
     async def get_range(
         self, scheme: str, netloc: str, target: str, start: int, buf: memoryview
@@ -50,13 +56,16 @@ class LoopGets:
         """Fill `buf` from byte `start` of the object at `target`; (bytes read, object size)."""
         if self._in_flight >= self._keep:
             raise Fallback("as many GETs in flight from the loop as connections")
+        if trio.current_time() < self._paused_until:
+            raise Fallback("paused after a timeout")
         self._in_flight += 1
         stream = self._take(scheme, netloc)
         done = False
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                if stream is None:
+            if stream is None:
+                with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await self._connect(scheme, netloc)
+            with trio.fail_after(REQUEST_TIMEOUT):
                 end = start + len(buf) - 1
                 await stream.send_all(
                     f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nRange: bytes={start}-{end}\r\n"
@@ -65,7 +74,10 @@ class LoopGets:
                 got, size, keep = await _response(stream, start, buf)
             done = keep
             return got, size
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as e:
+        except trio.TooSlowError:
+            self._paused_until = trio.current_time() + PAUSE_AFTER_TIMEOUT
+            raise Fallback("TooSlowError") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError, ValueError) as e:
             raise Fallback(type(e).__name__) from None
         finally:
             self._in_flight -= 1
@@ -97,8 +109,12 @@ class LoopGets:
         tcp = await trio.open_tcp_stream(host, where.port or (443 if scheme == "https" else 80))
         if scheme != "https":
             return tcp
-        tls = trio.SSLStream(tcp, self._ssl(), server_hostname=host, https_compatible=True)
-        await tls.do_handshake()
+        try:
+            tls = trio.SSLStream(tcp, self._ssl(), server_hostname=host, https_compatible=True)
+            await tls.do_handshake()
+        except BaseException:
+            _abort(tcp)  # a failed or cancelled handshake: the socket goes now, not at GC
+            raise
         return tls
 
     def close(self) -> None:
@@ -132,11 +148,10 @@ async def _response(stream: trio.abc.Stream, start: int, buf: memoryview) -> tup
     ):
         raise Fallback("encoded body")
     length = headers.get("content-length", "")
-    first, _, total = headers.get("content-range", "").removeprefix("bytes ").partition("/")
-    lo, _, _ = first.partition("-")
-    if not length.isdigit() or not total.isdigit() or lo != str(start):
+    m = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
+    if _DIGITS.fullmatch(length) is None or m is None or int(m.group(1)) != start:
         raise Fallback("unexpected range")
-    n, size = int(length), int(total)
+    n, size = int(length), int(m.group(2))
     if n != min(len(buf), size - start):
         raise Fallback("unexpected range")
     body = data[i + 4 :]
@@ -160,15 +175,21 @@ def _socket(stream: trio.abc.Stream) -> Any:
 
 
 def _closed_by_peer(stream: trio.abc.Stream) -> bool:
-    """An idle keep-alive connection that is readable has been closed by the server."""
     sock = _socket(stream)
-    if sock is None:
+    return sock is None or closed_by_peer(sock.fileno())
+
+
+def closed_by_peer(fd: int) -> bool:
+    """An idle keep-alive connection that is readable (or broken) has been closed by the
+    server. poll, not select: descriptors past 1023 are fine."""
+    if fd < 0:
         return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    except (OSError, ValueError):
+        return bool(poller.poll(0))
+    except OSError:
         return True
-    return bool(readable)
 
 
 def _abort(stream: trio.abc.Stream) -> None:

@@ -717,6 +717,7 @@ class VaultFS:
                 req = None
                 if started is not None and (started.first, started.count) == (first, count):
                     started.taken, req = True, started.req
+                    started = None  # handed over: never again from here
                 elif attempt == 0:
                     req = self._direct_start(f, first, count)
                 dest = (out, off, end)
@@ -801,6 +802,7 @@ class VaultFS:
                     self._decrypt, f, aead, first, count, dest, self.cache.generation, prefetch
                 )
                 assert f.limiter is not None
+                await trio.lowlevel.checkpoint_if_cancelled()  # pool.run's wait is shielded
                 try:  # no scheduler round trip when a slot is free (the usual case)
                     f.limiter.acquire_nowait()
                 except trio.WouldBlock:
@@ -895,7 +897,7 @@ class VaultFS:
         """A few chunks fetched by the source itself on this loop (S3: one GET, `s3async`)
         and decrypted here, as direct reads are: no thread hop. False, with nothing done,
         where the source cannot or its one attempt failed: the caller sends a worker job."""
-        if count > self.options.inline_chunks:
+        if count > self.options.inline_chunks or not f.src.fetches:
             return False
         try:
             n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)

@@ -84,7 +84,7 @@ class WorkerPool:
                 else:
                     return  # closed and drained
             done(outcome.capture(fn))
-            if self._after_job is not None:
+            if self._after_job is not None and not self._urgent:  # a waiting read comes first
                 with contextlib.suppress(Exception):  # an optimisation only
                     self._after_job()
 

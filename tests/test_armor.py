@@ -86,6 +86,26 @@ def test_anything_inserted_inside_the_block_is_refused(size: int) -> None:
                 armor.decode(mutated)
 
 
+def test_padding_ends_the_data() -> None:
+    """A full 64-column line may end in padding only as the last line: otherwise the same
+    bytes could be spelled as padded pieces, one more way to write the same file."""
+    first = base64.b64encode(bytes(47))  # 64 columns, ending in "="
+    assert len(first) == 64 and first.endswith(b"=")
+    text = armor.BEGIN + b"\n" + first + b"\n" + base64.b64encode(b"more") + b"\n" + armor.END
+    with pytest.raises(ArmorError):
+        armor.decode(text)
+    assert armor.decode(armor.BEGIN + b"\n" + first + b"\n" + armor.END) == bytes(47)
+
+
+def test_overlong_lines_and_tails_are_read_in_bounded_pieces() -> None:
+    with pytest.raises(ArmorError, match="columns"):
+        armor.decode(armor.BEGIN + b"\n" + b"A" * 10_000_000 + b"\n" + armor.END)
+    tail = encode(b"x") + b" " * 300_000 + b"!"
+    with pytest.raises(ArmorError, match="after the END"):
+        armor.decode(tail)
+    assert armor.decode(encode(b"x") + b" \n" * 200_000) == b"x"
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -121,7 +121,7 @@ async def test_connection_close_is_honoured() -> None:
     await _run([closing], check)
 
 
-async def test_gets_in_flight_are_bounded() -> None:
+async def test_gets_in_flight_are_bounded_and_a_timeout_pauses_them() -> None:
     """Beyond its bound (2 here) the loop sends nothing itself: the read goes to a worker."""
 
     async def silent(stream: trio.SocketStream) -> None:
@@ -150,5 +150,8 @@ async def test_gets_in_flight_are_bounded() -> None:
         # the two stuck ones gave up at REQUEST_TIMEOUT, as Fallbacks, and were closed
         assert len(failed) == 2 and all("TooSlowError" in str(e) for e in failed)
         assert gets._in_flight == 0 and not gets._idle.get(("http", where))
+        # and a slow endpoint is left to the workers for a while, not tried read after read
+        with pytest.raises(Fallback, match="paused"):
+            await gets.get_range("http", where, "/b/k", 0, memoryview(bytearray(10)))
         gets.close()
         nursery.cancel_scope.cancel()
