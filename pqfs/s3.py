@@ -19,10 +19,11 @@ per object (SigV4 in the query string, made again well before it expires, and at
 403), and each range request is a plain HTTP GET of that URL with a Range header over a small
 pool of persistent http.client connections (the stdlib HTTP layer beneath urllib3 and botocore),
 its body read straight into the caller's buffer; a random read's GET is even sent and awaited
-on the mount's trio loop (`s3async`), with a worker taking over if that one attempt fails. Measured against SeaweedFS on this project's
-VM, 128 KiB at random offsets of a 1 GiB object, page cache dropped: p50 2.9 ms through boto3's
-get_object, 1.6 ms over a urllib3 pool, 1.55 ms over http.client. Where an HTTP proxy is configured
-(HTTP(S)_PROXY), GETs go through boto3 instead, which honours it.
+on the mount's trio loop (`s3async`), with a worker taking over if that one attempt fails.
+Measured against SeaweedFS on this project's VM, 128 KiB at random offsets of a 1 GiB object,
+page cache dropped: p50 2.9 ms through boto3's get_object, 1.6 ms over a urllib3 pool, 1.55 ms
+over http.client. Where an HTTP proxy is configured (HTTP(S)_PROXY), GETs go through boto3
+instead, which honours it.
 
 Faults: timeouts, resets, 5xx and throttling are retried with exponential backoff and full
 jitter until the operation's time budget (`timeout`) is spent; then RemoteError (EIO in the mount).
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 from .diskcache import BLOCK, DiskCache
 from .errors import Unavailable, VaultError
 from .parallel import DaemonExecutor
-from .s3async import Fallback, LoopGets, closed_by_peer
+from .s3async import Fallback, LoopGets, answered_range, closed_by_peer
 from .storage import TMP_PREFIX, Storage, StorageOptions
 
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ class _HTTPStatus(Exception):
 
 
 _ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
-_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 class _Connections:
@@ -372,12 +371,10 @@ class S3Storage(Storage):
     def _url(self, key: str) -> tuple[str, str, str]:
         """The presigned GET URL of `key` (made by botocore, which also finds the credentials),
         as (scheme, host[:port], path?query)."""
+        hit = self.cached_url(key)
+        if hit is not None:
+            return hit
         now = time.monotonic()
-        with self._lock:
-            hit = self._urls.get(key)
-            if hit is not None and hit[3] > now:
-                self._urls.move_to_end(key)
-                return hit[0], hit[1], hit[2]
         url = urllib.parse.urlsplit(
             self._client.generate_presigned_url(
                 "get_object",
@@ -404,29 +401,22 @@ class S3Storage(Storage):
             if r.status == 416:  # a range past the end: only of an empty object
                 total = (r.getheader("Content-Range") or "").rpartition("/")[2]
                 r.read()
-                if total.isdigit():
+                if total.isascii() and total.isdigit():
                     done = True
                     return 0, int(total)
             if r.status not in (200, 206):
                 match = _ERROR_CODE.search(r.read(64 << 10))
                 raise _HTTPStatus(r.status, match.group(1).decode() if match else "")
-            cl = r.getheader("Content-Length") or ""
-            length = int(cl) if _DIGITS.fullmatch(cl) else -1
-            m = _CONTENT_RANGE.fullmatch(r.getheader("Content-Range") or "")
-            if r.status == 200 and start == 0:  # the server ignored the range: fine if it fits
-                size = length
-            elif r.status == 206 and m is not None and int(m.group(1)) == start:
-                size = int(m.group(3)) if m.group(3) != "*" else start + length
-            else:
+            answer = answered_range(
+                start,
+                len(buf),
+                r.getheader("Content-Length") or "",
+                r.getheader("Content-Range") if r.status == 206 else None,  # 200: the whole
+            )
+            if answer is None:
                 raise ConnectionError("unexpected range in the response")  # retried
-            if length < 0 or length > len(buf) or length != min(len(buf), size - start):
-                raise ConnectionError("unexpected range in the response")  # retried
-            got = 0
-            while got < length:
-                n = r.readinto(buf[got:length])
-                if not n:
-                    raise ConnectionError("short body")  # a cut connection: retried
-                got += n
+            length, size = answer
+            got = _read_body(r.readinto, buf, length)
             if not r.isclosed() and r.read():  # an empty body: let http.client finish it
                 raise ConnectionError("more body than announced")
             done = True
@@ -443,19 +433,16 @@ class S3Storage(Storage):
             Key=self._key(key),
             Range=f"bytes={start}-{start + len(buf) - 1}",
         )
-        total = r.get("ContentRange", "").rpartition("/")[2]
-        length = int(r["ContentLength"])
-        size = int(total) if total.isdigit() else start + length
-        if length > len(buf) or length != min(len(buf), size - start):
+        answer = answered_range(
+            start, len(buf), str(r.get("ContentLength", "")), r.get("ContentRange")
+        )
+        if answer is None:
             raise ConnectionError("unexpected range in the response")  # retried
-        body, got = r["Body"], 0
+        length, size = answer
+        body = r["Body"]
         raw, readinto = _body_reader(body, r)
         try:
-            while got < length:
-                n = readinto(buf[got:length])
-                if not n:
-                    raise ConnectionError("short body")  # a cut connection: retried
-                got += n
+            got = _read_body(readinto, buf, length)
             if raw is not None:  # read past urllib3, which would have done this itself
                 raw.release_conn()
         finally:
@@ -579,6 +566,17 @@ class S3Storage(Storage):
             self._http.close()
         if self.disk_cache is not None:
             self.disk_cache.close()
+
+
+def _read_body(readinto: Callable[[memoryview], int], buf: memoryview, length: int) -> int:
+    """Read a body of `length` bytes into `buf`; a cut connection is a (retried) error."""
+    got = 0
+    while got < length:
+        n = readinto(buf[got:length])
+        if not n:
+            raise ConnectionError("short body")
+        got += n
+    return got
 
 
 def _is_transport_error(e: BaseException) -> bool:

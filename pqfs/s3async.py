@@ -34,8 +34,8 @@ REQUEST_TIMEOUT = 0.5  # seconds for the one attempt here; past it a worker take
 CONNECT_TIMEOUT = 2.0  # seconds for a new connection (DNS, TCP, TLS), which is kept once made
 PAUSE_AFTER_TIMEOUT = 10.0  # seconds without loop GETs after one timed out (a slow endpoint)
 MAX_HEAD = 16 << 10  # a response head larger than this is not S3's
-_DIGITS = re.compile(r"[0-9]{1,20}")
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-[0-9]{1,20}/([0-9]{1,20})")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes "²"
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-[0-9]{1,20}/([0-9]{1,20}|\*)")
 
 
 class Fallback(Exception):
@@ -147,13 +147,12 @@ async def _response(stream: trio.abc.Stream, start: int, buf: memoryview) -> tup
         "identity"
     ):
         raise Fallback("encoded body")
-    length = headers.get("content-length", "")
-    m = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
-    if _DIGITS.fullmatch(length) is None or m is None or int(m.group(1)) != start:
+    answer = answered_range(
+        start, len(buf), headers.get("content-length", ""), headers.get("content-range", "")
+    )
+    if answer is None:
         raise Fallback("unexpected range")
-    n, size = int(length), int(m.group(2))
-    if n != min(len(buf), size - start):
-        raise Fallback("unexpected range")
+    n, size = answer
     body = data[i + 4 :]
     if len(body) > n:
         raise Fallback("more body than announced")
@@ -167,6 +166,28 @@ async def _response(stream: trio.abc.Stream, start: int, buf: memoryview) -> tup
         got += len(more)
     keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
     return got, size, keep
+
+
+def answered_range(
+    start: int, want: int, content_length: str, content_range: str | None
+) -> tuple[int, int] | None:
+    """(body length, object size) of the answer to a GET of `want` bytes from `start`, if its
+    headers say exactly that range (clipped at the object's end); None if they say anything
+    else. `content_range` None: a 200 with the whole object, fine only from byte 0. Shared by
+    every way pqfs sends a range GET (boto3, http.client, this loop)."""
+    if _DIGITS.fullmatch(content_length) is None:
+        return None
+    length = int(content_length)
+    if content_range is None:
+        if start != 0:
+            return None
+        size = length
+    else:
+        m = _CONTENT_RANGE.fullmatch(content_range)
+        if m is None or int(m.group(1)) != start:
+            return None
+        size = start + length if m.group(2) == "*" else int(m.group(2))
+    return (length, size) if length == min(want, size - start) else None
 
 
 def _socket(stream: trio.abc.Stream) -> Any:

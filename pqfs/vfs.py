@@ -32,7 +32,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -634,10 +634,9 @@ class VaultFS:
         oid = f.entry.object
         if any((oid, i) in self._inflight for i in missing):
             return None
-        try:
-            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, missing[0], count)
-        except PayloadError:
-            return None  # a truncated object: the worker path reports it
+        n = self._span(f, missing[0], count)
+        if n is None:
+            return None
         ct = memoryview(self._inline_ct)[:n]
         start = f.payload_start + missing[0] * CT_CHUNK
         if f.src.read_cached(start, ct):
@@ -832,13 +831,19 @@ class VaultFS:
         if dio is None or count > self.options.inline_chunks:
             return None
         fd = f.src.direct_fd()
-        if fd is None:
+        n = None if fd is None else self._span(f, first, count)
+        if fd is None or n is None:
             return None
-        try:
-            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
-        except PayloadError:
-            return None  # a truncated object: the worker path reports it
         return dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
+
+    @staticmethod
+    def _span(f: OpenFile, first: int, count: int) -> int | None:
+        """Ciphertext bytes of chunks [first, first+count); None for a truncated object (the
+        worker path, which reads it the ordinary way, reports that)."""
+        try:
+            return ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
+        except PayloadError:
+            return None
 
     async def _direct_job(
         self,
@@ -850,40 +855,30 @@ class VaultFS:
         errors: list[BaseException],
         req: Read,
     ) -> bool:
-        """Finish a direct read (`_direct_start`): decrypt its chunks here, into the cache and
-        `dest`. False if the kernel refused it at completion (it would have blocked): the
-        caller sends a worker job instead. Releases `req` in any case."""
-        refused = False
-        n = req.length
-        with self._claim(f, first, count):
-            generation = self.cache.generation
-            self.counters.direct_reads += 1  # counted whether or not it authenticates
-            bufs: list[memoryview] = []
+        """Finish a direct read (`_direct_start`) with `_loop_job`. False if the kernel refused
+        it at completion (it would have blocked): the caller sends a worker job instead.
+        Releases `req` in any case (its buffer holds the ciphertext until decrypted)."""
+
+        async def ciphertext() -> memoryview | None:
             try:
-                bufs = self.cache.lend(count)  # while the disk reads: new buffers fault pages
                 ct = await req.result()
-                if len(ct) != n:
-                    raise PayloadError(
-                        f"chunk {first} could not be read in full (truncated object)", first
-                    )
-                self.counters.bytes_decrypted += self._decrypt(
-                    f, aead, first, count, dest, generation, False, ct, bufs
-                )
             except OSError as e:
                 if e.errno != errno.EAGAIN:
-                    errors.append(VaultError(str(e)))
-                else:  # RWF_NOWAIT said so at completion rather than at submit: a worker reads
-                    self.counters.direct_reads -= 1
-                    if self._dio is not None:
-                        self._dio.refused += 1
-                    refused = True
-            except PqfsError as e:
-                errors.append(e)
-            finally:
-                await req.release()
-                if bufs:  # not taken over by _decrypt (which gives back or inserts them)
-                    self.cache.give_back(bufs)
-        return not refused
+                    raise VaultError(str(e)) from None
+                if self._dio is not None:  # RWF_NOWAIT said so at completion, not at submit
+                    self._dio.refused += 1
+                return None
+            self.counters.direct_reads += 1  # counted whether or not it authenticates
+            if len(ct) != req.length:
+                raise PayloadError(
+                    f"chunk {first} could not be read in full (truncated object)", first
+                )
+            return ct
+
+        try:
+            return await self._loop_job(f, aead, first, count, dest, errors, ciphertext)
+        finally:
+            await req.release()
 
     async def _fetch_job(
         self,
@@ -894,25 +889,42 @@ class VaultFS:
         dest: tuple[memoryview, int, int],
         errors: list[BaseException],
     ) -> bool:
-        """A few chunks fetched by the source itself on this loop (S3: one GET, `s3async`)
-        and decrypted here, as direct reads are: no thread hop. False, with nothing done,
-        where the source cannot or its one attempt failed: the caller sends a worker job."""
-        if count > self.options.inline_chunks or not f.src.fetches:
+        """A few chunks fetched by the source itself on this loop (S3: one GET, `s3async`),
+        with `_loop_job`. False, with nothing done, where the source cannot or its one attempt
+        failed: the caller sends a worker job."""
+        n = self._span(f, first, count) if f.src.fetches else None
+        if count > self.options.inline_chunks or n is None:
             return False
-        try:
-            n = ciphertext_span(f.payload_start, f.src.size, f.chunks, first, count)
-        except PayloadError:
-            return False  # a truncated object: the worker path reports it
-        ct = bytearray(n)  # ciphertext: not secret
+        ct = memoryview(bytearray(n))  # ciphertext: not secret
+
+        async def ciphertext() -> memoryview | None:
+            return ct if await f.src.fetch(f.payload_start + first * CT_CHUNK, ct) else None
+
+        return await self._loop_job(f, aead, first, count, dest, errors, ciphertext)
+
+    async def _loop_job(
+        self,
+        f: OpenFile,
+        aead: Any,
+        first: int,
+        count: int,
+        dest: tuple[memoryview, int, int],
+        errors: list[BaseException],
+        ciphertext: Callable[[], Awaitable[memoryview | None]],
+    ) -> bool:
+        """Chunks [first, first+count) whose ciphertext `ciphertext()` gets without a thread,
+        decrypted on this loop into the cache and `dest` (two chunks cost less than a thread
+        hop). An error lands in `errors`. False, with nothing decrypted, when `ciphertext()`
+        gives None: the caller then sends a worker job."""
         with self._claim(f, first, count):
             generation = self.cache.generation
-            bufs: list[memoryview] = []
+            bufs = self.cache.lend(count)  # while the read is in flight: new buffers fault pages
             try:
-                if not await f.src.fetch(f.payload_start + first * CT_CHUNK, memoryview(ct)):
+                ct = await ciphertext()
+                if ct is None:
                     return False
-                bufs = self.cache.lend(count)
                 self.counters.bytes_decrypted += self._decrypt(
-                    f, aead, first, count, dest, generation, False, memoryview(ct), bufs
+                    f, aead, first, count, dest, generation, False, ct, bufs
                 )
             except PqfsError as e:
                 errors.append(e)
