@@ -20,6 +20,7 @@ from . import pagecache, parallel
 from .errors import FormatError, PayloadError, PqfsError
 from .header import MAX_HEADER, Header, TruncatedHeader, parse_header
 from .keys import Identity, Recipient, new_file_key, unwrap, wrap_all
+from .memory import scratch
 from .stream import (
     CHUNK,
     CT_CHUNK,
@@ -181,7 +182,7 @@ def decrypt_chunks(
     ct_len = ciphertext_span(payload_start, src.size, chunks, first, count)
     ct_start = payload_start + first * CT_CHUNK
     if ct_buf is None or len(ct_buf) < ct_len:
-        ct_buf = memoryview(bytearray(ct_len))
+        ct_buf = scratch(ct_len)
     got = src.preadinto(ct_start, ct_buf[:ct_len])
     if got != ct_len:
         raise PayloadError(f"chunk {first} could not be read in full (truncated object)", first)

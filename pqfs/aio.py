@@ -164,6 +164,13 @@ class DirectIO:
         self.submitted += 1
         return Read(self, slot, lo, offset, length)
 
+    def inflight_fds(self) -> list[int]:
+        """The eventfds of the reads in flight (readable once their read completes)."""
+        if len(self._free) == len(self._slots):
+            return []
+        free = set(map(id, self._free))
+        return [s.efd for s in self._slots if id(s) not in free]
+
     async def _wait(self, slot: _Slot) -> int:
         # Cancelled here, the completion stays with the kernel, or in _results once reaped for
         # another slot: release() waits for it, shielded (see the invariants).

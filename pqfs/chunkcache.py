@@ -15,35 +15,14 @@ Invariants (kept by this class alone, under its lock; workers and the trio threa
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
+from .memory import populated
 from .stream import CHUNK, wipe
 
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 SPARES = 4  # buffers kept faulted in ahead of need while the cache is under its budget
-_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls run without the GIL
-
-
-def populated(size: int = CHUNK) -> memoryview:
-    """A zeroed buffer whose pages are already faulted in, faulted without the GIL.
-
-    Why: a memoryview is zeroed by calloc under the GIL, and on this project's VM the first touch
-    of a page the process has not used is slow (and after the host has reclaimed freed memory,
-    very slow): a worker allocating a 1 MiB job's buffers held the GIL for 13-26 ms while their
-    pages faulted in, and the loop, waiting for the GIL, stalled as long. Here the mapping is
-    made lazily and madvise(MADV_POPULATE_WRITE), called through ctypes, faults it in while
-    other threads run. Where that fails the pages fault in on first write, as before."""
-    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    anchor = ctypes.c_char.from_buffer(m)
-    _libc.madvise(
-        ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), _MADV_POPULATE_WRITE
-    )
-    del anchor  # the mapping must not stay exported: the view below keeps it alive
-    return memoryview(m)
 
 
 class _Slot:

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
 from .errors import (
     BadPassphrase,
@@ -200,7 +199,7 @@ class Operations(pyfuse3.Operations):
             opened = self.fs.lock()
             # The kernel may hold decrypted pages of files opened before (keep_cache): drop them
             # before confirming, on a thread, since the call waits for reads in flight.
-            await trio.to_thread.run_sync(invalidate_inodes, opened)
+            await self.fs.offload(invalidate_inodes, opened)
             log.info("locked by uid %d", ctx.uid)
         elif name == XATTR_UNLOCK:
             await self.fs.unlock(passphrase=bytes(value))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import idlepoll
 from .errors import PqfsError
 from .fuseops import Operations
 from .vault import Vault
@@ -140,6 +141,7 @@ async def serve(
     ops = Operations(fs)
     parent_dev = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/").st_dev
     pyfuse3.init(ops, mountpoint, fuse_options(allow_other))
+    fs.fuse_fds = idlepoll.fuse_device_fds()
     unmounted = False
     try:
         async with trio.open_nursery() as nursery:
@@ -243,7 +245,12 @@ def run(
         setup_logging(True, log_file, debug)
         fs = VaultFS(vault, options)
         trio.run(
-            serve, fs, mountpoint, allow_other, on_mounted or (lambda: None), instruments=[fs.stall]
+            serve,
+            fs,
+            mountpoint,
+            allow_other,
+            on_mounted or (lambda: None),
+            instruments=[fs.stall, fs.idle],
         )
         return 0
     rfd, wfd = os.pipe()
@@ -274,7 +281,7 @@ def run(
             os.write(wfd, b"ok")
             os.close(wfd)
 
-        trio.run(serve, fs, mountpoint, allow_other, ready, instruments=[fs.stall])
+        trio.run(serve, fs, mountpoint, allow_other, ready, instruments=[fs.stall, fs.idle])
     except BaseException as e:  # report to the waiting parent, never a traceback
         with contextlib.suppress(OSError):
             os.write(wfd, _describe(e).encode())

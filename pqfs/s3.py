@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 from .diskcache import BLOCK, DiskCache
 from .errors import Unavailable, VaultError
+from .memory import scratch
 from .parallel import DaemonExecutor
 from .s3async import Fallback, LoopGets, answered_range, closed_by_peer
 from .storage import TMP_PREFIX, Storage, StorageOptions
@@ -662,10 +663,10 @@ class S3Source:
         end = offset + len(buf)
         lo = offset // BLOCK * BLOCK  # whole blocks, so that the next reader finds them
         hi = min(self.size, -(-end // BLOCK) * BLOCK)
-        span = bytearray(hi - lo)
-        self.storage.get_range(self.key, lo, memoryview(span))
-        dc.store(self.key, lo, memoryview(span), self.size)
-        buf[:] = memoryview(span)[offset - lo : end - lo]
+        span = scratch(hi - lo)
+        self.storage.get_range(self.key, lo, span)
+        dc.store(self.key, lo, span, self.size)
+        buf[:] = span[offset - lo : end - lo]
 
     def will_need(self, offset: int, length: int) -> None:
         pass  # the mount's readahead jobs already keep several range requests in flight

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -43,7 +43,7 @@ from . import parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
 from .aio import DirectIO, Read
 from .catalog import Catalog, Entry
-from .chunkcache import ChunkCache, populated
+from .chunkcache import ChunkCache
 from .errors import (
     IsADirectory,
     Locked,
@@ -56,8 +56,10 @@ from .errors import (
     VaultError,
 )
 from .header import Header
+from .idlepoll import IdlePoll
 from .keycache import CachedKey, KeyCache
 from .keys import HybridIdentity, X25519Identity, unwrap
+from .memory import populated
 from .metrics import GcMeter, Latency, StallMeter
 from .storage import Storage
 from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
@@ -65,6 +67,7 @@ from .vault import Vault, object_key
 from .workers import WorkerPool
 
 log = logging.getLogger("pqfs.mount")
+T = TypeVar("T")
 
 ROOT_INO = 1
 MiB = 1 << 20
@@ -103,6 +106,9 @@ class MountOptions:
     # FUSE_DIRECT_IO_ALLOW_MMAP; MAP_PRIVATE works), the kernel's readahead (small reads become
     # small requests) and its caching of re-read pages.
     direct_io: bool = False
+    # After answering a read, or while a direct read is in flight, the loop polls this long
+    # (seconds) before sleeping: the wake-up of an idle CPU costs more (`idlepoll.py`). 0: never.
+    idle_poll: float = 200e-6
     catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
 
@@ -257,6 +263,9 @@ class VaultFS:
         vault.key_cache = self.keys = KeyCache(ttl=opts.key_ttl)
         self.cache = ChunkCache(opts.cache_size)
         self.stall = StallMeter()
+        self.idle = IdlePoll(opts.idle_poll, self._idle_fds, self._may_poll)
+        self._unseen = 0  # waits the idle poll cannot see: offload() threads, fetches on the loop
+        self.fuse_fds: list[int] = []  # the FUSE device, set by the adapter once mounted
         self.gc = GcMeter()
         self.latency = Latency()
         self.counters = Counters()
@@ -325,7 +334,7 @@ class VaultFS:
         def load() -> Catalog:
             return self.vault.catalog(reload=True)
 
-        cat = await trio.to_thread.run_sync(load)
+        cat = await self.offload(load)
         self.tree = Tree(cat, self._salt)
         self.settle()
 
@@ -357,7 +366,7 @@ class VaultFS:
         tree, gen = self.tree, self.generation
         if tree is None or not self.vault.unlocked:
             return False
-        segs = await trio.to_thread.run_sync(cat_mod.list_segments, self.vault.storage)
+        segs = await self.offload(cat_mod.list_segments, self.vault.storage)
         head = segs[-1].seq if segs else 0
         if head == tree.head:
             return False
@@ -365,7 +374,7 @@ class VaultFS:
         def load() -> Catalog:
             return cat_mod.load(self.vault.storage, self.vault.identities)
 
-        cat = await trio.to_thread.run_sync(load)
+        cat = await self.offload(load)
         if gen == self.generation and self.vault.unlocked:
             self.tree = Tree(cat, self._salt)
             self.settle()
@@ -400,7 +409,7 @@ class VaultFS:
         if identities is not None:
             self.vault.unlock_with(identities)
         elif passphrase is not None:
-            await trio.to_thread.run_sync(self.vault.unlock, passphrase)
+            await self.offload(self.vault.unlock, passphrase)
         if self.vault.unlocked:
             await self._load_tree()
 
@@ -461,7 +470,7 @@ class VaultFS:
         if node.children is not None:
             raise IsADirectory(f"is a directory: {node.entry.path}")
         gen = self.generation
-        f = await trio.to_thread.run_sync(self._open_object, node)
+        f = await self.offload(self._open_object, node)
         if gen != self.generation:
             f.src.close()
             raise Locked("the vault was locked while the file was being opened")
@@ -581,6 +590,7 @@ class VaultFS:
         c.reads += 1
         c.bytes_read += n
         self.latency.add(time.perf_counter() - t0)
+        self.idle.arm()  # a player's next request often follows the reply within microseconds
         return out
 
     def _read_now(self, f: OpenFile, aead: Any, off: int, end: int) -> memoryview | _Started | None:
@@ -834,7 +844,10 @@ class VaultFS:
         n = None if fd is None else self._span(f, first, count)
         if fd is None or n is None:
             return None
-        return dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
+        req = dio.submit(fd, f.payload_start + first * CT_CHUNK, n)
+        if req is not None:
+            self.idle.arm()  # the disk answers in ~0.1-0.2 ms
+        return req
 
     @staticmethod
     def _span(f: OpenFile, first: int, count: int) -> int | None:
@@ -898,7 +911,12 @@ class VaultFS:
         ct = memoryview(bytearray(n))  # ciphertext: not secret
 
         async def ciphertext() -> memoryview | None:
-            return ct if await f.src.fetch(f.payload_start + first * CT_CHUNK, ct) else None
+            self._unseen += 1  # its socket is not among the idle poll's descriptors
+            try:
+                got = await f.src.fetch(f.payload_start + first * CT_CHUNK, ct)
+            finally:
+                self._unseen -= 1
+            return ct if got else None
 
         return await self._loop_job(f, aead, first, count, dest, errors, ciphertext)
 
@@ -948,11 +966,11 @@ class VaultFS:
         """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers.
         With `read` (the chunks' ciphertext, already read) it runs on the loop. `lent`: buffers
         already lent by the cache; this call takes them over (the list is emptied)."""
-        ct: bytearray | None = None
+        ct: memoryview | None = None
         if self._reuse_ct and read is None:
             ct = getattr(self._tls, "ct", None)
             if ct is None or len(ct) < count * CT_CHUNK:
-                ct = self._tls.ct = bytearray(max(count, self.options.job_chunks) * CT_CHUNK)
+                ct = self._tls.ct = populated(max(count, self.options.job_chunks) * CT_CHUNK)
         if prefetch:  # keep the backend a window ahead of the decrypt jobs
             lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
             hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
@@ -976,7 +994,7 @@ class VaultFS:
                     f.chunks,
                     first,
                     outs,
-                    None if ct is None else memoryview(ct),
+                    ct,
                 )
         except BaseException:
             self.cache.give_back(bufs)
@@ -1055,6 +1073,24 @@ class VaultFS:
                 self._replies.append(b)
         self._sent.clear()
 
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """trio.to_thread.run_sync, counted: the loop does not poll while such a thread runs
+        (its completion is not among the descriptors polled, and polling holds the GIL)."""
+        self._unseen += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self._unseen -= 1
+
+    def _may_poll(self) -> bool:
+        """The idle poll's rule: nothing outstanding that it cannot see, no decryption that
+        it would take CPU time or the GIL from."""
+        return self._unseen == 0 and self.pool.pending == 0
+
+    def _idle_fds(self) -> list[int]:
+        """What the idle poll waits for: a FUSE request, or a direct read completing."""
+        return self.fuse_fds + ([] if self._dio is None else self._dio.inflight_fds())
+
     # ------------------------------------------------------------------ stats ----
 
     def stats(self) -> dict[str, object]:
@@ -1093,6 +1129,9 @@ class VaultFS:
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
             "gc_pause_max_ms": round(self.gc.longest * 1000, 3),
+            "idle_polls": self.idle.polls,
+            "idle_poll_hits": self.idle.hits,
+            "idle_poll_ms": round(self.idle.spent * 1000, 3),
             "gc_collections": self.gc.collections,
             **self.vault.storage.stats(),
         }

@@ -61,6 +61,7 @@ class WorkerPool:
         self._workers: list[threading.Thread] = []
         self._closed = False
         self._eventfds: list[int] = []  # trio thread only
+        self.pending = 0  # jobs handed to run() and not yet returned (trio thread only)
 
     def _start(self) -> None:
         for i in range(self.threads):
@@ -104,8 +105,12 @@ class WorkerPool:
         with self._cond:
             (self._urgent if urgent else self._background).append((fn, done))
             self._cond.notify()
-        with trio.CancelScope(shield=True):  # see the invariants: the job owns efd until done
-            await trio.lowlevel.wait_readable(efd)
+        self.pending += 1
+        try:
+            with trio.CancelScope(shield=True):  # see the invariants: the job owns efd until done
+                await trio.lowlevel.wait_readable(efd)
+        finally:
+            self.pending -= 1
         os.eventfd_read(efd)
         if len(self._eventfds) < SPARE_EVENTFDS:
             self._eventfds.append(efd)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
-from pqfs.chunkcache import ChunkCache, populated
+from pqfs.chunkcache import ChunkCache
+from pqfs.memory import populated, scratch
 from pqfs.stream import CHUNK
 
 
@@ -92,6 +94,19 @@ def test_new_buffers_come_faulted_in_and_zeroed() -> None:
     assert bytes(bufs[0][:4]) == b"abc\0"
     (buf,) = ChunkCache(4 * CHUNK).lend(1)
     assert isinstance(buf, memoryview) and len(buf) == CHUNK and not any(buf)
+
+
+def test_scratch_buffers_are_zeroed_and_large_ones_faulted_in() -> None:
+    """Transient buffers (worker ciphertext): a large one is mapped and faulted in without the
+    GIL, like `populated`; a small one comes from the allocator."""
+    before = _rss_kib()
+    big = scratch(4 << 20)
+    assert _rss_kib() - before >= 3 * 1024  # resident without a byte written
+    assert isinstance(big.obj, mmap.mmap) and len(big) == 4 << 20 and not any(big)
+    small = scratch(1000)
+    assert isinstance(small.obj, bytearray) and len(small) == 1000 and not any(small)
+    big[-1:] = b"z"
+    assert bytes(big[-2:]) == b"\0z"
 
 
 def test_top_up_keeps_spares_within_the_budget() -> None:

@@ -233,6 +233,33 @@ def test_direct_io_keeps_plaintext_out_of_the_kernel_page_cache(
                 os.close(fd)
 
 
+def test_idle_poll_waits_for_the_next_request_and_can_be_turned_off(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """By default the loop polls, instead of sleeping, for a moment after each answer (idlepoll.py):
+    back-to-back reads then find it polling, and their bytes are right. With --idle-poll 0 it
+    never polls."""
+    src, vault = library
+    name = "movies/Big Buck Bunny (2008)/film.mkv"
+    want = (src / name).read_bytes()
+    rng = random.Random(9)
+    offsets = [rng.randrange(len(want)) for _ in range(200)]
+    for args in ([], ["--idle-poll", "0"]):
+        with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
+            fd = os.open(mp / "lib" / name, os.O_RDONLY | os.O_DIRECT)  # every read reaches us
+            try:
+                for off in offsets:
+                    assert os.pread(fd, 4096, off) == want[off : off + 4096]
+            finally:
+                os.close(fd)
+            s = mount_stats(mp, cli_env)
+            if args:
+                assert s["idle_polls"] == s["idle_poll_hits"] == 0
+                assert s["idle_poll_ms"] == 0
+            else:
+                assert s["idle_polls"] >= 1 and s["idle_poll_hits"] >= 1, s
+
+
 # ------------------------------------------------------------------------ lifecycle ----
 
 
@@ -295,6 +322,9 @@ def test_command_errors_are_one_line(
         (["mount", str(tmp_path / "novault"), str(tmp_path)], "novault"),
         (["mount", str(vault), str(tmp_path), "--cache-size", "lots"], "not a size"),
         (["mount", str(vault), str(tmp_path), "--key-ttl", "-1"], "must not be negative"),
+        (["mount", str(vault), str(tmp_path), "--idle-poll", "-5"], "between 0 and 10000"),
+        (["mount", str(vault), str(tmp_path), "--idle-poll", "20000"], "between 0 and 10000"),
+        (["mount", str(vault), str(tmp_path), "--idle-poll", "0.5"], "whole number"),
     ]
     for argv, msg in cases:
         proc = run_pqfs(*argv, env=cli_env, check=False)

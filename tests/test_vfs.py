@@ -336,3 +336,40 @@ async def test_long_lived_objects_are_out_of_the_collectors_reach(
         s = fs.stats()
         assert s["gc_collections"] == before + 1
         assert isinstance(s["gc_pause_max_ms"], float) and s["gc_pause_max_ms"] > 0
+
+
+async def test_idle_poll_rule_and_descriptors(vault: Vault, contents: dict[str, bytes]) -> None:
+    """The idle poll (idlepoll.py) may run only while nothing it cannot see is outstanding:
+    no offloaded thread (open, catalog load), no worker job. It watches the FUSE device and the
+    direct reads in flight, and a read, or a direct read's submission, arms it."""
+    token = trio.lowlevel.current_trio_token()
+    async with running(vault) as fs:
+        assert fs._may_poll()
+        seen: list[bool] = []
+
+        def probe() -> int:
+            seen.append(trio.from_thread.run_sync(fs._may_poll, trio_token=token))
+            return 7
+
+        assert await fs.offload(probe) == 7
+        assert await fs.pool.run(probe) == 7
+        assert seen == [False, False] and fs._may_poll()
+
+        fs.fuse_fds = [123]
+        assert fs._idle_fds() == [123]
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        _page_cache(vault, "big.bin", keep=False)
+        assert fs._dio is not None
+        f = fs._files[fh]
+        req = fs._direct_start(f, 3, 2)
+        assert req is not None
+        try:
+            assert fs._idle_fds() == [123, fs._dio.inflight_fds()[0]]
+            assert fs.idle._until > 0  # armed by the submission
+        finally:
+            await req.release()
+        assert fs._idle_fds() == [123]
+        fs.idle._until = 0.0
+        off = 9 * CHUNK
+        assert bytes(await fs.read(fh, off, 100)) == contents["big.bin"][off : off + 100]
+        assert fs.idle._until > 0  # armed by the answer

@@ -248,7 +248,8 @@ class Pqfs(System):
     name = "pqfs"
     tool = "pqfs"
 
-    def __init__(self, work: Path, cache_size: str) -> None:
+    def __init__(self, work: Path, cache_size: str, extra: list[str]) -> None:
+        self.extra = extra  # more `pqfs mount` options, for A/B runs
         super().__init__(work)
         self._steal0 = 0.0
         self.cache_size = cache_size
@@ -278,7 +279,15 @@ class Pqfs(System):
 
     def _mount(self) -> None:
         run(
-            [*self.cmd(), "mount", self.vault, self.mnt, "--cache-size", self.cache_size],
+            [
+                *self.cmd(),
+                "mount",
+                self.vault,
+                self.mnt,
+                "--cache-size",
+                self.cache_size,
+                *self.extra,
+            ],
             env=self.env,
         )
         self._steal0 = steal_ms()
@@ -300,6 +309,9 @@ class Pqfs(System):
             "gc_pause_max_ms",
             "reads_direct",
             "reads_direct_refused",
+            "idle_polls",
+            "idle_poll_hits",
+            "idle_poll_ms",
         )
         out = {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
         # Time the host took the vCPUs away while this mount served (all CPUs): a loop stall
@@ -576,7 +588,7 @@ def report(
         f"measurement"
     )
     described = {
-        "pqfs": f"pqfs --cache-size {args.pqfs_cache_size} (read-only)",
+        "pqfs": f"pqfs --cache-size {args.pqfs_cache_size} {args.pqfs_args} (read-only)",
         "gocryptfs": "gocryptfs -ro (defaults otherwise)",
         "rclone": "rclone crypt remote (RCLONE_CONFIG_* variables) over a local directory, "
         "mount --vfs-cache-mode off --read-only (defaults otherwise)",
@@ -623,6 +635,9 @@ def report(
                 "cache_hit_rate",
                 "reads_direct",
                 "reads_direct_refused",
+                "idle_polls",
+                "idle_poll_hits",
+                "idle_poll_ms",
                 "steal_ms",
             ):
                 vals = [r[phase + key] for r in results["pqfs"] if phase + key in r]
@@ -710,6 +725,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds before the open-files RSS")
     ap.add_argument("--pqfs-cache-size", default="64M", help="pqfs mount --cache-size")
+    ap.add_argument("--pqfs-args", default="", help="more pqfs mount options, e.g. '--idle-poll 0'")
     args = ap.parse_args()
 
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -726,7 +742,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-mount-", dir="/tmp"))
     factories: dict[str, Callable[[], System]] = {
-        "pqfs": lambda: Pqfs(work, args.pqfs_cache_size),
+        "pqfs": lambda: Pqfs(work, args.pqfs_cache_size, args.pqfs_args.split()),
         "gocryptfs": lambda: Gocryptfs(work),
         "rclone": lambda: Rclone(work),
     }
