@@ -40,8 +40,10 @@ class Storage(ABC):
     io_workers: int = parallel.WORKERS + 2
     jobs_per_object: int = parallel.WORKERS + 2
     # Chunks per backend read of the mount's readahead: small enough to start decrypting soon
-    # (local), large enough that per-request costs vanish (S3: a GET costs ~2 ms of server time).
-    read_chunks: int = 16
+    # (local), large enough that per-job costs vanish (thread wake-ups, the read's syscalls;
+    # S3: a GET costs ~2 ms of server time). Local, 1 GiB read sequentially through the mount
+    # (5 mounts each): 8 chunks 0.87 GB/s, 16 chunks 1.01, 32 chunks 1.15.
+    read_chunks: int = 32
     # Whether the mount keeps a ciphertext buffer per worker thread: worth it for cheap local
     # preads; a remote backend allocates per request (its threads are many, mostly waiting).
     reuse_read_buffers: bool = True

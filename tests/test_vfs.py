@@ -373,3 +373,19 @@ async def test_idle_poll_rule_and_descriptors(vault: Vault, contents: dict[str, 
         off = 9 * CHUNK
         assert bytes(await fs.read(fh, off, 100)) == contents["big.bin"][off : off + 100]
         assert fs.idle._until > 0  # armed by the answer
+
+
+async def test_streams_do_not_arm_the_idle_poll(vault: Vault, contents: dict[str, bytes]) -> None:
+    """A file read sequentially is the kernel's readahead, which no one waits on: its answers do
+    not arm the idle poll (it would take CPU from the reader). A seek's answer does."""
+    data = contents["big.bin"]
+    async with running(vault) as fs:
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        for k in range(4):
+            fs.idle._until = 0.0
+            off = k * 2 * CHUNK
+            assert bytes(await fs.read(fh, off, 2 * CHUNK)) == data[off : off + 2 * CHUNK]
+        assert fs.idle._until == 0.0  # streaming by now
+        off = 40 * CHUNK + 5
+        assert bytes(await fs.read(fh, off, 1000)) == data[off : off + 1000]
+        assert fs.idle._until > 0
