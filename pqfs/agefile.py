@@ -245,11 +245,11 @@ class AgeReader:
         self.size = plaintext_size(src.size - self.payload_start)
         self.chunks = chunk_count(self.size)
         # Authenticate the final chunk now: only then is `size` (from the object size) trusted.
-        scratch = bytearray(CHUNK)
+        last = bytearray(CHUNK)
         try:
-            self.read_chunks_into(self.chunks - 1, 1, memoryview(scratch))
+            self.read_chunks_into(self.chunks - 1, 1, memoryview(last))
         finally:
-            wipe(scratch)
+            wipe(last)
 
     def read_chunks_into(
         self, first: int, count: int, out: memoryview, ct_buf: memoryview | None = None

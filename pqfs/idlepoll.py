@@ -5,18 +5,20 @@ vCPU again; on this project's Firecracker VM `guest_halt_poll_ns` is 0) and tens
 bare metal from a deep C-state. A cold random read pays that wake-up inside the daemon twice:
 when the disk completes its read, and when the player's next request arrives after the reply.
 Go's runtime, and so gocryptfs, spins briefly before parking a thread; the trio loop sleeps in
-epoll at once. Measured on that VM (300 cold 64 KiB reads, medians): SCHED_IDLE busy loops on
-both vCPUs took pqfs from 0.29 to 0.25 ms and left gocryptfs unchanged (0.16 ms); polling here
-for up to 300 us took pqfs from 0.30-0.32 to 0.27 ms, for ~50 us more CPU per read.
+epoll at once. Measured on that VM (300 cold 64 KiB reads, medians of 3 mounts each): SCHED_IDLE
+busy loops on both vCPUs took pqfs from 0.29 to 0.25 ms and left gocryptfs unchanged (0.16 ms);
+polling here for up to 200 us took pqfs from 0.30-0.32 to 0.25-0.27 ms, for ~35 us more CPU
+per read.
 
 Rules that bound the cost (kept by this module and its caller, VaultFS):
   * it polls only within `budget` of the last `arm()`, which the mount calls when it answers a
-    read and when it submits a direct disk read; an idle mount never polls;
-  * never while `allowed()` is false (VaultFS: worker jobs outstanding), so the poll never
-    takes CPU or the GIL from decryption;
+    read that is not part of a stream, and when it submits a direct disk read; an idle mount
+    never polls;
+  * never while `allowed()` is false (VaultFS: a worker busy with a job or its aftermath, an
+    offloaded thread, a fetch on the loop), so the poll takes CPU and the GIL from no thread
+    doing work for the mount, and misses the completion of none;
   * it returns as soon as one of `fds()` is readable (the FUSE device, direct reads in flight);
-    any other wake-up (a worker, a timer, a signal) is delayed by at most `budget`, and never
-    past trio's own timeout;
+    any other wake-up (a timer, a signal) is delayed by at most min(budget, trio's timeout);
   * it runs between task steps, so it is not a stall: the loop is blocked on nothing.
 """
 
@@ -35,10 +37,14 @@ FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse
 
 def fuse_device_fds() -> list[int]:
     """This process's open descriptors of /dev/fuse (pyfuse3 keeps its session's private)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # no /proc: no idle polling, nothing else lost
+        return []
     fds = []
-    for name in os.listdir("/proc/self/fd"):
+    for name in names:
         try:
-            st = os.stat(f"/proc/self/fd/{name}")
+            st = os.fstat(int(name))
         except OSError:  # closed meanwhile, or the listing's own descriptor
             continue
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == FUSE_DEVICE:
@@ -52,10 +58,12 @@ class IdlePoll(trio.abc.Instrument):
         budget: float,
         fds: Callable[[], Iterable[int]],
         allowed: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.budget = budget  # seconds; 0 disables polling
         self._fds = fds
         self._allowed = allowed
+        self._clock = clock
         self._until = 0.0
         self.polls = 0  # polls begun
         self.hits = 0  # polls that ended with a descriptor ready
@@ -64,12 +72,12 @@ class IdlePoll(trio.abc.Instrument):
     def arm(self) -> None:
         """An event is expected within the budget: poll rather than sleep until then."""
         if self.budget > 0:
-            self._until = time.perf_counter() + self.budget
+            self._until = self._clock() + self.budget
 
     def before_io_wait(self, timeout: float) -> None:
         if timeout <= 0:
             return
-        now = time.perf_counter()
+        now = self._clock()
         end = min(self._until, now + timeout)
         if end <= now or not self._allowed():
             return
@@ -81,10 +89,12 @@ class IdlePoll(trio.abc.Instrument):
         if not fds:
             return
         self.polls += 1
-        t = now
-        while t < end:
-            if poller.poll(0):
+        while True:
+            ready = poller.poll(0)
+            t = self._clock()
+            if ready:
                 self.hits += 1
                 break
-            t = time.perf_counter()
+            if t >= end:
+                break
         self.spent += t - now

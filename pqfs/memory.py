@@ -15,7 +15,7 @@ from .stream import CHUNK
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls run without the GIL
-LARGE = 256 << 10  # from this size on malloc maps fresh pages anyway (mount.MMAP_THRESHOLD)
+LARGE = 256 << 10  # from this size on malloc maps fresh pages anyway (mount.bound_malloc)
 
 
 def populated(size: int = CHUNK) -> memoryview:

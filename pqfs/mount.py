@@ -27,6 +27,7 @@ import trio
 from . import idlepoll
 from .errors import PqfsError
 from .fuseops import Operations
+from .memory import LARGE
 from .vault import Vault
 from .vfs import MountOptions, VaultFS
 
@@ -141,9 +142,9 @@ async def serve(
     ops = Operations(fs)
     parent_dev = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/").st_dev
     pyfuse3.init(ops, mountpoint, fuse_options(allow_other))
-    fs.fuse_fds = idlepoll.fuse_device_fds()
     unmounted = False
     try:
+        fs.fuse_fds = idlepoll.fuse_device_fds()
         async with trio.open_nursery() as nursery:
 
             async def run_fuse() -> None:
@@ -216,7 +217,7 @@ def _set_readahead(mountpoint: str) -> None:
 # S3 worker threads the daemon grew by ~50 MiB beyond its cache budget. A fixed threshold sends
 # them to mmap (returned on free), and fewer arenas bound what small allocations retain.
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
-MMAP_THRESHOLD = 256 << 10
+MMAP_THRESHOLD = LARGE  # a buffer this large gets fresh pages: see memory.scratch
 ARENA_MAX = 2
 
 

@@ -1087,9 +1087,9 @@ class VaultFS:
             self._unseen -= 1
 
     def _may_poll(self) -> bool:
-        """The idle poll's rule: nothing outstanding that it cannot see, no decryption that
-        it would take CPU time or the GIL from."""
-        return self._unseen == 0 and self.pool.pending == 0
+        """The idle poll's rule: nothing outstanding that it cannot see, no worker that it
+        would take CPU time or the GIL from."""
+        return self._unseen == 0 and self.pool.idle
 
     def _idle_fds(self) -> list[int]:
         """What the idle poll waits for: a FUSE request, or a direct read completing."""

@@ -62,6 +62,7 @@ class WorkerPool:
         self._closed = False
         self._eventfds: list[int] = []  # trio thread only
         self.pending = 0  # jobs handed to run() and not yet returned (trio thread only)
+        self.active = 0  # workers running a job or its after_job (changed under _cond)
 
     def _start(self) -> None:
         for i in range(self.threads):
@@ -84,10 +85,15 @@ class WorkerPool:
                     fn, done = self._background.popleft()
                 else:
                     return  # closed and drained
-            done(outcome.capture(fn))
-            if self._after_job is not None and not self._urgent:  # a waiting read comes first
-                with contextlib.suppress(Exception):  # an optimisation only
-                    self._after_job()
+                self.active += 1
+            try:
+                done(outcome.capture(fn))
+                if self._after_job is not None and not self._urgent:  # a waiting read first
+                    with contextlib.suppress(Exception):  # an optimisation only
+                        self._after_job()
+            finally:
+                with self._cond:
+                    self.active -= 1
 
     async def run(self, fn: Callable[[], T], urgent: bool = True) -> T:
         """Run `fn` on a worker; the calling task sleeps until it is done."""
@@ -118,6 +124,12 @@ class WorkerPool:
             os.close(efd)
         result: T = box[0].unwrap()
         return result
+
+    @property
+    def idle(self) -> bool:
+        """No job waited on and no worker busy (trio thread; `active` is read without the lock:
+        a stale answer only delays or allows one idle poll)."""
+        return self.pending == 0 and self.active == 0
 
     def queued(self) -> int:
         with self._cond:

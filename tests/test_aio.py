@@ -192,6 +192,31 @@ def _boom() -> None:
     raise PqfsError("boom")
 
 
+async def test_worker_pool_is_idle_only_once_its_after_job_is_done() -> None:
+    """`idle` (the idle poll's rule) is false while a job is waited on and while a worker still
+    runs the job's after_job: the loop must not take the GIL from either."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def after_job() -> None:
+        started.set()
+        release.wait(10)
+
+    pool = WorkerPool(1, "t", after_job=after_job)
+    try:
+        assert pool.idle
+        assert await pool.run(lambda: 5) == 5
+        await trio.to_thread.run_sync(started.wait, 10)
+        assert pool.pending == 0 and not pool.idle  # the worker is in after_job
+        release.set()
+        with trio.fail_after(10):
+            while not pool.idle:
+                await trio.sleep(0.001)
+    finally:
+        release.set()
+        pool.close()
+
+
 def _slow(k: int) -> int:
     time.sleep(0.001)
     return k
