@@ -4,8 +4,9 @@ Invariants (kept by this class alone, under its lock; workers and the trio threa
   * every buffer is CHUNK bytes; cached + free + lent buffers never exceed `capacity`
     (= budget // CHUNK), whatever the number of open files, so plaintext memory is bounded by
     the budget plus the callers' own transient buffers;
-  * a buffer is wiped before it is reused for another chunk, when it is evicted, and on clear():
-    no plaintext survives in a buffer that no longer holds its chunk;
+  * a buffer is wiped before it is reused for another chunk, when it is evicted (by the lender,
+    once it has left the map: then no reader can reach it), and on clear(): no plaintext
+    survives in a buffer that no longer holds its chunk;
   * readers copy out while holding the lock, so a concurrent eviction by a worker thread never
     wipes or reuses a buffer under a reader;
   * `clear()` (lock, unmount) wipes and drops every buffer, cached and free, and starts a new
@@ -74,6 +75,7 @@ class ChunkCache:
         """`count` wiped buffers for a worker to decrypt into, taken from the free list, newly
         allocated while under capacity, or evicted from the LRU end."""
         out: list[memoryview] = []
+        evicted: list[memoryview] = []
         new = 0  # buffers to allocate: counted as lent at once, made after the lock is released
         with self._lock:
             for _ in range(count):
@@ -86,10 +88,15 @@ class ChunkCache:
                     new += 1
                 else:
                     _, slot = self._slots.popitem(last=False)
-                    wipe(slot.buf)
                     self.evictions += 1
-                    out.append(slot.buf)
-            self._lent += len(out) + new
+                    evicted.append(slot.buf)
+            self._lent += len(out) + len(evicted) + new
+        # Outside the lock, which readers on the loop take for every chunk they copy: wiping
+        # a job's evictions (2 MiB) under it made the loop wait, and then wait again for the
+        # GIL. No reader can reach these buffers any more: they left the map under the lock.
+        for b in evicted:
+            wipe(b)
+        out.extend(evicted)
         out.extend(populated() for _ in range(new))  # faulting pages: not under the lock
         return out
 

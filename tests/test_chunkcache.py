@@ -33,6 +33,14 @@ def test_budget_bounds_buffers_and_evicts_lru_with_wipe() -> None:
     assert bufs[1] == bytes([9]) * CHUNK
 
 
+def test_an_evicted_buffer_is_lent_wiped() -> None:
+    cache = ChunkCache(4 * CHUNK)
+    bufs = [_fill(cache, ("f", i), 0xAA) for i in range(4)]
+    (lent,) = cache.lend(1)  # full: the LRU chunk is evicted for it
+    assert ("f", 0) not in cache and cache.evictions == 1
+    assert lent.obj is bufs[0].obj and not any(lent)
+
+
 def test_many_files_share_one_budget() -> None:
     cache = ChunkCache(16 * CHUNK)
     for f in range(50):
