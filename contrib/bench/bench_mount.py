@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -248,8 +248,8 @@ class Pqfs(System):
     name = "pqfs"
     tool = "pqfs"
 
-    def __init__(self, work: Path, cache_size: str, extra: list[str]) -> None:
-        self.extra = extra  # more `pqfs mount` options, for A/B runs
+    def __init__(self, work: Path, cache_size: str, extra: Sequence[str] = ()) -> None:
+        self.extra = list(extra)  # more `pqfs mount` options, for A/B runs
         super().__init__(work)
         self._steal0 = 0.0
         self.cache_size = cache_size
