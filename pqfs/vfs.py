@@ -18,6 +18,9 @@ Concurrency model (all of it written down here, kept by this module):
     wipes what it produced instead of returning it; the chunk cache does the same for inserts.
   * An open file is closed only when no job still reads from it (`jobs` == 0), so a prefetch in
     flight never reads a closed, possibly reused, descriptor.
+  * Before it sleeps, the loop may poll for up to `idle_poll` (`idlepoll.py`), only while
+    `_may_poll()` holds: every wait the poll cannot see (trio.to_thread, S3 fetches on the
+    loop) goes through `offload()` or counts itself in `_unseen`.
 """
 
 from __future__ import annotations
