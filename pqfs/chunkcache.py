@@ -82,7 +82,7 @@ class ChunkCache:
                 if self._free:
                     out.append(self._free.pop())
                 elif (
-                    len(self._slots) + self._lent + len(out) + new < self.capacity
+                    len(self._slots) + self._lent + len(out) + len(evicted) + new < self.capacity
                     or not self._slots
                 ):
                     new += 1

@@ -33,12 +33,17 @@ def test_budget_bounds_buffers_and_evicts_lru_with_wipe() -> None:
     assert bufs[1] == bytes([9]) * CHUNK
 
 
-def test_an_evicted_buffer_is_lent_wiped() -> None:
+def test_evicted_buffers_are_lent_wiped_and_within_the_budget() -> None:
     cache = ChunkCache(4 * CHUNK)
     bufs = [_fill(cache, ("f", i), 0xAA) for i in range(4)]
     (lent,) = cache.lend(1)  # full: the LRU chunk is evicted for it
     assert ("f", 0) not in cache and cache.evictions == 1
     assert lent.obj is bufs[0].obj and not any(lent)
+    cache.insert([("f", 9)], [lent], [CHUNK], cache.generation)
+    more = cache.lend(3)  # a job's worth at once: three evictions, no new buffer
+    assert cache.evictions == 4 and len(cache) == 1
+    assert len(cache.buffers()) + len(more) <= cache.capacity
+    assert {id(b.obj) for b in more} <= {id(b.obj) for b in bufs} and not any(map(any, more))
 
 
 def test_many_files_share_one_budget() -> None:
