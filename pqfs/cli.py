@@ -535,6 +535,8 @@ STAT_LINES = [
     ("authentication failures", "auth_failures", "{}"),
     ("failed reads (storage)", "read_errors", "{}"),
     ("longest loop stall", "loop_stall_max_ms", "{} ms"),
+    ("  of which on CPU", "loop_stall_max_cpu_ms", "{} ms"),
+    ("most CPU in one loop step", "loop_step_cpu_max_ms", "{} ms"),
     ("longest GC pause", "gc_pause_max_ms", "{} ms"),
     ("idle polls", "idle_polls", "{}"),
     ("idle polls answered", "idle_poll_hits", "{}"),

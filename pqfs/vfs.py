@@ -1133,6 +1133,8 @@ class VaultFS:
             "auth_failures": c.auth_failures,
             "read_errors": c.read_errors,
             "loop_stall_max_ms": round(self.stall.longest * 1000, 3),
+            "loop_stall_max_cpu_ms": round(self.stall.longest_cpu * 1000, 3),
+            "loop_step_cpu_max_ms": round(self.stall.busiest * 1000, 3),
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
             "gc_pause_max_ms": round(self.gc.longest * 1000, 3),

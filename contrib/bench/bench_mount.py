@@ -299,10 +299,13 @@ class Pqfs(System):
         data = json.loads(run([*self.cmd(), "stats", self.mnt, "--json"]))
         if float(data.get("loop_stall_max_ms") or 0) > 10:
             log(
-                f"pqfs: loop stall of {data['loop_stall_max_ms']} ms in {data.get('loop_stall_task')}"
+                f"pqfs: loop stall of {data['loop_stall_max_ms']} ms in "
+                f"{data.get('loop_stall_task')} ({data.get('loop_stall_max_cpu_ms')} ms on CPU)"
             )
         keep = (
             "loop_stall_max_ms",
+            "loop_stall_max_cpu_ms",
+            "loop_step_cpu_max_ms",
             "read_p50_ms",
             "read_p99_ms",
             "cache_hit_rate",
@@ -630,6 +633,8 @@ def report(
         for phase, what in (("xa_", "open+random mount"), ("xb_", "seq+RSS mount")):
             for key in (
                 "loop_stall_max_ms",
+                "loop_stall_max_cpu_ms",
+                "loop_step_cpu_max_ms",
                 "read_p50_ms",
                 "read_p99_ms",
                 "cache_hit_rate",
