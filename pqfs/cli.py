@@ -769,11 +769,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep unwrapped file keys this long after last use; 0: only while open (default: 300)",
     )
-    sp.add_argument(
+    cache_mode = sp.add_mutually_exclusive_group()
+    cache_mode.add_argument(
         "--direct-io",
+        dest="direct_io",
         action="store_true",
+        default=True,
         help="keep decrypted pages out of the kernel's page cache: plaintext stays only in the "
-        "wiped --cache-size (programs that mmap files MAP_SHARED then get ENODEV)",
+        "wiped --cache-size (the default; programs that mmap files MAP_SHARED get ENODEV)",
+    )
+    cache_mode.add_argument(
+        "--page-cache",
+        dest="direct_io",
+        action="store_false",
+        help="let the kernel cache decrypted pages, for programs that mmap files MAP_SHARED "
+        "(plaintext then also lives in kernel memory until evicted or pqfs lock)",
     )
     sp.add_argument(
         "--idle-poll",

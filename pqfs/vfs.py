@@ -103,12 +103,16 @@ class MountOptions:
     prefetch_start: int = 8  # chunks ahead once a reader is seen to be sequential
     prefetch_max: int = 256  # chunks ahead at most, per open file (16 MiB)
     max_read: int = 1 * MiB  # largest request the kernel sends; the shared reply buffer
-    # Reads bypass the kernel's page cache (FOPEN_DIRECT_IO): plaintext then lives only in
-    # pqfs's own budgeted, wiped cache, never in kernel pages that outlive a read. Off by
-    # default because it costs MAP_SHARED mmap (libfuse 3.14 cannot ask for
-    # FUSE_DIRECT_IO_ALLOW_MMAP; MAP_PRIVATE works), the kernel's readahead (small reads become
-    # small requests) and its caching of re-read pages.
-    direct_io: bool = False
+    # Reads bypass the kernel's page cache (FOPEN_DIRECT_IO): plaintext lives only in pqfs's
+    # own budgeted, wiped cache, never in kernel pages that outlive a read, and a reply is
+    # copied into the reader's own buffer. With the page cache, the reply's write fills fresh
+    # page-cache pages on the loop thread: on this project's VM that took up to 24 ms of the
+    # loop's CPU in one step, and stalls of 10-45 ms came in 5 of 11 benchmark runs; none in
+    # 15 sequential mounts without it. The cost (`pqfs mount --page-cache` keeps the page
+    # cache): MAP_SHARED mmap gets ENODEV (libfuse 3.14 cannot ask for
+    # FUSE_DIRECT_IO_ALLOW_MMAP; MAP_PRIVATE works), and small reads are not merged by the
+    # kernel's readahead (pqfs's own readahead still decrypts ahead of them).
+    direct_io: bool = True
     # After answering a read, or while a direct read is in flight, the loop polls this long
     # (seconds) before sleeping: the wake-up of an idle CPU costs more (`idlepoll.py`). 0: never.
     idle_poll: float = 200e-6

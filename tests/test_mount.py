@@ -165,7 +165,7 @@ def test_tampered_chunk_is_eio_and_mount_stays_up(
 # ------------------------------------------------------------------------ lock ----
 
 
-@pytest.mark.parametrize("args", [[], ["--direct-io"]], ids=["default", "direct-io"])
+@pytest.mark.parametrize("args", [[], ["--page-cache"]], ids=["default", "page-cache"])
 def test_lock_then_unlock(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str], args: list[str]
 ) -> None:
@@ -201,17 +201,17 @@ def test_lock_then_unlock(
         assert mount_stats(mp, cli_env)["locked"] is False
 
 
-def test_direct_io_keeps_plaintext_out_of_the_kernel_page_cache(
+def test_by_default_plaintext_stays_out_of_the_kernel_page_cache(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
-    """With --direct-io reads bypass the kernel's page cache (plaintext lives only in pqfs's own
-    wiped cache): after a read, no page of the file is cached; MAP_SHARED mmap is then refused
-    (ENODEV, as documented) and MAP_PRIVATE works. By default the kernel caches pages, and both
-    kinds of mmap work."""
+    """By default (--direct-io) reads bypass the kernel's page cache (plaintext lives only in
+    pqfs's own wiped cache): after a read, no page of the file is cached; MAP_SHARED mmap is
+    then refused (ENODEV, as documented) and MAP_PRIVATE works. With --page-cache the kernel
+    caches pages, and both kinds of mmap work."""
     src, vault = library
     name = "movies/Big Buck Bunny (2008)/film.mkv"
     want = (src / name).read_bytes()
-    for args in ([], ["--direct-io"]):
+    for args in (["--page-cache"], [], ["--direct-io"]):
         with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
             fd = os.open(mp / "lib" / name, os.O_RDONLY)
             try:
@@ -220,7 +220,7 @@ def test_direct_io_keeps_plaintext_out_of_the_kernel_page_cache(
                 assert cached is not None
                 with mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) as m:  # MAP_PRIVATE
                     assert m[:] == want
-                if not args:
+                if args == ["--page-cache"]:
                     assert cached >= len(want) // mmap.PAGESIZE
                     with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:  # MAP_SHARED
                         assert m[:] == want
@@ -325,6 +325,7 @@ def test_command_errors_are_one_line(
         (["mount", str(vault), str(tmp_path), "--idle-poll", "-5"], "between 0 and 10000"),
         (["mount", str(vault), str(tmp_path), "--idle-poll", "20000"], "between 0 and 10000"),
         (["mount", str(vault), str(tmp_path), "--idle-poll", "0.5"], "whole number"),
+        (["mount", str(vault), str(tmp_path), "--page-cache", "--direct-io"], "not allowed with"),
     ]
     for argv, msg in cases:
         proc = run_pqfs(*argv, env=cli_env, check=False)

@@ -730,7 +730,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds before the open-files RSS")
     ap.add_argument("--pqfs-cache-size", default="64M", help="pqfs mount --cache-size")
-    ap.add_argument("--pqfs-args", default="", help="more pqfs mount options, e.g. '--idle-poll 0'")
+    ap.add_argument(
+        "--pqfs-args", default="", help="more pqfs mount options, e.g. --pqfs-args='--idle-poll 0'"
+    )
     args = ap.parse_args()
 
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
