@@ -14,10 +14,11 @@ import trio
 
 from pqfs import pagecache
 from pqfs.catalog import put_op
+from pqfs.chunkcache import SPARES
 from pqfs.errors import IsADirectory, Locked, NotADirectory, NotFound, PayloadError, ReadOnly
 from pqfs.stream import CHUNK, CT_CHUNK
 from pqfs.vault import Vault, object_key
-from pqfs.vfs import ROOT_INO, MountOptions, VaultFS
+from pqfs.vfs import REPLY_SPARES, ROOT_INO, MountOptions, VaultFS
 
 from .conftest import PASSPHRASE
 
@@ -396,3 +397,22 @@ async def test_streams_do_not_arm_the_idle_poll(vault: Vault, contents: dict[str
         off = 40 * CHUNK + 5
         assert bytes(await fs.read(fh, off, 1000)) == data[off : off + 1000]
         assert fs.idle._until > 0
+
+
+async def test_spare_buffers_are_ready_before_the_first_read(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    """A mount faults in its spare reply and cache buffers before it serves, and again after an
+    unlock (lock drops them): the first read that waits never faults in a 1 MiB buffer on the
+    loop."""
+    async with running(vault) as fs:
+        assert len(fs._replies) == REPLY_SPARES and len(fs.cache._free) == SPARES
+        fs.lock()
+        assert fs._replies == []
+        await fs.unlock(passphrase=PASSPHRASE)
+        assert len(fs._replies) == REPLY_SPARES
+        fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
+        spare = fs._replies[-1]
+        data = contents["big.bin"]
+        assert bytes(await fs.read(fh, 0, 10 * CHUNK)) == data[: 10 * CHUNK]  # waits on workers
+        assert any(b is spare for b, _ in fs._sent)  # the read used a spare, made no buffer
