@@ -635,6 +635,7 @@ def report(
                 "loop_stall_max_ms",
                 "loop_stall_max_cpu_ms",
                 "loop_step_cpu_max_ms",
+                "gc_pause_max_ms",
                 "read_p50_ms",
                 "read_p99_ms",
                 "cache_hit_rate",
