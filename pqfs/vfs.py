@@ -298,8 +298,8 @@ class VaultFS:
         # append new zeroed ones (_after_job), so a list (atomic append/pop) is enough.
         self._replies: list[memoryview] = []
         # Before the first read, not inside it: the first read that waits would otherwise fault
-        # in a 1 MiB reply buffer on the loop (23 ms of the loop's CPU in one measured step,
-        # right after GiBs of memory had been freed).
+        # in a 1 MiB reply buffer on the loop, 256 first touches inside one step (each can cost
+        # tens of us on a VM whose host has taken back freed memory).
         self._after_job()
         self._tls = threading.local()
         self._reuse_ct = vault.storage.reuse_read_buffers
