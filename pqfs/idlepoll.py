@@ -81,13 +81,12 @@ class IdlePoll(trio.abc.Instrument):
         end = min(self._until, now + timeout)
         if end <= now or not self._allowed():
             return
-        poller = select.poll()
-        fds = 0
-        for fd in self._fds():
-            poller.register(fd, select.POLLIN)
-            fds += 1
+        fds = list(self._fds())
         if not fds:
             return
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         self.polls += 1
         while True:
             ready = poller.poll(0)

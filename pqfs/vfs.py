@@ -20,7 +20,7 @@ Concurrency model (all of it written down here, kept by this module):
     flight never reads a closed, possibly reused, descriptor.
   * Before it sleeps, the loop may poll for up to `idle_poll` (`idlepoll.py`), only while
     `_may_poll()` holds: every wait the poll cannot see (trio.to_thread, S3 fetches on the
-    loop) goes through `offload()` or counts itself in `_unseen`.
+    loop) goes through `offload()` or `_unseen_wait()`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from .header import Header
 from .idlepoll import IdlePoll
 from .keycache import CachedKey, KeyCache
 from .keys import HybridIdentity, X25519Identity, unwrap
-from .memory import populated
+from .memory import populated, scratch
 from .metrics import GcMeter, Latency, StallMeter
 from .storage import Storage
 from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
@@ -271,7 +271,7 @@ class VaultFS:
         self.cache = ChunkCache(opts.cache_size)
         self.stall = StallMeter()
         self.idle = IdlePoll(opts.idle_poll, self._idle_fds, self._may_poll)
-        self._unseen = 0  # waits the idle poll cannot see: offload() threads, fetches on the loop
+        self._unseen = 0  # waits the idle poll cannot see, in progress (_unseen_wait)
         self.fuse_fds: list[int] = []  # the FUSE device, set by the adapter once mounted
         self.gc = GcMeter()
         self.latency = Latency()
@@ -286,7 +286,7 @@ class VaultFS:
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._prefetching = 0  # chunks in prefetch jobs not yet finished
         self._streaming: set[int] = set()  # handles being read sequentially (sharing readahead)
-        self.pool = WorkerPool(opts.workers, after_job=self._after_job)
+        self.pool = WorkerPool(opts.workers, after_job=self._fault_in_spares)
         self._dio: DirectIO | None = None  # created in start(): after the daemon has forked
         # Reply buffers are faulted in before use, never by a first write on the loop: on this
         # project's VM a page's first touch can cost ~0.1 ms (the host backs it only then), so
@@ -295,12 +295,12 @@ class VaultFS:
         self._inline_ct = bytearray(opts.inline_chunks * CT_CHUNK)  # ciphertext: not secret
         self._sent: list[tuple[memoryview, int]] = []  # private reply buffers sent to the kernel
         # Wiped private reply buffers, for reuse. The loop pops and returns them; workers only
-        # append new zeroed ones (_after_job), so a list (atomic append/pop) is enough.
+        # append new zeroed ones (_fault_in_spares), so a list (atomic append/pop) is enough.
         self._replies: list[memoryview] = []
         # Before the first read, not inside it: the first read that waits would otherwise fault
         # in a 1 MiB reply buffer on the loop, 256 first touches inside one step (each can cost
         # tens of us on a VM whose host has taken back freed memory).
-        self._after_job()
+        self._fault_in_spares()
         self._tls = threading.local()
         self._reuse_ct = vault.storage.reuse_read_buffers
         self._nursery: trio.Nursery | None = None
@@ -423,7 +423,7 @@ class VaultFS:
             await self.offload(self.vault.unlock, passphrase)
         if self.vault.unlocked:
             await self._load_tree()
-            await self.offload(self._after_job)  # lock() dropped the spare reply buffers
+            await self.offload(self._fault_in_spares)  # lock() dropped the spare reply buffers
 
     @property
     def locked(self) -> bool:
@@ -924,14 +924,11 @@ class VaultFS:
         n = self._span(f, first, count) if f.src.fetches else None
         if count > self.options.inline_chunks or n is None:
             return False
-        ct = memoryview(bytearray(n))  # ciphertext: not secret
+        ct = scratch(n)  # ciphertext: not secret
 
         async def ciphertext() -> memoryview | None:
-            self._unseen += 1  # its socket is not among the idle poll's descriptors
-            try:
+            with self._unseen_wait():  # its socket is not among the idle poll's descriptors
                 got = await f.src.fetch(f.payload_start + first * CT_CHUNK, ct)
-            finally:
-                self._unseen -= 1
             return ct if got else None
 
         return await self._loop_job(f, aead, first, count, dest, errors, ciphertext)
@@ -1074,10 +1071,10 @@ class VaultFS:
 
     # ------------------------------------------------------------------ reply buffers ----
 
-    def _after_job(self) -> None:
-        """Worker thread, after a job (and once before the mount serves): fault in buffers
-        the next reads will need (cache buffers, private reply buffers), off the loop and
-        without the GIL."""
+    def _fault_in_spares(self) -> None:
+        """Fault in buffers the next reads will need (cache buffers, private reply buffers),
+        off the loop and without the GIL: by a worker after each job, before the mount
+        serves, and after an unlock."""
         self.cache.top_up()
         while len(self._replies) < REPLY_SPARES:
             self._replies.append(populated(self.options.max_read))
@@ -1090,14 +1087,21 @@ class VaultFS:
                 self._replies.append(b)
         self._sent.clear()
 
+    @contextlib.contextmanager
+    def _unseen_wait(self) -> Iterator[None]:
+        """Around a wait whose end the idle poll cannot see (a thread, a socket): the loop
+        does not poll meanwhile."""
+        self._unseen += 1
+        try:
+            yield
+        finally:
+            self._unseen -= 1
+
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """trio.to_thread.run_sync, counted: the loop does not poll while such a thread runs
         (its completion is not among the descriptors polled, and polling holds the GIL)."""
-        self._unseen += 1
-        try:
+        with self._unseen_wait():
             return await trio.to_thread.run_sync(fn, *args)
-        finally:
-            self._unseen -= 1
 
     def _may_poll(self) -> bool:
         """The idle poll's rule: nothing outstanding that it cannot see, no worker that it
