@@ -716,6 +716,7 @@ class Upload:
         self.exclusive = exclusive
         self._buf = bytearray()
         self._upload_id: str | None = None
+        self._created: Future[str] | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._pool: DaemonExecutor | None = None
 
@@ -730,12 +731,18 @@ class Upload:
     def _send(self, part: bytes) -> None:
         s = self.storage
         if self._upload_id is None:
-            r = s._call(
-                f"CREATE UPLOAD {self.key}",
-                lambda: s._client.create_multipart_upload(Bucket=s.bucket, Key=self.full_key),
-            )
-            self._upload_id = r["UploadId"]
+            # The create runs on the pool, not on this thread: a Ctrl-C landing as its answer
+            # came back would lose the id here, and the upload would outlive the add (unseen,
+            # billed; it happened in CI). abort() waits for the pool and takes the id from the
+            # future instead.
             self._pool = DaemonExecutor(UPLOADS_IN_FLIGHT, "pqfs-upload")
+            self._created = self._pool.submit(
+                lambda: s._call(
+                    f"CREATE UPLOAD {self.key}",
+                    lambda: s._client.create_multipart_upload(Bucket=s.bucket, Key=self.full_key),
+                )["UploadId"]
+            )
+            self._upload_id = self._created.result()
         # Bounded memory: wait for the oldest part before queueing more than UPLOADS_IN_FLIGHT.
         pending = [f for f in self._parts if not f.done()]
         if len(pending) >= UPLOADS_IN_FLIGHT:
@@ -788,17 +795,20 @@ class Upload:
                 **cond,
             ),
         )
-        self._upload_id = None
+        self._upload_id = self._created = None
         self._close_pool()
 
     def abort(self) -> None:
         self._buf.clear()
         for f in self._parts:
             f.cancel()
-        self._close_pool()
-        if self._upload_id is not None:
-            s, upload_id = self.storage, self._upload_id
-            self._upload_id = None
+        self._close_pool()  # waits for the create and the parts in flight
+        upload_id, created = self._upload_id, self._created
+        if created is not None and not created.cancelled() and created.exception() is None:
+            upload_id = created.result()
+        self._upload_id = self._created = None
+        if upload_id is not None:
+            s = self.storage
             with contextlib.suppress(Exception):  # gc aborts it later if this fails too
                 s._call(
                     f"ABORT {self.key}",

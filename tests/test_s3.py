@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
 import threading
 import time
 import urllib.parse
@@ -325,6 +326,36 @@ def test_idle_connections_stay_bounded(
     finally:
         st.close()
     assert not st._http._idle and all(c.sock is None for c in idle)
+
+
+def test_ctrl_c_as_an_upload_is_created_leaves_no_upload(
+    s3: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C that lands just as the server answers CreateMultipartUpload, before the id is
+    known (it happened in CI, in test_ctrl_c_during_add_cleans_up[s3]): the upload is still
+    aborted, not left behind unseen and billed."""
+    st = s3_storage(s3, s3_bucket, s3.endpoint, monkeypatch, None)
+    create = st._client.create_multipart_upload
+    created: list[str] = []
+
+    def create_then_ctrl_c(**kw: Any) -> Any:
+        r = create(**kw)
+        created.append(r["UploadId"])
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        time.sleep(0.05)  # the interrupt is seen before the answer is handed back
+        return r
+
+    st._client.create_multipart_upload = create_then_ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt), st.writer("objects/x", exclusive=True) as f:
+            for _ in range(12):  # one part and a half: the first part creates the upload
+                f.write(os.urandom(MiB))
+    finally:
+        st.close()
+    assert len(created) == 1
+    uploads = s3.client().list_multipart_uploads(Bucket=s3_bucket, Prefix="v/")
+    assert uploads.get("Uploads", []) == []
+    assert st.list("objects/") == []
 
 
 def test_an_expired_presigned_url_is_signed_again(
