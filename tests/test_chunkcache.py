@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
+
+import pytest
 
 from pqfs.chunkcache import ChunkCache
 from pqfs.memory import populated, scratch
-from pqfs.stream import CHUNK
+from pqfs.stream import CHUNK, wipe
 
 
 def _fill(cache: ChunkCache, key: object, byte: int) -> memoryview:
@@ -140,3 +143,38 @@ def test_top_up_keeps_spares_within_the_budget() -> None:
     assert len(cache.buffers()) == 8  # 5 cached + 3 spares: the budget, not 5 + 10
     cache.top_up(10)
     assert len(cache.buffers()) == 8
+
+
+def test_wipe_zeroes_exactly_its_buffer() -> None:
+    """wipe() zeroes all of the buffer it is given and nothing around it, for bytearrays,
+    slices of them, mmap-backed views and sizes either side of its 1 MiB zero page; a read-only
+    buffer is refused, not written."""
+    rng = random.Random(4)
+    for size in [
+        0,
+        1,
+        31,
+        4096,
+        CHUNK - 1,
+        CHUNK,
+        (1 << 20) - 1,
+        1 << 20,
+        (1 << 20) + 3 * CHUNK + 5,
+    ]:
+        whole = bytearray(b"\xa5" * (size + 64))
+        lo = rng.randrange(0, 33)
+        wipe(memoryview(whole)[lo : lo + size])
+        assert whole == b"\xa5" * lo + bytes(size) + b"\xa5" * (64 - lo)
+        own = bytearray(os.urandom(size))
+        wipe(own)
+        assert own == bytes(size)
+        view = populated(max(size, 1))
+        view[:] = b"\x5a" * len(view)
+        wipe(view)
+        assert bytes(view) == bytes(len(view))
+    wide = memoryview(bytearray(b"\xff" * 8192)).cast("Q")  # another item size: bytes counted
+    wipe(wide)
+    assert bytes(wide) == bytes(8192)
+    for size in (16, 8192):
+        with pytest.raises(TypeError):
+            wipe(memoryview(b"\x01" * size))
