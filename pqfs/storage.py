@@ -115,8 +115,11 @@ class LocalStorage(Storage):
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
-        f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
+        f: BinaryIO | None = None
         try:
+            # Inside the try: a Ctrl-C landing as open() returns, before `f` is bound, must
+            # still remove the file (the same race lost an S3 upload in CI).
+            f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -127,10 +130,12 @@ class LocalStorage(Storage):
             else:
                 os.replace(tmp, final)
             _fsync_dir(final.parent)
-        except BaseException:
-            f.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        except BaseException as e:
+            if f is not None:
+                f.close()
+            if f is not None or not isinstance(e, FileExistsError):  # never another's file
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
 
     def list(self, prefix: str) -> list[tuple[str, int]]:

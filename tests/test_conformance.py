@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,3 +299,37 @@ def test_vault_objects_open_in_process(backend: Backend) -> None:
     assert size == len(data)
     st: Storage = v.storage
     assert any(k.endswith(f"{oid}.age") for k, _ in st.list("objects/"))
+
+
+def test_local_writer_interrupted_as_its_temp_file_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C landing just as open() returns, before the file object is bound (the race that
+    lost an S3 upload in CI): the temp file is still removed. And when open() finds the temp
+    name taken (another writer's file), that file is left alone."""
+    import builtins
+
+    from pqfs import storage as storage_mod
+
+    st = storage_mod.LocalStorage(tmp_path / "store")
+    real_open = builtins.open
+
+    def open_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        real_open(*args, **kwargs).close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage_mod, "open", open_then_ctrl_c, raising=False)
+    with pytest.raises(KeyboardInterrupt), st.writer("objects/a", exclusive=True):
+        pass
+    assert list((tmp_path / "store").rglob(".tmp-*")) == []
+
+    def taken(path: Any, *args: Any, **kwargs: Any) -> Any:
+        Path(path).write_bytes(b"someone else's")
+        raise FileExistsError(path)
+
+    monkeypatch.setattr(storage_mod, "open", taken, raising=False)
+    with pytest.raises(FileExistsError), st.writer("objects/b"):
+        pass
+    (other,) = (tmp_path / "store" / "objects").glob(".tmp-*")
+    assert other.read_bytes() == b"someone else's"
+    assert st.list("objects/") == []
