@@ -656,6 +656,20 @@ def invalid_mlkem_keys() -> list[bytes]:
     return [hx(t, "ek") for t in tests if t["result"] == "invalid"]
 
 
+def test_classic_recipient_whose_data_begins_with_pq_is_classic() -> None:
+    """Recipient types go by the bech32 HRP, not by a prefix: an X25519 key whose encoding
+    begins "age1pq" (its data starts with "pq", 1 key in 1024) is a classic recipient, and a
+    hybrid one begins "age1pq1". The first 10 bits 00001 00000 encode as "pq"."""
+    public = (
+        bytes([0x08, 0x00]) + x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()[2:]
+    )
+    text = bech32_encode("age", public)
+    assert text.startswith("age1pq") and not text.startswith("age1pq1")
+    rcpt = keys.parse_recipient(text)
+    assert isinstance(rcpt, keys.X25519Recipient) and not rcpt.post_quantum
+    assert rcpt.public_bytes == public and rcpt.encode() == text
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hybrid_recipient_rejects_invalid_keys(backend: str) -> None:
     """An `age1pq1...` recipient whose ML-KEM-768 half fails the FIPS 203 encapsulation-key
