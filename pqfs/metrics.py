@@ -5,12 +5,19 @@ Both are touched only from the trio thread, so they need no lock.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
+import resource
 import time
 from typing import Any
 
 import trio
+
+# The loop thread's own counters, read by the stall meter (module attributes: tests replace
+# them to stand for what only a hypervisor can do, such as taking the vCPU away mid-step).
+_thread_cpu = time.thread_time
+_thread_usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
 
 BUCKETS_PER_OCTAVE = 8  # percentiles within ~9% of the true value, in constant memory and time
 _MAX_BUCKET = 40 * BUCKETS_PER_OCTAVE  # 1 us * 2^40: beyond any real latency
@@ -55,7 +62,7 @@ class StallMeter(trio.abc.Instrument):
 
     BUSY_FLOOR = 0.001  # steps shorter than this are not worth a second clock reading
 
-    def __init__(self) -> None:
+    def __init__(self, detail: bool = False) -> None:
         self.longest = 0.0
         self.longest_cpu = 0.0  # on-CPU time of the longest step
         self.busiest = 0.0  # the most on-CPU time of any one step (steps over BUSY_FLOOR)
@@ -63,27 +70,57 @@ class StallMeter(trio.abc.Instrument):
         self._start = 0.0
         self._cpu = 0.0
         self.longest_task = ""
+        # Opt-in (`pqfs mount --stall-detail`): what the loop's thread went through during the
+        # longest step, from getrusage(RUSAGE_THREAD) around every step (~0.4 us each). A
+        # step off the CPU with a sleep in it waited for something (the GIL, a lock, a disk).
+        # With neither a sleep nor a preemption the thread never left its vCPU, so its time
+        # off the CPU is the host's: the hypervisor ran something else on that vCPU (with
+        # paravirtual steal accounting, as here, steal is not counted as the thread's CPU).
+        self.detail = detail
+        self._usage: resource.struct_rusage | None = None
+        self.longest_sleeps = 0  # voluntary context switches
+        self.longest_preemptions = 0  # involuntary ones
+        self.longest_faults = 0  # page faults, minor and major
+        # The longest step with that host share taken out: a step with no sleep and no
+        # preemption counts its CPU time only, any other step counts whole.
+        self.longest_own = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._cpu = time.thread_time()
+        if self.detail:
+            self._usage = _thread_usage()
+        self._cpu = _thread_cpu()
         self._start = time.perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         dt = time.perf_counter() - self._start
         if dt <= self.BUSY_FLOOR and dt <= self.longest:
             return
-        cpu = time.thread_time() - self._cpu
+        cpu = _thread_cpu() - self._cpu
         self.busiest = max(self.busiest, cpu)
+        sleeps = preemptions = faults = 0
+        detailed = self._usage is not None and dt > self.longest_own
+        if detailed:
+            u0, u1 = self._usage, _thread_usage()
+            assert u0 is not None
+            sleeps = u1.ru_nvcsw - u0.ru_nvcsw
+            preemptions = u1.ru_nivcsw - u0.ru_nivcsw
+            faults = u1.ru_minflt + u1.ru_majflt - u0.ru_minflt - u0.ru_majflt
+            own = dt if sleeps or preemptions else min(cpu, dt)
+            self.longest_own = max(self.longest_own, own)
         if dt > self.longest:
             self.longest = dt
             self.longest_cpu = cpu
             self.longest_task = task.name
+            if detailed:
+                self.longest_sleeps, self.longest_preemptions = sleeps, preemptions
+                self.longest_faults = faults
         if dt > 0.010:
             self.over_10ms += 1
 
     def reset(self) -> None:
-        self.longest = self.longest_cpu = self.busiest = 0.0
+        self.longest = self.longest_cpu = self.busiest = self.longest_own = 0.0
         self.over_10ms = 0
+        self.longest_sleeps = self.longest_preemptions = self.longest_faults = 0
 
 
 class GcMeter:

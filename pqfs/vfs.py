@@ -116,6 +116,7 @@ class MountOptions:
     # After answering a read, or while a direct read is in flight, the loop polls this long
     # (seconds) before sleeping: the wake-up of an idle CPU costs more (`idlepoll.py`). 0: never.
     idle_poll: float = 200e-6
+    stall_detail: bool = False  # count sleeps, preemptions, faults in the longest loop step
     catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
 
@@ -269,7 +270,7 @@ class VaultFS:
         self.options = opts = options or MountOptions()
         vault.key_cache = self.keys = KeyCache(ttl=opts.key_ttl)
         self.cache = ChunkCache(opts.cache_size)
-        self.stall = StallMeter()
+        self.stall = StallMeter(detail=opts.stall_detail)
         self.idle = IdlePoll(opts.idle_poll, self._idle_fds, self._may_poll)
         self._unseen = 0  # waits the idle poll cannot see, in progress (_unseen_wait)
         self.fuse_fds: list[int] = []  # the FUSE device, set by the adapter once mounted
@@ -1151,6 +1152,16 @@ class VaultFS:
             "loop_step_cpu_max_ms": round(self.stall.busiest * 1000, 3),
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
+            **(
+                {
+                    "stall_detail_sleeps": self.stall.longest_sleeps,
+                    "stall_detail_preemptions": self.stall.longest_preemptions,
+                    "stall_detail_faults": self.stall.longest_faults,
+                    "stall_detail_own_max_ms": round(self.stall.longest_own * 1000, 3),
+                }
+                if self.stall.detail
+                else {}
+            ),
             "gc_pause_max_ms": round(self.gc.longest * 1000, 3),
             "idle_polls": self.idle.polls,
             "idle_poll_hits": self.idle.hits,

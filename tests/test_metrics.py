@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import pytest
 import trio
 
 from pqfs.metrics import Latency, StallMeter
@@ -44,6 +46,74 @@ def test_a_busy_step_is_a_stall_on_the_cpu() -> None:
     assert meter.longest_cpu >= 0.02 and meter.busiest >= 0.02
     meter.reset()
     assert (meter.longest, meter.longest_cpu, meter.busiest, meter.over_10ms) == (0, 0, 0, 0)
+
+
+def test_stall_detail_tells_a_sleep_from_page_faults() -> None:
+    """With detail on, the longest step's sleeps (voluntary switches) and page faults are
+    counted: a step that sleeps has at least one sleep; a longer one that touches 8 MiB of
+    fresh memory has its faults (at least one per 2 MiB, the largest page) and becomes the
+    longest. Without detail nothing is counted."""
+    import mmap
+
+    def sleeper() -> None:
+        time.sleep(0.02)
+
+    def toucher() -> None:
+        m = mmap.mmap(-1, 8 << 20)
+        for i in range(0, len(m), 4096):
+            m[i] = 1
+        time.sleep(0.04)
+        m.close()
+
+    for detail in (True, False):
+        meter = StallMeter(detail=detail)
+
+        async def main(step: Any) -> None:
+            await trio.sleep(0)
+            step()
+            await trio.sleep(0)
+
+        trio.run(main, sleeper, instruments=[meter])
+        assert meter.longest >= 0.02
+        assert meter.longest_sleeps >= 1 if detail else meter.longest_sleeps == 0
+        trio.run(main, toucher, instruments=[meter])
+        assert meter.longest >= 0.04
+        assert meter.longest_faults >= 4 if detail else meter.longest_faults == 0
+        meter.reset()
+        assert (meter.longest_sleeps, meter.longest_preemptions, meter.longest_faults) == (0, 0, 0)
+
+
+def test_stall_detail_takes_out_only_the_hosts_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The longest stall with the host's share taken out: a step in which the loop's thread
+    slept counts whole (it waited for something of ours), and so does a busy one (all CPU);
+    a step in which it neither slept nor was preempted yet was off the CPU counts only its CPU
+    time: only a hypervisor taking the vCPU away does that, and it is stood for here by
+    counters that do not move while the step blocks."""
+    from pqfs import metrics
+
+    def step_async(step: Any) -> Any:
+        async def main() -> None:
+            await trio.sleep(0)
+            step()
+            await trio.sleep(0)
+
+        return main
+
+    meter = StallMeter(detail=True)
+    trio.run(step_async(lambda: time.sleep(0.03)), instruments=[meter])
+    assert meter.longest >= 0.03 and meter.longest_own >= 0.03  # a real sleep: ours
+    meter.reset()
+    trio.run(step_async(lambda: _burn(0.02)), instruments=[meter])
+    assert meter.longest_own >= 0.02  # on the CPU: ours
+    meter.reset()
+
+    frozen = metrics._thread_usage()
+    monkeypatch.setattr(metrics, "_thread_usage", lambda: frozen)
+    monkeypatch.setattr(metrics, "_thread_cpu", lambda: 5.0)
+    trio.run(step_async(lambda: time.sleep(0.03)), instruments=[meter])
+    assert meter.longest >= 0.03  # the stall itself is still reported whole
+    assert meter.longest_sleeps == meter.longest_preemptions == 0
+    assert meter.longest_own < 0.005  # but none of it was ours
 
 
 def test_short_steps_use_little_cpu() -> None:

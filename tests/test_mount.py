@@ -260,6 +260,39 @@ def test_idle_poll_waits_for_the_next_request_and_can_be_turned_off(
                 assert s["idle_polls"] >= 1 and s["idle_poll_hits"] >= 1, s
 
 
+def test_stall_detail_is_opt_in_and_shown_by_stats(
+    library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """--stall-detail adds the loop thread's sleeps, preemptions and page faults in the longest
+    stall to `pqfs stats` (JSON and text); without it neither shows them."""
+    src, vault = library
+    name = "movies/Big Buck Bunny (2008)/film.mkv"
+    for args in ([], ["--stall-detail"]):
+        with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
+            assert (mp / "lib" / name).read_bytes() == (src / name).read_bytes()
+            s = mount_stats(mp, cli_env)
+            text = run_pqfs("stats", str(mp), env=cli_env).stdout.decode()
+            keys = [
+                "stall_detail_sleeps",
+                "stall_detail_preemptions",
+                "stall_detail_faults",
+                "stall_detail_own_max_ms",
+            ]
+            if args:
+                assert all(isinstance(s[k], int | float) and s[k] >= 0 for k in keys), s
+                assert 0 < s["stall_detail_own_max_ms"] <= s["loop_stall_max_ms"]
+                for label in (
+                    "sleeps in it:",
+                    "preemptions in it:",
+                    "page faults in it:",
+                    "stall, host steal taken out:",
+                ):
+                    assert label in text, text
+            else:
+                assert not any(k in s for k in keys), s
+                assert "sleeps in it" not in text
+
+
 # ------------------------------------------------------------------------ lifecycle ----
 
 

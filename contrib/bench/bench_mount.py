@@ -300,28 +300,44 @@ class Pqfs(System):
         if float(data.get("loop_stall_max_ms") or 0) > 10:
             log(
                 f"pqfs: loop stall of {data['loop_stall_max_ms']} ms in "
-                f"{data.get('loop_stall_task')} ({data.get('loop_stall_max_cpu_ms')} ms on CPU)"
+                f"{data.get('loop_stall_task')} ({data.get('loop_stall_max_cpu_ms')} ms on CPU"
+                + (
+                    f", {data['stall_detail_sleeps']} sleeps, "
+                    f"{data['stall_detail_preemptions']} preemptions, "
+                    f"{data['stall_detail_faults']} page faults; longest stall with the host's "
+                    f"share taken out {data['stall_detail_own_max_ms']} ms)"
+                    if "stall_detail_sleeps" in data
+                    else ")"
+                )
             )
-        keep = (
-            "loop_stall_max_ms",
-            "loop_stall_max_cpu_ms",
-            "loop_step_cpu_max_ms",
-            "read_p50_ms",
-            "read_p99_ms",
-            "cache_hit_rate",
-            "gc_pause_max_ms",
-            "reads_direct",
-            "reads_direct_refused",
-            "idle_polls",
-            "idle_poll_hits",
-            "idle_poll_ms",
-        )
-        out = {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
+        out = {k: float(data[k]) for k in PQFS_STATS if isinstance(data.get(k), int | float)}
         # Time the host took the vCPUs away while this mount served (all CPUs): a loop stall
         # can be the host's, not the daemon's.
         out["steal_ms"] = steal_ms() - self._steal0
         self.stats.append(out)
         return out
+
+
+# Figures kept from each pqfs mount's `pqfs stats --json`, printed per round; the
+# stall_detail ones only with --pqfs-args=--stall-detail.
+PQFS_STATS = (
+    "loop_stall_max_ms",
+    "loop_stall_max_cpu_ms",
+    "stall_detail_sleeps",
+    "stall_detail_preemptions",
+    "stall_detail_faults",
+    "stall_detail_own_max_ms",
+    "loop_step_cpu_max_ms",
+    "gc_pause_max_ms",
+    "read_p50_ms",
+    "read_p99_ms",
+    "cache_hit_rate",
+    "reads_direct",
+    "reads_direct_refused",
+    "idle_polls",
+    "idle_poll_hits",
+    "idle_poll_ms",
+)
 
 
 def steal_ms() -> float:
@@ -631,22 +647,10 @@ def report(
         print()
         print("pqfs mount stats before each unmount (pqfs stats --json), per round:")
         for phase, what in (("xa_", "open+random mount"), ("xb_", "seq+RSS mount")):
-            for key in (
-                "loop_stall_max_ms",
-                "loop_stall_max_cpu_ms",
-                "loop_step_cpu_max_ms",
-                "gc_pause_max_ms",
-                "read_p50_ms",
-                "read_p99_ms",
-                "cache_hit_rate",
-                "reads_direct",
-                "reads_direct_refused",
-                "idle_polls",
-                "idle_poll_hits",
-                "idle_poll_ms",
-                "steal_ms",
-            ):
+            for key in (*PQFS_STATS, "steal_ms"):
                 vals = [r[phase + key] for r in results["pqfs"] if phase + key in r]
+                if not vals and key.startswith("stall_detail"):
+                    continue  # pqfs mounted without --stall-detail
                 if not vals:
                     print(f"  {what:<17} {key:<18} -")
                     continue
@@ -660,6 +664,14 @@ def report(
             for r in results["pqfs"]
         ]
         print(f"pqfs longest event-loop stall over all rounds: {max(stalls):.3f} ms")
+        own = [
+            r[k]
+            for r in results["pqfs"]
+            for k in ("xa_stall_detail_own_max_ms", "xb_stall_detail_own_max_ms")
+            if k in r
+        ]
+        if own:
+            print(f"  the same with the time the host took the vCPU taken out: {max(own):.3f} ms")
 
 
 # ---------------------------------------------------------------------------- main ----
