@@ -540,7 +540,7 @@ STAT_LINES = [
     ("  sleeps in it", "stall_detail_sleeps", "{}"),
     ("  preemptions in it", "stall_detail_preemptions", "{}"),
     ("  page faults in it", "stall_detail_faults", "{}"),
-    ("stall, host steal taken out", "stall_detail_own_max_ms", "{} ms"),
+    ("  without host steal", "stall_detail_own_max_ms", "{} ms"),
     ("most CPU in one loop step", "loop_step_cpu_max_ms", "{} ms"),
     ("longest GC pause", "gc_pause_max_ms", "{} ms"),
     ("idle polls", "idle_polls", "{}"),

@@ -285,7 +285,7 @@ def test_stall_detail_is_opt_in_and_shown_by_stats(
                     "sleeps in it:",
                     "preemptions in it:",
                     "page faults in it:",
-                    "stall, host steal taken out:",
+                    "without host steal:",
                 ):
                     assert label in text, text
             else:
