@@ -117,6 +117,17 @@ class StallMeter(trio.abc.Instrument):
         if dt > 0.010:
             self.over_10ms += 1
 
+    def detail_stats(self) -> dict[str, float]:
+        """The opt-in figures for `pqfs stats`; none without detail."""
+        if not self.detail:
+            return {}
+        return {
+            "stall_detail_sleeps": self.longest_sleeps,
+            "stall_detail_preemptions": self.longest_preemptions,
+            "stall_detail_faults": self.longest_faults,
+            "stall_detail_own_max_ms": round(self.longest_own * 1000, 3),
+        }
+
     def reset(self) -> None:
         self.longest = self.longest_cpu = self.busiest = self.longest_own = 0.0
         self.over_10ms = 0

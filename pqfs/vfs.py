@@ -298,6 +298,7 @@ class VaultFS:
         # Wiped private reply buffers, for reuse. The loop pops and returns them; workers only
         # append new zeroed ones (_fault_in_spares), so a list (atomic append/pop) is enough.
         self._replies: list[memoryview] = []
+        self._spares_lock = threading.Lock()  # _fault_in_spares only
         # Before the first read, not inside it: the first read that waits would otherwise fault
         # in a 1 MiB reply buffer on the loop, 256 first touches inside one step (each can cost
         # tens of us on a VM whose host has taken back freed memory).
@@ -1077,8 +1078,15 @@ class VaultFS:
         off the loop and without the GIL: by a worker after each job, before the mount
         serves, and after an unlock."""
         self.cache.top_up()
-        while len(self._replies) < REPLY_SPARES:
-            self._replies.append(populated(self.options.max_read))
+        # One topper at a time: workers finishing together would each see the shortfall and
+        # overshoot the bound by a 1 MiB buffer apiece. The others skip; the next job tops up.
+        if not self._spares_lock.acquire(blocking=False):
+            return
+        try:
+            while len(self._replies) < REPLY_SPARES:
+                self._replies.append(populated(self.options.max_read))
+        finally:
+            self._spares_lock.release()
 
     def _wipe_sent(self) -> None:
         """Wipe the private reply buffers of earlier reads: their replies have been sent."""
@@ -1152,16 +1160,7 @@ class VaultFS:
             "loop_step_cpu_max_ms": round(self.stall.busiest * 1000, 3),
             "loop_stall_task": self.stall.longest_task,
             "loop_stalls_over_10ms": self.stall.over_10ms,
-            **(
-                {
-                    "stall_detail_sleeps": self.stall.longest_sleeps,
-                    "stall_detail_preemptions": self.stall.longest_preemptions,
-                    "stall_detail_faults": self.stall.longest_faults,
-                    "stall_detail_own_max_ms": round(self.stall.longest_own * 1000, 3),
-                }
-                if self.stall.detail
-                else {}
-            ),
+            **self.stall.detail_stats(),
             "gc_pause_max_ms": round(self.gc.longest * 1000, 3),
             "idle_polls": self.idle.polls,
             "idle_poll_hits": self.idle.hits,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -16,6 +16,17 @@ def _burn(seconds: float) -> None:
     end = time.thread_time() + seconds
     while time.thread_time() < end:
         pass
+
+
+def _one_step(meter: StallMeter, step: Callable[[], object]) -> None:
+    """Run `step` as one trio task step, measured by `meter`."""
+
+    async def main() -> None:
+        await trio.sleep(0)
+        step()
+        await trio.sleep(0)
+
+    trio.run(main, instruments=[meter])
 
 
 def test_a_blocked_step_is_a_stall_off_the_cpu() -> None:
@@ -67,16 +78,10 @@ def test_stall_detail_tells_a_sleep_from_page_faults() -> None:
 
     for detail in (True, False):
         meter = StallMeter(detail=detail)
-
-        async def main(step: Any) -> None:
-            await trio.sleep(0)
-            step()
-            await trio.sleep(0)
-
-        trio.run(main, sleeper, instruments=[meter])
+        _one_step(meter, sleeper)
         assert meter.longest >= 0.02
         assert meter.longest_sleeps >= 1 if detail else meter.longest_sleeps == 0
-        trio.run(main, toucher, instruments=[meter])
+        _one_step(meter, toucher)
         assert meter.longest >= 0.04
         assert meter.longest_faults >= 4 if detail else meter.longest_faults == 0
         meter.reset()
@@ -91,26 +96,18 @@ def test_stall_detail_takes_out_only_the_hosts_share(monkeypatch: pytest.MonkeyP
     counters that do not move while the step blocks."""
     from pqfs import metrics
 
-    def step_async(step: Any) -> Any:
-        async def main() -> None:
-            await trio.sleep(0)
-            step()
-            await trio.sleep(0)
-
-        return main
-
     meter = StallMeter(detail=True)
-    trio.run(step_async(lambda: time.sleep(0.03)), instruments=[meter])
+    _one_step(meter, lambda: time.sleep(0.03))
     assert meter.longest >= 0.03 and meter.longest_own >= 0.03  # a real sleep: ours
     meter.reset()
-    trio.run(step_async(lambda: _burn(0.02)), instruments=[meter])
+    _one_step(meter, lambda: _burn(0.02))
     assert meter.longest_own >= 0.02  # on the CPU: ours
     meter.reset()
 
     frozen = metrics._thread_usage()
     monkeypatch.setattr(metrics, "_thread_usage", lambda: frozen)
     monkeypatch.setattr(metrics, "_thread_cpu", lambda: 5.0)
-    trio.run(step_async(lambda: time.sleep(0.03)), instruments=[meter])
+    _one_step(meter, lambda: time.sleep(0.03))
     assert meter.longest >= 0.03  # the stall itself is still reported whole
     assert meter.longest_sleeps == meter.longest_preemptions == 0
     assert meter.longest_own < 0.005  # but none of it was ours
