@@ -25,13 +25,14 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 
 def run(
-    cmd: list[str], stdout: object = subprocess.DEVNULL, env: dict[str, str] | None = None
+    cmd: list[str], stdout: int | IO[bytes] = subprocess.DEVNULL, env: dict[str, str] | None = None
 ) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, check=True, env=env)  # type: ignore[arg-type]
+    subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, check=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -127,8 +128,8 @@ def main() -> int:
         )
         env.pop("PQFS_PASSPHRASE")
 
-        enc = {"age -e": [], "pqfs add": []}
-        dec = {"age -d": [], "pqfs cat": []}
+        enc: dict[str, list[float]] = {"age -e": [], "pqfs add": []}
+        dec: dict[str, list[float]] = {"age -d": [], "pqfs cat": []}
         age_file = work / "big.age"
         for r in range(args.rounds):
             enc["age -e"].append(run(["age", "-e", "-r", recipient, "-o", str(age_file), str(big)]))

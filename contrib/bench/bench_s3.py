@@ -92,6 +92,7 @@ from bench_mount import (
     Pqfs,
     Rclone,
     System,
+    add_quiet_host_argument,
     check_preads,
     cold_opens,
     cpu_seconds,
@@ -802,6 +803,7 @@ def report(
         f"data on {Path(tempfile.gettempdir())} (disk), S3 over loopback; {args.rounds} rounds, "
         f"order alternating; fresh mounts; page cache dropped before every measurement"
     )
+    print(f"host steal after the setup (both vCPUs kept busy): {args.host_wait}")
     mounts = {
         "pqfs": f"pqfs mount s3://{BUCKET}/pqfs --cache-size {args.pqfs_cache_size}",
         "rclone": "rclone crypt over an s3 remote (provider Other), mount --vfs-cache-mode off "
@@ -950,6 +952,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds before the open-files RSS")
     ap.add_argument("--gets", type=int, default=200, help="warm direct GETs per round")
+    add_quiet_host_argument(ap)
     ap.add_argument("--pqfs-cache-size", default="64M", help="pqfs mount --cache-size")
     ap.add_argument(
         "--dc-cache-size", default="8M", help="pqfs --cache-size in the disk-cache test"
