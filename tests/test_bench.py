@@ -1,11 +1,12 @@
 """The mount benchmark still runs end to end (tiny sizes, pqfs only; no figure is asserted), and
-its wait for a quiet host ends both ways."""
+its wait for a quiet host ends both ways and leaves no spinner behind."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,36 @@ def test_quiet_host_wait_gives_up_at_its_limit() -> None:
 
 def test_quiet_host_wait_can_be_skipped() -> None:
     assert bench_mount.wait_for_quiet_host(limit=0) == "not waited for (--quiet-host 0)"
+
+
+def _spinners() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"while os.getppid() == parent" in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_quiet_host_spinners_stop_when_the_benchmark_is_killed() -> None:
+    code = (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import bench_mount; "
+        "bench_mount.wait_for_quiet_host(limit=60, window=60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 20
+        while not _spinners():
+            assert time.monotonic() < deadline, "no spinner started"
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # no finally of the benchmark's runs
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _spinners():
+        assert time.monotonic() < deadline, f"spinners outlived the benchmark: {_spinners()}"
+        time.sleep(0.1)

@@ -4,12 +4,13 @@
   python contrib/bench/bench_mount.py [--size 1G] [--rounds 5] [--systems pqfs,gocryptfs,rclone]
 
 Needs root (it writes /proc/sys/vm/drop_caches). One random file of --size and --files small
-random files are encrypted into each system (untimed setup, in /tmp/bench-mount-*). On a VM
-the host then spends a minute or two writing those GiB back, taking time from the vCPUs, so the
-benchmark keeps both vCPUs busy and waits (at most --quiet-host seconds, default 240) until 15 s
-pass with at most 10 ms of steal; the header says how long that took. Then each round mounts
-every system afresh, one after the other (round r: pqfs, gocryptfs, rclone), and measures on
-that fresh mount, in this order:
+random files are encrypted into each system (untimed setup, in /tmp/bench-mount-*). Then the
+page cache the setup filled is dropped and the benchmark waits, every vCPU kept busy, until 15 s
+pass with at most 10 ms of host steal (at most --quiet-host seconds, default 240; the header
+says how long it took): on a VM the host takes back freed memory and writes the setup's GiB
+back on its own schedule, with time taken from the vCPUs, and no round should measure that.
+Then each round mounts every system afresh, one after the other (round r: pqfs, gocryptfs,
+rclone), and measures on that fresh mount, in this order:
 
   cold open    open + pread(64 KiB) + close of --latency-files small files, page cache dropped
                and right after the mount (pqfs has no file key cached yet); median per round
@@ -717,14 +718,18 @@ def wait_for_quiet_host(limit: float, window: int = 15, allowed_ms: float = 10.0
     4 GiB of page cache costs the guest ~1.1 s of steal over the next ~12 s (410 ms in the
     worst second, in steps 2 s apart: the host taking back the freed pages), against 0.1 s
     without the drop. The setup leaves ~5 GiB cached; left alone, round 1's first drop frees
-    it and round 1's sequential read runs in that storm (every loop stall over 10 ms seen
-    before this wait came from it). The host's writeback of the setup's writes adds steal of
+    it and round 1's sequential read runs in that storm (nearly every loop stall over 10 ms
+    seen before this wait was there). The host's writeback of the setup's writes adds steal of
     its own for up to ~2 min. Steal only shows while a vCPU wants to run, hence the busy
     loops (nice 19; nothing else runs meanwhile)."""
     if limit <= 0:
         return "not waited for (--quiet-host 0)"
     drop_caches()
-    spin = "import os\nos.nice(19)\nwhile True: pass"
+    # the spinners stop by themselves should this process die without its finally (SIGKILL)
+    spin = (
+        "import os\nos.nice(19)\nparent = os.getppid()\n"
+        "while os.getppid() == parent:\n    for _ in range(1000000): pass"
+    )
     burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in os.sched_getaffinity(0)]
     try:
         t0 = time.monotonic()

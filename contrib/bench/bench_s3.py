@@ -11,9 +11,10 @@ The script starts its own SeaweedFS (`weed server` with its S3 gateway, on free 
 data in /tmp/bench-s3-*, no in-memory S3 chunk cache: -s3.cacheCapacityMB=0) and makes one
 bucket. One random file of --size and --files small random files are written through each tool,
 untimed: `pqfs init/add s3://bench/pqfs`, and `rclone copy` into a crypt remote over the s3
-remote `bench/rclone` (an rclone.conf generated in the temp dir). Each round mounts both systems
-afresh, the order alternating between rounds (pqfs first in odd rounds, rclone first in even
-ones), and measures, per system, with the page cache dropped (sync; echo 3 > drop_caches)
+remote `bench/rclone` (an rclone.conf generated in the temp dir); then the page cache is
+dropped and the host given time to settle (--quiet-host, as in bench_mount.py). Each round
+mounts both systems afresh, the order alternating between rounds (pqfs first in odd rounds,
+rclone first in even ones), and measures, per system, with the page cache dropped (sync; echo 3 > drop_caches)
 before every measurement, so SeaweedFS reads its volume files from disk:
 
   phase A (fresh mount)
