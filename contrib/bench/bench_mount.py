@@ -610,7 +610,7 @@ def report(
         f"({' -> '.join(names)}), two fresh mounts per system per round (open+random, then seq+CPU+RSS), page cache dropped before every "
         f"measurement"
     )
-    print(f"host steal after the setup (both vCPUs kept busy): {args.host_wait}")
+    print(host_wait_line(args))
     described = {
         "pqfs": f"pqfs --cache-size {args.pqfs_cache_size} {args.pqfs_args} (read-only)",
         "gocryptfs": "gocryptfs -ro (defaults otherwise)",
@@ -695,7 +695,7 @@ def prepare(systems: list[System], plain: Path, args: argparse.Namespace) -> dic
         s.setup(plain)
         log(f"setup {s.name} done in {time.perf_counter() - t0:.1f} s")
     args.host_wait = wait_for_quiet_host(args.quiet_host)
-    log(f"host steal after the setup: {args.host_wait}")
+    log(host_wait_line(args))
     return heads
 
 
@@ -708,6 +708,11 @@ def add_quiet_host_argument(ap: argparse.ArgumentParser) -> None:
         help="after the setup, drop the page cache and wait up to this long for the host's "
         "steal to stop (default 240; 0: don't)",
     )
+
+
+def host_wait_line(args: argparse.Namespace) -> str:
+    """How the wait for a quiet host went (prepare() sets args.host_wait), for log and report."""
+    return f"host steal after the setup (both vCPUs kept busy): {args.host_wait}"
 
 
 def wait_for_quiet_host(limit: float, window: int = 15, allowed_ms: float = 10.0) -> str:

@@ -14,8 +14,8 @@ untimed: `pqfs init/add s3://bench/pqfs`, and `rclone copy` into a crypt remote 
 remote `bench/rclone` (an rclone.conf generated in the temp dir); then the page cache is
 dropped and the host given time to settle (--quiet-host, as in bench_mount.py). Each round
 mounts both systems afresh, the order alternating between rounds (pqfs first in odd rounds,
-rclone first in even ones), and measures, per system, with the page cache dropped (sync; echo 3 > drop_caches)
-before every measurement, so SeaweedFS reads its volume files from disk:
+rclone first in even ones), and measures, per system, with the page cache dropped (sync;
+echo 3 > drop_caches) before every measurement, so SeaweedFS reads its volume files from disk:
 
   phase A (fresh mount)
     cold open    open + pread(64 KiB) + close of --latency-files small files right after the
@@ -98,6 +98,7 @@ from bench_mount import (
     cold_opens,
     cpu_seconds,
     drop_caches,
+    host_wait_line,
     human,
     interrupts_as_keyboard,
     log,
@@ -804,7 +805,7 @@ def report(
         f"data on {Path(tempfile.gettempdir())} (disk), S3 over loopback; {args.rounds} rounds, "
         f"order alternating; fresh mounts; page cache dropped before every measurement"
     )
-    print(f"host steal after the setup (both vCPUs kept busy): {args.host_wait}")
+    print(host_wait_line(args))
     mounts = {
         "pqfs": f"pqfs mount s3://{BUCKET}/pqfs --cache-size {args.pqfs_cache_size}",
         "rclone": "rclone crypt over an s3 remote (provider Other), mount --vfs-cache-mode off "
