@@ -9,6 +9,7 @@ chunks covering it. `decrypt_stream` is the sequential reader with age's streami
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from typing import BinaryIO, Protocol
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from . import pagecache, parallel
-from .errors import FormatError, PayloadError, PqfsError
+from .errors import FormatError, PayloadError, PqfsError, VaultError
 from .header import MAX_HEADER, Header, TruncatedHeader, parse_header
 from .keys import Identity, Recipient, new_file_key, unwrap, wrap_all
 from .memory import scratch
@@ -95,9 +96,47 @@ class BytesSource:
         pass
 
 
+def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> int:
+    """A read-only descriptor of the regular file at `path`; VaultError for anything else.
+
+    Opened O_NONBLOCK, then checked: a FIFO (or a tape, a tty) in place of a file would block
+    open() until a writer came, forever, holding the thread that called it. Without
+    `follow_symlinks`, a symbolic link is refused too (vault objects never are one)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise VaultError(f"{os.fspath(path)}: is a symbolic link, not a regular file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise VaultError(f"{os.fspath(path)}: not a regular file ({_kind(mode)})")
+        os.set_blocking(fd, True)  # no meaning for a regular file; nothing else relies on it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 class FileSource:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    def __init__(self, path: str | os.PathLike[str], follow_symlinks: bool = True) -> None:
+        self.fd = open_regular(path, follow_symlinks)
         self.size = os.fstat(self.fd).st_size
         self._direct: int | None = None  # opened on first use; -1: not possible here
 
@@ -232,10 +271,18 @@ class AgeReader:
     ) -> None:
         self.src = src
         self.header = header if header is not None else read_header(src)
+        own_key = file_key is None
         if file_key is None:
             file_key = unwrap(self.header, identities)
         else:
             self.header.verify_mac(file_key)
+        try:
+            self._open_payload(src, file_key)
+        finally:
+            if own_key and isinstance(file_key, bytearray):
+                wipe(file_key)  # unwrapped here: the payload AEAD holds the only key now
+
+    def _open_payload(self, src: RangeSource, file_key: bytes | bytearray) -> None:
         hlen = self.header.length
         if src.size < hlen + NONCE_SIZE:
             raise FormatError("payload nonce is missing (truncated file)")
@@ -455,21 +502,25 @@ def encrypt_stream(
         ct_pool.close()
     if positional is not None:
         fd, start, size = positional
-        if os.fstat(fd).st_size != start + size:
+        # The size was taken from fstat: what lies past it must be the end of the file.
+        if os.fstat(fd).st_size != start + size or os.pread(fd, 1, start + size):
             raise PqfsError("the source file changed size while it was being encrypted")
         total = size
     return header, total
 
 
 def _regular_file(src: BinaryIO) -> tuple[int, int, int] | None:
-    """(fd, start offset, bytes to read) when `src` is a regular file, else None."""
+    """(fd, start offset, bytes to read) when `src` is a regular file whose size can be
+    trusted, else None (then it is read sequentially, to EOF). A size of 0 is not trusted:
+    /proc and other pseudo-files report 0 and still hold bytes (an empty file reads the same
+    either way)."""
     try:
         fd = src.fileno()
         st = os.fstat(fd)
         start = src.tell()
     except (AttributeError, OSError, ValueError):
         return None
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         return None
     return fd, start, max(0, st.st_size - start)
 

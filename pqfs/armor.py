@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from .agefile import open_regular
 from .errors import FormatError
 
 BEGIN = b"-----BEGIN AGE ENCRYPTED FILE-----"
@@ -94,7 +95,7 @@ def decode(data: bytes) -> bytes:
 def binary_path(path: str) -> Iterator[str]:
     """`path` itself if it holds a binary age file, else the path of a temporary file holding
     its decoded armor (ciphertext only), removed afterwards."""
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # a FIFO must not hang the import
         if not is_armored(f.read(_PEEK)):
             yield path
             return

@@ -3,19 +3,23 @@ one line on stderr and a non-zero exit; a traceback is printed only with PQFS_DE
 
 from __future__ import annotations
 
+from . import interrupt  # before anything else: Ctrl-C while the modules below load
+
+# isort: split
 import argparse
 import contextlib
 import os
+import shlex
 import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
-from . import __version__
-from .catalog import Entry, normpath, put_op
-from .errors import NotFound, PayloadError, PqfsError, VaultError
+from . import __version__, memory
+from .catalog import Entry, check_appendable, normpath, put_op, shown
+from .errors import IsADirectory, NotFound, PayloadError, PqfsError, VaultError
 from .keys import (
     HybridIdentity,
     Recipient,
@@ -25,8 +29,15 @@ from .keys import (
 )
 from .progress import Progress, human
 from .storage import StorageOptions
-from .unlock import ENV_NEW_PASSPHRASE, identity_file, passphrase
+from .unlock import (
+    ENV_NEW_PASSPHRASE,
+    has_passphrase_env,
+    identity_file,
+    identity_file_bytes,
+    passphrase,
+)
 from .vault import COMMIT_EVERY_FILES, COMMIT_EVERY_SECONDS, Vault
+from .zeroize import wipe
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -70,11 +81,16 @@ def _storage_options(args: argparse.Namespace) -> StorageOptions:
 
 def _open(args: argparse.Namespace, unlock: bool) -> Vault:
     v = Vault.open(args.vault, _storage_options(args))
+    v.on_warning = warn  # ops of the catalog that are ignored (pqfs: warning: catalog segment..)
     if unlock:
         if getattr(args, "identity", None):
             v.unlock_with(identity_file(args.identity))
         else:
-            v.unlock(passphrase(getattr(args, "passphrase_file", None)))
+            pw = passphrase(getattr(args, "passphrase_file", None))
+            try:
+                v.unlock(pw)
+            finally:
+                wipe(pw)
     return v
 
 
@@ -82,7 +98,7 @@ def _can_unlock(args: argparse.Namespace) -> bool:
     return bool(
         getattr(args, "identity", None)
         or getattr(args, "passphrase_file", None)
-        or os.environ.get("PQFS_PASSPHRASE")
+        or has_passphrase_env()
     )
 
 
@@ -134,7 +150,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     pw = passphrase(args.passphrase_file, confirm=True, prompt="New vault passphrase")
     if args.classic:
         warn("--classic adds an X25519 identity: files are also wrapped to a non-post-quantum key")
-    v = Vault.create(args.vault, pw, extra, classic=args.classic, options=_storage_options(args))
+    try:
+        v = Vault.create(
+            args.vault, pw, extra, classic=args.classic, options=_storage_options(args)
+        )
+    finally:
+        wipe(pw)
     info(f"created vault {args.vault}")
     for r in v.recipients:
         text = r.encode()
@@ -155,7 +176,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _walk(src: str) -> tuple[list[tuple[str, str]], list[str], int]:
-    """(files as (path, relative), dirs as relative, total bytes) of a tree, sorted."""
+    """(files as (path, relative), dirs as relative, total bytes) of a tree, sorted. Names
+    that are not UTF-8 come as os.fsdecode gives them (surrogate escapes) and are stored so."""
     files: list[tuple[str, str]] = []
     dirs: list[str] = []
     total = 0
@@ -167,9 +189,9 @@ def _walk(src: str) -> tuple[list[tuple[str, str]], list[str], int]:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
-                warn(f"skipping symbolic link {full}")
+                warn(f"skipping symbolic link {shown(full)}")
             elif not stat.S_ISREG(st.st_mode):
-                warn(f"skipping special file {full}")
+                warn(f"skipping special file {shown(full)}")
             else:
                 files.append((full, os.path.relpath(full, src)))
                 total += st.st_size
@@ -180,30 +202,52 @@ def _walk_error(e: OSError) -> None:
     raise e
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    src = args.src
-    if not os.path.exists(src):
-        raise PqfsError(f"no such file or directory: {src}")
-    extra = _recipients(args.recipient)
-    v = _open(args, unlock=_can_unlock(args))
-    known = {}
-    if v.unlocked:
-        known = {e.path: e for e in v.catalog().files()}
+def _sources(src: str, dest: str | None) -> tuple[str, list[tuple[str, str]], list[str], int]:
+    """(vault path of SRC, files, dirs, total bytes) for `pqfs add SRC [DEST]` (see _walk)."""
     if os.path.isdir(src):
-        base = normpath(
-            args.dest if args.dest is not None else os.path.basename(os.path.abspath(src))
-        )
+        base = normpath(dest if dest is not None else os.path.basename(os.path.abspath(src)))
         files, dirs, total = _walk(src)
     else:
-        if args.dest is None:
-            base = os.path.basename(src)
-        elif args.dest.endswith("/"):
-            base = normpath(args.dest + os.path.basename(src))
+        if dest is None:
+            base = normpath(os.path.basename(src))
+        elif dest.endswith("/"):
+            base = normpath(dest + os.path.basename(src))
         else:
-            base = normpath(args.dest)
+            base = normpath(dest)
         files, dirs, total = [(src, "")], [], os.path.getsize(src)
     if not base:
         raise VaultError("destination path is empty")
+    return base, files, dirs, total
+
+
+def _under(base: str, rel: str) -> str:
+    return normpath(f"{base}/{rel}") if rel else base
+
+
+def _check_dests(v: Vault, base: str, files: list[tuple[str, str]], dirs: list[str]) -> None:
+    """Refuse, before anything is encrypted, every destination the catalog could not hold or
+    (with the catalog known) that would put a file below a file or in place of a directory.
+    The tree being added is itself consistent, so each is checked against the vault alone."""
+    for rel in dirs:
+        v.check_put(_under(base, rel), "dir")
+    for _full, rel in files:
+        try:
+            v.check_put(_under(base, rel), "file")
+        except IsADirectory as e:
+            hint = "" if rel else " (to add into it, end DEST with /)"
+            raise IsADirectory(f"{e}{hint}") from None
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    src = args.src
+    if not os.path.exists(src):
+        raise PqfsError(f"no such file or directory: {shown(src)}")
+    extra = _recipients(args.recipient)
+    v = _open(args, unlock=_can_unlock(args))
+    check_appendable(v.storage)  # a tampered catalog is refused before any work
+    known = {e.path: e for e in v.catalog().files()} if v.unlocked else {}
+    base, files, dirs, total = _sources(src, args.dest)
+    _check_dests(v, base, files, dirs)
 
     progress = Progress(total, "")
     ops: list[dict[str, object]] = []
@@ -211,16 +255,16 @@ def cmd_add(args: argparse.Namespace) -> int:
     last_commit = time.monotonic()
     try:
         for rel in dirs:
-            ops.append(put_op(v.dir_entry(os.path.join(src, rel), normpath(f"{base}/{rel}"))))
+            ops.append(put_op(v.dir_entry(os.path.join(src, rel), _under(base, rel))))
         for full, rel in files:
-            dest = normpath(f"{base}/{rel}") if rel else base
+            dest = _under(base, rel)
             st = os.stat(full)
             old = known.get(dest)
             if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
                 skipped += 1
-                progress.update(st.st_size, dest)
+                progress.update(st.st_size, shown(dest))
                 continue
-            progress.label = dest
+            progress.label = shown(dest)
             ops.append(put_op(v.add_file(full, dest, extra, progress.update)))
             added += 1
             now = time.monotonic()
@@ -246,14 +290,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _fmt_entry(e: Entry, long: bool, name: str | None = None) -> str:
+    """One line of `pqfs ls`. The name is escaped as `ls -b` does (catalog.shown): a name in
+    the vault can carry control characters, an escape sequence for the terminal."""
     if name is None:
         name = e.path.rsplit("/", 1)[-1]
-    name += "/" if e.type == "dir" else ""
+    name = shown(name) + ("/" if e.type == "dir" else "")
     if not long:
         return name
     mode = stat.filemode((stat.S_IFDIR if e.type == "dir" else stat.S_IFREG) | e.mode)
-    when = datetime.fromtimestamp(e.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+    # Arithmetic, not fromtimestamp: any int64 of nanoseconds (years 1677-2262) is a date.
+    when = (EPOCH + timedelta(microseconds=e.mtime_ns // 1000)).strftime("%Y-%m-%d %H:%M")
     return f"{mode} {e.size:>14} {when} {name}"
 
 
@@ -263,7 +313,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     path = normpath(args.path or "")
     e = cat.get(path)
     if e is None:
-        raise NotFound(f"no such file in the vault: {path}")
+        raise NotFound(f"no such file in the vault: {shown(path)}")
     if e.type == "file":
         lines = [_fmt_entry(e, args.long)]
     elif args.recursive:
@@ -318,7 +368,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     v = _open(args, unlock=True)
     e = v.entry(args.path)
     if e.type == "dir" and not args.recursive:
-        raise VaultError(f"{e.path or '/'} is a directory (use -r)")
+        raise VaultError(f"{shown(e.path) or '/'} is a directory (use -r)")
     gone = v.remove(args.path)
     v.maybe_compact()
     info(f"removed {len([g for g in gone if g.type == 'file'])} file(s)")
@@ -362,11 +412,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_passwd(args: argparse.Namespace) -> int:
     v = Vault.open(args.vault, _storage_options(args))
-    v.unlock(passphrase(args.passphrase_file, prompt="Current passphrase"))
+    pw = passphrase(args.passphrase_file, prompt="Current passphrase")
+    try:
+        v.unlock(pw)
+    finally:
+        wipe(pw)
     new = passphrase(
         args.new_passphrase_file, env=ENV_NEW_PASSPHRASE, confirm=True, prompt="New passphrase"
     )
-    v.passwd(new)
+    try:
+        v.passwd(new)
+    finally:
+        wipe(new)
     info("passphrase changed")
     return 0
 
@@ -421,6 +478,27 @@ def _seconds(text: str) -> float:
     return value
 
 
+MIN_REFRESH = 0.1  # seconds: checking the vault more often than this is a busy loop
+
+
+def _refresh(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_REFRESH:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_REFRESH}: {text}")
+    return value
+
+
+def _command(text: str) -> tuple[str, ...]:
+    """A command line, split as a shell would split it (it is never run by a shell)."""
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r}: {e}") from None
+    if not argv:
+        raise argparse.ArgumentTypeError("empty command")
+    return argv
+
+
 MAX_IDLE_POLL_US = 10_000  # polling longer than this saves nothing a sleep would not
 
 
@@ -451,6 +529,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         direct_io=args.direct_io,
         idle_poll=args.idle_poll / 1e6,
         stall_detail=args.stall_detail,
+        on_change=args.on_change or (),
+        # The default is the dataclass's: the parser does not import vfs (trio) for every command.
+        **({} if args.refresh is None else {"catalog_poll": args.refresh}),
     )
     mp = os.path.abspath(args.mountpoint)
 
@@ -470,8 +551,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control(mountpoint: str, name: str, value: bytes | None = None) -> bytes:
-    """Get (value None) or set a control attribute of a running mount's root."""
+def _mount_attr(mountpoint: str, name: str) -> bytes:
+    """An attribute of a running pqfs mount's root (its statistics, its control socket)."""
     import errno
 
     from . import mount
@@ -480,36 +561,48 @@ def _control(mountpoint: str, name: str, value: bytes | None = None) -> bytes:
     if kind != mount.FSTYPE:
         raise PqfsError(f"{mountpoint} is not a pqfs mount")
     try:
-        if value is None:
-            return os.getxattr(mountpoint, name)
-        os.setxattr(mountpoint, name, value)
-        return b""
+        return os.getxattr(mountpoint, name)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise PqfsError(
                 f"{mountpoint}: the mount is stale; run: pqfs umount {mountpoint}"
             ) from None
-        if e.errno == errno.EACCES and name.endswith("unlock"):
-            raise PqfsError("wrong passphrase") from None
-        if e.errno == errno.EACCES and name.endswith("unlock-identity"):
-            raise PqfsError("the identity file holds no identity of this vault") from None
         raise PqfsError(f"{mountpoint}: {e.strerror}") from None
 
 
+def _control(mountpoint: str, command: str, secret: bytes | bytearray = b"") -> None:
+    """Lock or unlock a running mount through its daemon's control socket."""
+    import errno
+
+    from . import control
+
+    address = _mount_attr(mountpoint, control.XATTR_CONTROL.decode())
+    answer = control.request(address, command, secret)
+    if answer.code == 0:
+        return
+    if answer.code == errno.EACCES and command == "unlock":
+        raise PqfsError("wrong passphrase")
+    if answer.code == errno.EACCES and command == "unlock-identity":
+        raise PqfsError("the identity file holds no identity of this vault")
+    raise PqfsError(f"{mountpoint}: {answer.message or os.strerror(answer.code)}")
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
-    _control(args.mountpoint, "user.pqfs.lock", b"1")
+    _control(args.mountpoint, "lock")
     info(f"locked {args.mountpoint}: keys and decrypted data wiped; reads fail until unlock")
     return 0
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    if args.identity:
-        from .keys import identity_file_text
-
-        text = identity_file_text(identity_file(args.identity)).encode()
-        _control(args.mountpoint, "user.pqfs.unlock-identity", text)
-    else:
-        _control(args.mountpoint, "user.pqfs.unlock", passphrase(args.passphrase_file))
+    secret, command = (
+        (identity_file_bytes(args.identity), "unlock-identity")
+        if args.identity
+        else (passphrase(args.passphrase_file), "unlock")
+    )
+    try:
+        _control(args.mountpoint, command, secret)
+    finally:
+        wipe(secret)
     info(f"unlocked {args.mountpoint}")
     return 0
 
@@ -560,7 +653,7 @@ STAT_LINES = [
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
 
-    raw = _control(args.mountpoint, "user.pqfs.stats")
+    raw = _mount_attr(args.mountpoint, "user.pqfs.stats")
     data = json.loads(raw)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -607,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
             type=_seconds,
             default=None,
             metavar="SECONDS",
-            help="give up on a request after this long, retries included (default: 30)",
+            help="give up on a storage request after this long, retries included; a mount "
+            "gives up opening a file after twice this, on any vault (default: "
+            f"{StorageOptions.timeout:g})",
         )
         if mount:
             g.add_argument(
@@ -787,8 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--page-cache",
         dest="direct_io",
         action="store_false",
-        help="let the kernel cache decrypted pages, for programs that mmap files MAP_SHARED "
-        "(plaintext then also lives in kernel memory until evicted or pqfs lock)",
+        help="let the kernel cache decrypted pages, for programs that mmap files shared "
+        "(MAP_SHARED, as Python's read-only mmap does), which otherwise get ENODEV, 'No such "
+        "device' (plaintext then also lives in kernel memory until evicted or pqfs lock)",
     )
     sp.add_argument(
         "--idle-poll",
@@ -814,6 +910,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--log-file", metavar="FILE", help="log here (default: stderr with -f, else syslog)"
     )
+    sp.add_argument(
+        "--refresh",
+        type=_refresh,
+        default=None,
+        metavar="SECONDS",
+        help="how often to check the vault for files added or removed elsewhere "
+        "(default: 10)",
+    )
+    sp.add_argument(
+        "--on-change",
+        type=_command,
+        default=None,
+        metavar="CMD",
+        help="after a check finds changes, run CMD (split as by a shell, never run by one) "
+        "with the changed paths, relative to the mount point, as arguments: FUSE raises no "
+        "inotify events for them, so this is how a media server learns of new files",
+    )
     sp.add_argument("--debug", action="store_true", help="verbose logging")
     unlock_opts(sp)
 
@@ -837,10 +950,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     debug = bool(os.environ.get("PQFS_DEBUG"))
     try:
+        # Every command may hold the identity, a passphrase or plaintext: none dumps core.
+        memory.harden_process(for_good=False)  # the mount's daemon: for good (mount.run)
+        args = build_parser().parse_args(argv)
         rc: int = args.func(args)
         return rc
     except PqfsError as e:
@@ -850,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("pqfs: interrupted", file=sys.stderr)
-        return 130
+        return interrupt.EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`pqfs cat ... | head`): not an error worth a message.
         with contextlib.suppress(OSError):
@@ -869,6 +983,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"pqfs: internal error: {type(e).__name__} (rerun with PQFS_DEBUG=1)", file=sys.stderr
         )
         return EXIT_INTERNAL
+    except BaseExceptionGroup as e:  # trio's, around a KeyboardInterrupt in a task
+        if debug or e.subgroup(KeyboardInterrupt) is None:
+            raise
+        print("pqfs: interrupted", file=sys.stderr)
+        return interrupt.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -83,19 +83,51 @@ def bech32_encode(hrp: str, data: bytes, upper: bool = False) -> str:
 
 def bech32_decode(text: str) -> tuple[str, bytes]:
     """Return (lower-case HRP, data). Raises FormatError on any defect."""
-    if text.lower() != text and text.upper() != text:
-        raise FormatError("mixed-case Bech32 string")
     if any(ord(c) < 33 or ord(c) > 126 for c in text):
         raise FormatError("invalid character in Bech32 string")
-    s = text.lower()
-    pos = s.rfind("1")
-    if pos < 1 or pos + 7 > len(s):
+    hrp, data = bech32_decode_secret(text.encode("ascii"))
+    return hrp, bytes(data)
+
+
+_VALUE = {c: i for i, c in enumerate(_CHARSET.encode())}
+
+
+def bech32_decode_secret(raw: bytes | bytearray | memoryview) -> tuple[str, bytearray]:
+    """bech32_decode of the ASCII bytes `raw` into a bytearray, making no `str` or `bytes` copy
+    of the data part: for identities, whose data is a secret key (only the HRP, public, becomes
+    a str). The 5-bit groups are overwritten before their list is dropped."""
+    mv = memoryview(raw).cast("B")
+    if any(c < 33 or c > 126 for c in mv):
+        raise FormatError("invalid character in Bech32 string")
+    upper = any(0x41 <= c <= 0x5A for c in mv)
+    if upper and any(0x61 <= c <= 0x7A for c in mv):
+        raise FormatError("mixed-case Bech32 string")
+    pos = max((i for i, c in enumerate(mv) if c == 0x31), default=-1)  # the last "1"
+    if pos < 1 or pos + 7 > len(mv):
         raise FormatError("malformed Bech32 string")
-    hrp = s[:pos]
+    hrp = bytes(mv[:pos]).decode("ascii").lower()
+    values = [_VALUE.get(c | 0x20 if upper else c, -1) for c in mv[pos + 1 :]]
     try:
-        values = [_CHARSET.index(c) for c in s[pos + 1 :]]
-    except ValueError:
-        raise FormatError("invalid character in Bech32 string") from None
-    if _polymod(_hrp_expand(hrp) + values) != 1:
-        raise FormatError("invalid Bech32 checksum")
-    return hrp, bytes(_convertbits(values[:-6], 5, 8, False))
+        if -1 in values:
+            raise FormatError("invalid character in Bech32 string")
+        if _polymod(_hrp_expand(hrp) + values) != 1:
+            raise FormatError("invalid Bech32 checksum")
+        return hrp, _bits_to_bytes(values[:-6])
+    finally:
+        values[:] = [0] * len(values)
+
+
+def _bits_to_bytes(values: list[int]) -> bytearray:
+    """5-bit groups to bytes (no padding allowed beyond the last byte), into a bytearray."""
+    out = bytearray(len(values) * 5 // 8)
+    acc = bits = k = 0
+    for v in values:
+        acc = ((acc << 5) | v) & 0x1FFF  # at most 12 bits are ever pending
+        bits += 5
+        if bits >= 8:
+            bits -= 8
+            out[k] = (acc >> bits) & 0xFF
+            k += 1
+    if bits >= 5 or (acc << (8 - bits)) & 0xFF:
+        raise FormatError("invalid Bech32 padding")
+    return out

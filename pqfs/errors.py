@@ -11,6 +11,8 @@ from __future__ import annotations
 class PqfsError(Exception):
     """A user-facing error with a one-line, secret-free message."""
 
+    logged = False  # already logged with its context (the mount's adapter logs it no more)
+
 
 class FormatError(PqfsError):
     """Input is not a well-formed age file / vault object (header failure)."""
@@ -65,3 +67,11 @@ class IsADirectory(VaultError):
 
 class ReadOnly(PqfsError):
     """A write to the read-only mount."""
+
+
+class Unreadable(VaultError):
+    """A file the mount cannot open: its object is missing, damaged, not the one the catalog
+    names, or its storage did not answer (EIO). Raised only after its one log line, which names
+    the file, has been written."""
+
+    logged = True

@@ -2,15 +2,14 @@
 
 Every handler goes through `_boundary`: a PqfsError or OSError becomes its errno; anything else
 is logged (without arguments that could hold data) and becomes EIO. No exception ever reaches
-pyfuse3's loop, so no request can take the mount down.
+pyfuse3's loop, so no request can take the mount down. To a file operation EACCES means one
+thing: the vault is locked (to an unlock: the wrong passphrase or identity). A damaged or
+missing object is EIO, logged once with the file's path (by VaultFS: the adapter does not know
+the path).
 
-Control of a running mount goes through extended attributes of its root directory, so the
-kernel checks the caller's permissions and no socket path has to be found:
-  user.pqfs.stats   (get)  JSON statistics
-  user.pqfs.lock    (set)  lock: wipe keys, identity and plaintext caches
-  user.pqfs.unlock  (set)  unlock with a passphrase (the value)
-  user.pqfs.unlock-identity (set) unlock with an age identity file's text (the value)
-Only the mounting user and root may set them.
+Extended attributes of the mount's root (read with getxattr, which a read-only mount allows):
+  user.pqfs.stats    JSON statistics
+  user.pqfs.control  the name of the daemon's control socket, for lock and unlock (control.py)
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from .control import XATTR_CONTROL, Answer
 from .errors import (
     BadPassphrase,
     IsADirectory,
@@ -43,9 +43,6 @@ from .vfs import Attr, VaultFS
 log = logging.getLogger("pqfs.mount")
 
 XATTR_STATS = b"user.pqfs.stats"
-XATTR_LOCK = b"user.pqfs.lock"
-XATTR_UNLOCK = b"user.pqfs.unlock"
-XATTR_UNLOCK_IDENTITY = b"user.pqfs.unlock-identity"
 
 _ERRNO: list[tuple[type[PqfsError], int]] = [
     (NotFound, errno.ENOENT),
@@ -78,7 +75,7 @@ def _boundary(fn: F) -> F:
             raise
         except (PqfsError, OSError) as e:
             code = errno_of(e)
-            if code == errno.EIO:
+            if code == errno.EIO and not (isinstance(e, PqfsError) and e.logged):
                 log.error("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(code) from None
         except Exception as e:  # a bug: keep serving, report it without request data
@@ -94,6 +91,18 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: VaultFS) -> None:
         super().__init__()
         self.fs = fs
+        self.control_name = ""  # the control socket's name, once the daemon listens on it
+
+    def init(self) -> None:
+        """Called once the kernel has connected. The kernel refuses a shared mmap of a direct
+        I/O file without asking the daemon (ENODEV, "No such device"), so this is the one
+        place the log can say why, and what to do, before it happens."""
+        if self.fs.options.direct_io:
+            log.info(
+                "reads bypass the kernel's page cache: mmap(MAP_SHARED) of a file, as Python's "
+                "read-only mmap does, fails with ENODEV (No such device); mount with "
+                "--page-cache for programs that need it"
+            )
 
     def _attrs(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -142,15 +151,14 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        space = await self.fs.statfs()
         s = pyfuse3.StatvfsData()
-        tree = self.fs.tree
-        files = 0 if tree is None else len(tree.nodes)
-        used = 0 if tree is None else sum(n.attr.size for n in tree.nodes.values())
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = -(-used // 4096)
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = files
-        s.f_ffree = s.f_favail = 0
+        s.f_bsize = s.f_frsize = space.block
+        s.f_blocks = space.used_blocks + space.free_blocks  # df: used = the tree's files
+        s.f_bfree = space.free_blocks
+        s.f_bavail = space.avail_blocks
+        s.f_files = space.entries + space.free_entries
+        s.f_ffree = s.f_favail = space.free_entries
         s.f_namemax = 255
         return s
 
@@ -179,38 +187,37 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == XATTR_STATS:
             return json.dumps(self.fs.stats()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_CONTROL and self.control_name:
+            return self.control_name.encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return [XATTR_STATS] if inode == pyfuse3.ROOT_INODE else []
+        return [XATTR_STATS, XATTR_CONTROL] if inode == pyfuse3.ROOT_INODE else []
 
-    @_boundary
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        if inode != pyfuse3.ROOT_INODE or name not in (
-            XATTR_LOCK,
-            XATTR_UNLOCK,
-            XATTR_UNLOCK_IDENTITY,
-        ):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if ctx.uid not in (0, self.fs.uid):
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if name == XATTR_LOCK:
-            opened = self.fs.lock()
-            # The kernel may hold decrypted pages of files opened before (keep_cache): drop them
-            # before confirming, on a thread, since the call waits for reads in flight.
-            await self.fs.offload(invalidate_inodes, opened)
-            log.info("locked by uid %d", ctx.uid)
-        elif name == XATTR_UNLOCK:
-            await self.fs.unlock(passphrase=bytes(value))
-            log.info("unlocked by uid %d", ctx.uid)
-        else:
-            try:
-                idents = parse_identity_file(bytes(value).decode("ascii"))
-            except (UnicodeDecodeError, PqfsError):
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
-            await self.fs.unlock(identities=idents)
-            log.info("unlocked with an identity by uid %d", ctx.uid)
+    async def control(self, command: bytes, secret: bytearray) -> Answer:
+        """A lock or unlock request from the control socket (control.py), which has checked
+        the caller and wipes `secret` afterwards."""
+        try:
+            if command == b"lock":
+                opened = self.fs.lock()
+                # The kernel may hold decrypted pages of files opened before (keep_cache): drop
+                # them before confirming, on a thread, since the call waits for reads in flight.
+                await self.fs.offload(invalidate_inodes, opened)
+                log.info("locked")
+            elif command == b"unlock":
+                await self.fs.unlock(passphrase=secret)
+                log.info("unlocked")
+            else:
+                try:
+                    idents = parse_identity_file(secret)
+                except PqfsError:
+                    return Answer(errno.EINVAL, "not an age identity file")
+                await self.fs.unlock(identities=idents)
+                log.info("unlocked with an identity")
+        except (PqfsError, OSError) as e:
+            return Answer(errno_of(e), str(e) if isinstance(e, PqfsError) else e.strerror or "")
+        return Answer()
 
 
 async def _erofs(self: Operations, *args: Any) -> Any:
@@ -229,6 +236,7 @@ for _name in (
     "link",
     "create",
     "write",
+    "setxattr",
     "removexattr",
 ):
     setattr(Operations, _name, _erofs)

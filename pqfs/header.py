@@ -57,7 +57,7 @@ class Header:
         return self.mac_input + b" " + b64encode(self.mac).encode("ascii") + b"\n"
 
     def verify_mac(self, file_key: bytes | bytearray) -> None:
-        h = hmac.HMAC(_hmac_key(file_key), hashes.SHA256())
+        h = _hmac(file_key)
         h.update(self.mac_input)
         try:
             h.verify(self.mac)
@@ -65,12 +65,19 @@ class Header:
             raise HeaderMacError("header MAC does not verify (header modified)") from None
 
 
-def _hmac_key(file_key: bytes | bytearray) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=None, info=b"header").derive(bytes(file_key))
+def _hmac(file_key: bytes | bytearray) -> hmac.HMAC:
+    """HMAC-SHA256 keyed by the header key derived from the file key; the derived key is wiped
+    (the HMAC object holds the only copy, freed and cleared with it)."""
+    key = bytearray(32)
+    HKDF(hashes.SHA256(), 32, salt=None, info=b"header").derive_into(file_key, key)
+    try:
+        return hmac.HMAC(key, hashes.SHA256())
+    finally:
+        key[:] = bytes(32)
 
 
 def header_mac(file_key: bytes | bytearray, mac_input: bytes) -> bytes:
-    h = hmac.HMAC(_hmac_key(file_key), hashes.SHA256())
+    h = _hmac(file_key)
     h.update(mac_input)
     return h.finalize()
 

@@ -7,7 +7,7 @@ Two ways to seal/open the same HPKE:
     with the ML-KEM-768 part taken from a pluggable backend: "liboqs" (liboqs-python) when it
     is installed, or "cryptography-mlkem" (pyca's ML-KEM), which exists to prove on every
     machine that the composition matches the native suite bit for bit.
-Every backend must pass the same vectors (tests/test_vectors_xwing.py).
+Every backend must pass the same vectors (tests/test_vectors.py, X-Wing section).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from .errors import PqfsError
+from .zeroize import wipe_bytes
 
 MLKEM_PK = 1184
 MLKEM_CT = 1088
@@ -46,13 +47,16 @@ class UnwrapFailed(Exception):
 
 def expand_seed(seed: bytes | bytearray) -> bytearray:
     """X-Wing private key expansion: SHAKE256(seed, 96) = ML-KEM d||z (64) || X25519 sk (32)."""
-    return bytearray(hashlib.shake_256(bytes(seed)).digest(96))
+    digest = hashlib.shake_256(seed).digest(96)
+    out = bytearray(digest)
+    wipe_bytes(digest)
+    return out
 
 
 class MLKEMBackend(Protocol):
     name: str
 
-    def keypair_from_seed(self, seed64: bytes) -> tuple[Any, bytes]:
+    def keypair_from_seed(self, seed64: memoryview) -> tuple[Any, bytes]:
         """Return (decapsulation handle, 1184-byte encapsulation key)."""
         ...
 
@@ -66,7 +70,7 @@ class MLKEMBackend(Protocol):
 class CryptographyMLKEM:
     name = "cryptography-mlkem"
 
-    def keypair_from_seed(self, seed64: bytes) -> tuple[Any, bytes]:
+    def keypair_from_seed(self, seed64: memoryview) -> tuple[Any, bytes]:
         k = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed64)
         return k, k.public_key().public_bytes_raw()
 
@@ -91,9 +95,13 @@ class LiboqsMLKEM:
 
         self._oqs = oqs
 
-    def keypair_from_seed(self, seed64: bytes) -> tuple[Any, bytes]:
+    def keypair_from_seed(self, seed64: memoryview) -> tuple[Any, bytes]:
         kem = self._oqs.KeyEncapsulation("ML-KEM-768")
-        ek = kem.generate_keypair_seed(seed64)
+        seed = bytes(seed64)  # liboqs-python takes bytes only: this copy is wiped below
+        try:
+            ek = kem.generate_keypair_seed(seed)
+        finally:
+            wipe_bytes(seed)
         return kem, bytes(ek)
 
     def encapsulate(self, ek: bytes) -> tuple[bytes, bytes]:
@@ -149,10 +157,10 @@ class HybridKey:
         self.backend = backend
         expanded = expand_seed(seed)
         try:
-            self._x = x25519.X25519PrivateKey.from_private_bytes(bytes(expanded[64:]))
+            self._x = x25519.X25519PrivateKey.from_private_bytes(memoryview(expanded)[64:])
             pk_x = self._x.public_key().public_bytes_raw()
             if backend == "cryptography":
-                m = mlkem.MLKEM768PrivateKey.from_seed_bytes(bytes(expanded[:64]))
+                m = mlkem.MLKEM768PrivateKey.from_seed_bytes(memoryview(expanded)[:64])
                 self._native: hpke.MLKEM768X25519PrivateKey | None = hpke.MLKEM768X25519PrivateKey(
                     m, self._x
                 )
@@ -162,7 +170,7 @@ class HybridKey:
             else:
                 self._native = None
                 self._mlkem = mlkem_backend(backend)
-                self._dk, pk_m = self._mlkem.keypair_from_seed(bytes(expanded[:64]))
+                self._dk, pk_m = self._mlkem.keypair_from_seed(memoryview(expanded)[:64])
         finally:
             expanded[:] = bytes(96)
         self.public_bytes = pk_m + pk_x
@@ -200,7 +208,7 @@ class HybridKey:
 
 
 def seal(
-    public_bytes: bytes, plaintext: bytes, info: bytes, backend: str = "cryptography"
+    public_bytes: bytes, plaintext: bytes | bytearray, info: bytes, backend: str = "cryptography"
 ) -> bytes:
     """HPKE SealBase to an MLKEM768-X25519 public key; returns enc || ciphertext."""
     if len(public_bytes) != PK_SIZE:

@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import kem
-from .encoding import b64decode, b64encode, bech32_decode, bech32_encode
+from .encoding import b64decode, b64encode, bech32_decode, bech32_decode_secret, bech32_encode
 from .errors import FormatError, NoIdentityMatch, PqfsError
 from .header import Header, Stanza
+from .zeroize import wipe, wipe_bytes
 
 FILE_KEY_SIZE = 16
 HYBRID_INFO = b"age-encryption.org/mlkem768x25519"
@@ -55,15 +56,27 @@ class Identity(Protocol):
     def recipient(self) -> Recipient: ...
 
 
-def _aead_wrap(key: bytes, file_key: bytes | bytearray) -> bytes:
-    return ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, bytes(file_key), None)
+def _aead_wrap(key: bytes | bytearray, file_key: bytes | bytearray) -> bytes:
+    return ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, file_key, None)
 
 
-def _aead_unwrap(key: bytes, body: bytes) -> bytearray | None:
+def _aead_unwrap(key: bytearray, body: bytes) -> bytearray | None:
+    """The file key wrapped in `body`, or None; `key` (the wrapping key) is wiped."""
+    fk = bytearray(len(body) - 16) if len(body) >= 16 else bytearray()
     try:
-        return bytearray(ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, body, None))
-    except InvalidTag:
+        ChaCha20Poly1305(key).decrypt_into(_ZERO_NONCE, body, None, fk)
+        return fk
+    except (InvalidTag, ValueError):
+        wipe(fk)  # decrypt_into has written unauthenticated bytes
         return None
+    finally:
+        wipe(key)
+
+
+def _hkdf(length: int, salt: bytes | None, info: bytes, ikm: bytes | bytearray) -> bytearray:
+    out = bytearray(length)
+    HKDF(hashes.SHA256(), length, salt, info).derive_into(ikm, out)
+    return out
 
 
 def _check_x25519_public(pk: bytes, what: str) -> None:
@@ -92,7 +105,7 @@ class HybridRecipient:
         self.backend = backend or kem.default_backend()
 
     def wrap(self, file_key: bytes | bytearray) -> Stanza:
-        sealed = kem.seal(self.public_bytes, bytes(file_key), HYBRID_INFO, self.backend)
+        sealed = kem.seal(self.public_bytes, file_key, HYBRID_INFO, self.backend)
         return Stanza(["mlkem768x25519", b64encode(sealed[: kem.ENC_SIZE])], sealed[kem.ENC_SIZE :])
 
     def encode(self) -> str:
@@ -125,11 +138,14 @@ class HybridIdentity:
         if len(stanza.body) != FILE_KEY_SIZE + 16:
             raise FormatError("malformed mlkem768x25519 stanza (body length)")
         try:
-            return bytearray(self._key.open(enc, stanza.body, HYBRID_INFO))
+            opened = self._key.open(enc, stanza.body, HYBRID_INFO)
         except kem.UnwrapFailed:
             return None
         except kem.LowOrderShare:
             raise FormatError("mlkem768x25519 stanza with a low-order X25519 share") from None
+        fk = bytearray(opened)
+        wipe_bytes(opened)  # the library's copy of the file key
+        return fk
 
     def wipe(self) -> None:
         self._seed[:] = bytes(len(self._seed))
@@ -161,7 +177,7 @@ class X25519Recipient:
 
 class X25519Identity:
     def __init__(self, secret: bytes | bytearray) -> None:
-        self._sk = x25519.X25519PrivateKey.from_private_bytes(bytes(secret))
+        self._sk = x25519.X25519PrivateKey.from_private_bytes(secret)
         self._secret = bytearray(secret)
         self._pk = self._sk.public_key().public_bytes_raw()
 
@@ -189,7 +205,10 @@ class X25519Identity:
             shared = self._sk.exchange(x25519.X25519PublicKey.from_public_bytes(share))
         except ValueError:  # all-zero shared secret: low-order point
             raise FormatError("X25519 stanza with a low-order share") from None
-        key = HKDF(hashes.SHA256(), 32, share + self._pk, X25519_INFO).derive(shared)
+        try:
+            key = _hkdf(32, share + self._pk, X25519_INFO, shared)
+        finally:
+            wipe_bytes(shared)
         return _aead_unwrap(key, stanza.body)
 
     def wipe(self) -> None:
@@ -203,21 +222,27 @@ class X25519Identity:
 class ScryptRecipient:
     post_quantum = True  # symmetric: not broken by a quantum computer
 
-    def __init__(self, passphrase: bytes, log_n: int) -> None:
-        self.passphrase = passphrase
+    def __init__(self, passphrase: bytes | bytearray, log_n: int) -> None:
+        self.passphrase = passphrase  # the caller's buffer: the caller wipes it
         self.log_n = log_n
 
     def wrap(self, file_key: bytes | bytearray) -> Stanza:
         salt = os.urandom(16)
-        key = Scrypt(SCRYPT_LABEL + salt, 32, 1 << self.log_n, 8, 1).derive(self.passphrase)
-        return Stanza(["scrypt", b64encode(salt), str(self.log_n)], _aead_wrap(key, file_key))
+        key = bytearray(32)
+        Scrypt(SCRYPT_LABEL + salt, 32, 1 << self.log_n, 8, 1).derive_into(self.passphrase, key)
+        try:
+            return Stanza(["scrypt", b64encode(salt), str(self.log_n)], _aead_wrap(key, file_key))
+        finally:
+            wipe(key)
 
     def encode(self) -> str:
         return "scrypt"
 
 
 class ScryptIdentity:
-    def __init__(self, passphrase: bytes, max_log_n: int = MAX_SCRYPT_LOG_N) -> None:
+    """A passphrase. It is the caller's buffer, not a copy: the caller wipes it."""
+
+    def __init__(self, passphrase: bytes | bytearray, max_log_n: int = MAX_SCRYPT_LOG_N) -> None:
         self.passphrase = passphrase
         self.max_log_n = max_log_n
 
@@ -239,7 +264,8 @@ class ScryptIdentity:
             raise FormatError(f"scrypt work factor {log_n} is above the limit {self.max_log_n}")
         if len(stanza.body) != FILE_KEY_SIZE + 16:
             raise FormatError("malformed scrypt stanza (body length)")
-        key = Scrypt(SCRYPT_LABEL + salt, 32, 1 << log_n, 8, 1).derive(self.passphrase)
+        key = bytearray(32)
+        Scrypt(SCRYPT_LABEL + salt, 32, 1 << log_n, 8, 1).derive_into(self.passphrase, key)
         return _aead_unwrap(key, stanza.body)
 
 
@@ -288,28 +314,53 @@ def parse_recipient(text: str) -> Recipient:
     raise FormatError(f"unsupported recipient type {hrp!r}")
 
 
-def parse_identity(text: str) -> HybridIdentity | X25519Identity:
-    text = text.strip()
+def parse_identity(text: str | bytes | bytearray | memoryview) -> HybridIdentity | X25519Identity:
+    """One identity line. Given as bytes (a bytearray the caller wipes), no `str` or `bytes`
+    copy of the secret is made."""
+    raw = memoryview(text.encode("ascii", "replace") if isinstance(text, str) else text)
+    lo, hi = _strip(raw, 0, len(raw))
+    line = raw[lo:hi]
     try:
-        hrp, data = bech32_decode(text)
+        hrp, data = bech32_decode_secret(line)
     except FormatError:
         raise FormatError("malformed age identity") from None
-    if text != text.upper():
-        raise FormatError("age identities are upper case")
-    if hrp == "age-secret-key-pq-" and len(data) == 32:
-        return HybridIdentity(data)
-    if hrp == "age-secret-key-" and len(data) == 32:
-        return X25519Identity(data)
-    raise FormatError("unsupported or malformed age identity")
+    try:
+        if any(0x61 <= c <= 0x7A for c in line):
+            raise FormatError("age identities are upper case")
+        if hrp == "age-secret-key-pq-" and len(data) == 32:
+            return HybridIdentity(data)
+        if hrp == "age-secret-key-" and len(data) == 32:
+            return X25519Identity(data)
+        raise FormatError("unsupported or malformed age identity")
+    finally:
+        wipe(data)
 
 
-def parse_identity_file(text: str) -> list[HybridIdentity | X25519Identity]:
-    """age-keygen format: one identity per line, '#' comments and blank lines ignored."""
+def _strip(buf: memoryview, lo: int, hi: int) -> tuple[int, int]:
+    """Bounds of buf[lo:hi] without the ASCII whitespace at either end."""
+    while lo < hi and buf[lo] in b" \t\r\n\v\f":
+        lo += 1
+    while hi > lo and buf[hi - 1] in b" \t\r\n\v\f":
+        hi -= 1
+    return lo, hi
+
+
+def parse_identity_file(
+    text: str | bytes | bytearray | memoryview,
+) -> list[HybridIdentity | X25519Identity]:
+    """age-keygen format: one identity per line, '#' comments and blank lines ignored. Given as
+    bytes, it is parsed in place, with no copy of any line."""
+    raw = memoryview(text.encode("ascii", "replace") if isinstance(text, str) else text)
     out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            out.append(parse_identity(line))
+    start = 0
+    while start < len(raw):
+        end = start
+        while end < len(raw) and raw[end] != 0x0A:
+            end += 1
+        lo, hi = _strip(raw, start, end)
+        if hi > lo and raw[lo] != 0x23:  # "#"
+            out.append(parse_identity(raw[lo:hi]))
+        start = end + 1
     if not out:
         raise FormatError("no identity found in identity file")
     return out

@@ -11,8 +11,9 @@ boto3 client (thread-safe) is shared, with a connection pool of CONNECTIONS.
 Reads are HTTP Range GETs. The mount asks for runs of whole chunks (adjacent chunks merged into
 one request, several requests in flight during playback); opening an object is one GET of its
 first OPEN_FETCH bytes, which also gives the object size (Content-Range), the header and the
-first chunk. With a disk cache, requests are widened to whole cache blocks and served from disk
-once fetched.
+first chunk, and for the mount a second GET, sent alongside, of the final chunk (S3Source).
+With a disk cache, requests are widened to whole cache blocks and served from disk once
+fetched.
 
 Range GETs, the hot path, skip botocore's per-request machinery: botocore presigns one GET URL
 per object (SigV4 in the query string, made again well before it expires, and at once after a
@@ -61,6 +62,10 @@ if TYPE_CHECKING:
 CONNECTIONS = 16  # concurrent requests (the mount's worker threads) and pooled connections
 OPEN_FETCH = 3 * BLOCK  # first GET of an object: header, nonce and a first 128 KiB read
 HEAD_READS = 4  # reads served from the opening fetch before it is released
+# What the second GET of an opening fetches from the final chunk's start (S3Source `tail`): a
+# final chunk is at most 64 KiB + 16 (stream.CT_CHUNK); a whole block covers it, and fewer
+# bytes come back at the object's end.
+TAIL_FETCH = BLOCK + 16
 PART_SIZE = 8 << 20  # multipart upload part (S3's minimum is 5 MiB)
 UPLOADS_IN_FLIGHT = 3  # parts uploading at once while the next one is encrypted
 BACKOFF_BASE = 0.05  # seconds; doubled per attempt, capped, with full jitter
@@ -220,6 +225,7 @@ class S3Storage(Storage):
         )
         # key -> (scheme, host[:port], path?query of its presigned GET URL, when to sign again)
         self._urls: OrderedDict[str, tuple[str, str, str, float]] = OrderedDict()
+        self._tails: DaemonExecutor | None = None  # GETs sent alongside an opening one
         self.counters = {
             "s3_gets": 0,
             "s3_get_bytes": 0,
@@ -455,6 +461,24 @@ class S3Storage(Storage):
     def open_source(self, key: str) -> S3Source:
         return S3Source(self, key)
 
+    def open_source_with_tail(self, key: str, tail: int) -> S3Source:
+        return S3Source(self, key, tail)
+
+    def get_soon(self, key: str, start: int, length: int) -> Future[tuple[memoryview, int]]:
+        """get_range of [start, start+length) on a thread of its own, begun now: (the bytes,
+        fewer at the object's end; the object size)."""
+        with self._lock:
+            if self._tails is None:
+                self._tails = DaemonExecutor(CONNECTIONS, "pqfs-s3-tail")
+            pool = self._tails
+
+        def get() -> tuple[memoryview, int]:
+            buf = memoryview(bytearray(length))
+            got, size = self.get_range(key, start, buf)
+            return buf[:got], size
+
+        return pool.submit(get)
+
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:
             r = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -561,6 +585,8 @@ class S3Storage(Storage):
         return n
 
     def close(self) -> None:
+        if self._tails is not None:
+            self._tails.shutdown(wait=False)
         if self._loop_gets is not None:
             self._loop_gets.close()
         if self._http is not None:
@@ -616,19 +642,31 @@ class S3Source:
     Opening fetches the object's first OPEN_FETCH bytes (header, nonce, the first chunks) in one
     GET, which also tells the size. They stay in memory only until the reading starts in earnest
     (a read past them, or HEAD_READS reads from them), so memory does not grow with open files.
+
+    With `tail` (the mount: where the final chunk starts, from the catalog), the bytes from
+    there to the end are fetched by a second GET sent alongside the first, when the first does
+    not reach them: the mount authenticates the final chunk at open, and two GETs in parallel
+    cost one round trip. They are kept for one read.
     """
 
-    def __init__(self, storage: S3Storage, key: str) -> None:
+    def __init__(self, storage: S3Storage, key: str, tail: int | None = None) -> None:
         self.storage = storage
         self.key = key
         self._head_reads = 0
+        # (start, length, its GET) of the tail, until it is read
+        self._tail: tuple[int, int, Future[tuple[memoryview, int]]] | None = None
         dc = storage.disk_cache
         size = dc.size_of(key) if dc is not None else None
         if size is not None and dc is not None:
             head = bytearray(min(OPEN_FETCH, size))
             if dc.read(key, 0, memoryview(head)):
                 self.size, self._head = size, head
-                return
+                return  # no GET to overlap: a later read of the tail finds it as any other
+        if tail is not None and tail + TAIL_FETCH > OPEN_FETCH:
+            # Whole cache blocks with a disk cache (stored, so that the next open finds them).
+            lo = tail // BLOCK * BLOCK if dc is not None else tail
+            length = tail + TAIL_FETCH - lo
+            self._tail = (lo, length, storage.get_soon(key, lo, length))
         head = bytearray(OPEN_FETCH)
         n, self.size = storage.get_range(key, 0, memoryview(head))
         del head[n:]
@@ -640,6 +678,8 @@ class S3Source:
         n = max(0, min(len(buf), self.size - offset))
         if n == 0:
             return 0
+        if self._tail is not None and self._from_tail(offset, buf[:n]):
+            return n  # before the head: a read of the tail must not release the head
         end = offset + n
         head = self._head  # one read of the attribute: another thread may release it
         skip = 0
@@ -652,6 +692,30 @@ class S3Source:
         if skip < n:
             self._fetch(offset + skip, buf[skip:n])
         return n
+
+    def _from_tail(self, offset: int, buf: memoryview) -> bool:
+        """Fill `buf` from the tail fetched at open (waiting for its GET), if it holds all of
+        it; then let it go. False otherwise: an error of that GET is met again, with its
+        own retries, by the ordinary read that follows."""
+        tail = self._tail  # one read of the attribute: another thread may release it
+        if tail is None:
+            return False
+        lo, length, future = tail
+        if not lo <= offset <= offset + len(buf) <= lo + length:
+            return False  # the header's reads, before it: they do not wait for its GET
+        try:
+            data, size = future.result()
+        except Exception:
+            self._tail = None
+            return False
+        if not lo <= offset <= offset + len(buf) <= lo + len(data):
+            return False
+        self._tail = None
+        dc = self.storage.disk_cache
+        if dc is not None and size == self.size:
+            dc.store(self.key, lo, data, size)
+        buf[:] = data[offset - lo : offset - lo + len(buf)]
+        return True
 
     def _fetch(self, offset: int, buf: memoryview) -> None:
         dc = self.storage.disk_cache
@@ -702,6 +766,7 @@ class S3Source:
 
     def close(self) -> None:
         self._head = bytearray()
+        self._tail = None
 
 
 class Upload:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import parallel
-from .agefile import FileSource, RangeSource
+from .agefile import FileSource, RangeSource, open_regular
 from .errors import VaultError
 
 TMP_PREFIX = ".tmp-"
@@ -47,10 +47,19 @@ class Storage(ABC):
     # Whether the mount keeps a ciphertext buffer per worker thread: worth it for cheap local
     # preads; a remote backend allocates per request (its threads are many, mostly waiting).
     reuse_read_buffers: bool = True
+    # Seconds one operation may take, retries included (--timeout). The mount also bounds how
+    # long opening a file may take by it (a hung disk or network filesystem, a stalled S3).
+    timeout: float = StorageOptions.timeout
 
     @abstractmethod
     def open_source(self, key: str) -> RangeSource:
         """Random access to an object; raises FileNotFoundError when it is absent."""
+
+    def open_source_with_tail(self, key: str, tail: int) -> RangeSource:
+        """open_source, for a caller that reads [tail, end) next (the mount authenticates an
+        object's final chunk at open): a remote store fetches it alongside the opening read.
+        Locally nothing is gained: a pread of the end costs no round trip."""
+        return self.open_source(key)
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -96,8 +105,18 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    """A vault directory. It is private to its owner: the directories pqfs makes in it are
+    mode 0700 (the vault directory too, at init) and every file 0600, so other local users
+    see neither the object names, sizes and times, nor identity.age, which a passphrase
+    guess would open. Objects are opened without blocking or following a symbolic link, and
+    must be regular files (open_regular): a FIFO put in place of one fails the read that
+    needs it instead of hanging a thread forever."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], timeout: float = StorageOptions.timeout
+    ) -> None:
         self.root = Path(root).absolute()  # a daemon changes directory to /
+        self.timeout = timeout
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -105,21 +124,41 @@ class LocalStorage(Storage):
         return self.root / key
 
     def open_source(self, key: str) -> RangeSource:
-        return FileSource(self._path(key))
+        return FileSource(self._path(key), follow_symlinks=False)
 
     def read_bytes(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        with open(open_regular(self._path(key), follow_symlinks=False), "rb") as f:
+            return f.read()
+
+    def make_private(self) -> None:
+        """Create the vault directory if missing; mode 0700 (best effort: FAT and exFAT
+        have no modes)."""
+        self._mkdirs(self.root)
+        with contextlib.suppress(OSError):
+            os.chmod(self.root, 0o700)
+
+    def _mkdirs(self, path: Path) -> None:
+        """`path` (the root or a directory in it) and its missing parents; mode 0700 from the
+        root down, the root's own parents as `mkdir -p` makes them."""
+        if path.is_dir():
+            return
+        if path == self.root:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self._mkdirs(path.parent)
+        with contextlib.suppress(FileExistsError):  # a concurrent writer made it
+            path.mkdir(mode=0o700)
 
     @contextlib.contextmanager
     def writer(self, key: str, exclusive: bool = False) -> Iterator[BinaryIO]:
         final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
         f: BinaryIO | None = None
         try:
             # Inside the try: a Ctrl-C landing as open() returns, before `f` is bound, must
             # still remove the file (the same race lost an S3 upload in CI).
-            f = open(tmp, "xb")  # noqa: SIM115 - closed below on every path
+            f = open(tmp, "xb", opener=_private)  # noqa: SIM115 - closed below on every path
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -167,6 +206,11 @@ class LocalStorage(Storage):
         return str(self.root)
 
 
+def _private(path: str, flags: int) -> int:
+    """open()'s opener for a new vault file: mode 0600 (see LocalStorage)."""
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -194,4 +238,4 @@ def open_storage(location: str, options: StorageOptions | None = None) -> Storag
         raise VaultError(
             "--disk-cache is for s3:// vaults (a local vault is read from disk already)"
         )
-    return LocalStorage(location)
+    return LocalStorage(location, opts.timeout)

@@ -24,7 +24,7 @@ _MAX_COUNTER = 1 << 88
 def payload_aead(file_key: bytes | bytearray, nonce: bytes) -> ChaCha20Poly1305:
     """The payload AEAD. The derived key is wiped here; the AEAD object holds the only copy."""
     key = bytearray(32)
-    HKDF(hashes.SHA256(), 32, salt=nonce, info=b"payload").derive_into(bytes(file_key), key)
+    HKDF(hashes.SHA256(), 32, salt=nonce, info=b"payload").derive_into(file_key, key)
     try:
         return ChaCha20Poly1305(key)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import stat
@@ -21,18 +22,20 @@ from . import armor, kem
 from . import catalog as cat_mod
 from .agefile import (
     AgeReader,
+    BytesSource,
     FileSource,
     RangeSource,
-    decrypt_stream,
     encrypt_stream,
     fd_pwriter,
+    open_regular,
     read_header,
 )
-from .catalog import Catalog, Entry, del_op, normpath, put_op
+from .catalog import Catalog, Entry, del_op, normpath, put_op, shown
 from .encoding import b64encode
 from .errors import (
     BadPassphrase,
     FormatError,
+    IsADirectory,
     Locked,
     NoIdentityMatch,
     NotFound,
@@ -43,6 +46,7 @@ from .errors import (
 from .header import Header
 from .keycache import KeyCache
 from .keys import (
+    MAX_SCRYPT_LOG_N,
     HybridIdentity,
     Identity,
     Recipient,
@@ -54,8 +58,10 @@ from .keys import (
     parse_recipient,
     unwrap,
 )
-from .storage import Storage, StorageOptions, open_storage
-from .stream import wipe
+from .storage import LocalStorage, Storage, StorageOptions, open_storage
+from .stream import CHUNK, wipe
+
+log = logging.getLogger("pqfs.vault")
 
 CONFIG = "pqfs.json"
 IDENTITY = "identity.age"
@@ -70,16 +76,29 @@ def object_key(object_id: str) -> str:
     return f"{OBJECTS}{object_id[:2]}/{object_id}.age"
 
 
+SCRYPT_MIN_LOG_N = 18  # age's own default work factor: never weaker than plain `age -p`
+SCRYPT_SAMPLES = 3
+
+
 def tune_scrypt(target_seconds: float = 1.0) -> int:
-    """log2(N) so that one scrypt derivation takes about `target_seconds` on this machine."""
+    """log2(N) so that one scrypt derivation takes about `target_seconds` on this machine,
+    between SCRYPT_MIN_LOG_N and MAX_SCRYPT_LOG_N (what readers accept); PQFS_SCRYPT_LOG_N
+    overrides it (the tests' fast vaults)."""
     env = os.environ.get("PQFS_SCRYPT_LOG_N")
     if env:
         return int(env)
     # Calibrate at 2^16 (~0.2 s here): smaller N fits in cache and would overestimate speed.
+    # The fastest of several runs: a busy machine only ever measures slow (one sample on a
+    # loaded box gave 2^16), and the passphrase must resist attackers with idle machines.
+    dt = min(_scrypt_seconds(16) for _ in range(SCRYPT_SAMPLES))
+    log_n = 16 + round(math.log2(target_seconds / max(dt, 1e-4)))
+    return max(SCRYPT_MIN_LOG_N, min(MAX_SCRYPT_LOG_N, log_n))
+
+
+def _scrypt_seconds(log_n: int) -> float:
     t0 = time.perf_counter()
-    Scrypt(b"pqfs-calibration", 32, 1 << 16, 8, 1).derive(b"x")
-    dt = max(time.perf_counter() - t0, 1e-4)
-    return max(15, min(22, 16 + round(math.log2(target_seconds / dt))))
+    Scrypt(b"pqfs-calibration", 32, 1 << log_n, 8, 1).derive(b"x")
+    return time.perf_counter() - t0
 
 
 class Vault:
@@ -95,6 +114,9 @@ class Vault:
         ]
         self._identities: list[HybridIdentity | X25519Identity] = []
         self._catalog: Catalog | None = None
+        # Where the catalog's warnings go (ops ignored on load), each once: the CLI prints them.
+        self.on_warning: Callable[[str], None] = log.warning
+        self._warned: set[str] = set()
         self.key_cache = KeyCache()
 
     # ------------------------------------------------------------------ lifecycle ----
@@ -103,7 +125,7 @@ class Vault:
     def create(
         cls,
         location: str,
-        passphrase: bytes,
+        passphrase: bytes | bytearray,
         extra_recipients: Sequence[Recipient] = (),
         classic: bool = False,
         log_n: int | None = None,
@@ -140,9 +162,11 @@ class Vault:
         idents: Sequence[HybridIdentity | X25519Identity],
         recipients: Sequence[Recipient],
         config: dict[str, object],
-        passphrase: bytes,
+        passphrase: bytes | bytearray,
         log_n: int | None,
     ) -> None:
+        if isinstance(storage, LocalStorage):
+            storage.make_private()  # before the identity lands in it
         text = identity_file_text(idents).encode()
         storage.put_bytes(
             IDENTITY, _encrypt_bytes(text, [ScryptRecipient(passphrase, log_n or tune_scrypt())])
@@ -174,22 +198,30 @@ class Vault:
 
     # ------------------------------------------------------------------ identities ----
 
-    def unlock(self, passphrase: bytes) -> None:
+    def unlock(self, passphrase: bytes | bytearray) -> None:
+        """Unlock with the passphrase (the caller's buffer, which the caller wipes). The
+        identity file is decrypted into one buffer of its final size and parsed in place: no
+        other copy of its text is ever made (a growing buffer would leave its old copies)."""
         try:
             raw = self.storage.read_bytes(IDENTITY)
         except FileNotFoundError:
             raise VaultError("the vault has no identity file") from None
-        plain = bytearray()
+        src = BytesSource(raw)
+        try:
+            reader = AgeReader(src, identities=[ScryptIdentity(passphrase)])
+        except NoIdentityMatch:
+            raise BadPassphrase("wrong passphrase") from None
+        except PqfsError as e:
+            raise VaultError(f"the vault identity file is damaged ({e})") from None
+        plain = bytearray(reader.chunks * CHUNK)
         try:
             try:
-                decrypt_stream(io.BytesIO(raw), [ScryptIdentity(passphrase)], plain.extend)
-            except NoIdentityMatch:
-                raise BadPassphrase("wrong passphrase") from None
+                n = reader.read_chunks_into(0, reader.chunks, memoryview(plain))
             except PqfsError as e:
                 raise VaultError(f"the vault identity file is damaged ({e})") from None
-            self._identities = parse_identity_file(plain.decode("ascii"))
+            self._identities = parse_identity_file(memoryview(plain)[:n])
         finally:
-            wipe(plain)  # the str made for parsing cannot be wiped; this is the long-lived copy
+            wipe(plain)
 
     def unlock_with(self, identities: Sequence[HybridIdentity | X25519Identity]) -> None:
         mine = {r.encode() for r in self.recipients}
@@ -220,7 +252,7 @@ class Vault:
             raise VaultError("the vault has no X25519 identity (create it with init --classic)")
         return identity_file_text(idents)
 
-    def passwd(self, new_passphrase: bytes, log_n: int | None = None) -> None:
+    def passwd(self, new_passphrase: bytes | bytearray, log_n: int | None = None) -> None:
         text = identity_file_text(self._identities if self.identities else []).encode()
         blob = _encrypt_bytes(text, [ScryptRecipient(new_passphrase, log_n or tune_scrypt())])
         self.storage.put_bytes(IDENTITY, blob)
@@ -230,12 +262,36 @@ class Vault:
     def catalog(self, reload: bool = False) -> Catalog:
         if self._catalog is None or reload:
             self._catalog = cat_mod.load(self.storage, self.identities)
+            for w in self._catalog.warnings:
+                if w not in self._warned:
+                    self._warned.add(w)
+                    self.on_warning(w)
         return self._catalog
 
     def commit(self, ops: Sequence[dict[str, object]]) -> None:
+        """Append `ops` as one segment. Each is checked first: never write an op that readers
+        would ignore (conflicts are the caller's to check, with check_put, before the work)."""
+        for op in ops:
+            try:
+                cat_mod.check_op(op)
+            except cat_mod.MalformedOp as e:
+                raise VaultError(f"refusing to record a malformed catalog op: {e}") from None
         if ops:
             cat_mod.append(self.storage, self.recipients, ops)
             self._catalog = None
+
+    def check_put(self, path: str, kind: str) -> None:
+        """VaultError unless a `kind` ("file" or "dir") may be put at `path`: a path the catalog
+        can hold and, when the catalog is known (unlocked), one that leaves a valid tree (no
+        file below a file, no file in place of a directory). Without the identity the same
+        rule is applied when the catalog is loaded (the first entry wins)."""
+        problem = cat_mod.path_problem(path)
+        if problem:
+            raise VaultError(f"cannot add {shown(path)}: {problem}")
+        why = self.catalog().conflict(path, kind) if self.unlocked else None
+        if why:
+            error = IsADirectory if why == cat_mod.IS_A_DIRECTORY else VaultError
+            raise error(f"cannot add {shown(path)}: {why}")
 
     def entry(self, path: str) -> Entry:
         e = self.catalog().get(path)
@@ -270,10 +326,9 @@ class Vault:
         dest = normpath(dest)
         if not dest:
             raise VaultError("destination path is empty")
-        with open(src_path, "rb") as f:
+        # Never open() blocking: a FIFO would wait for a writer forever (open_regular).
+        with os.fdopen(open_regular(src_path), "rb") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise VaultError(f"not a regular file: {src_path}")
             object_id, header, size = self.write_object(f, recipients, progress)
         return Entry(
             dest,
@@ -294,6 +349,9 @@ class Vault:
         """Import an existing age file without re-encrypting it: it must open with the vault
         identity and authenticate completely; the vault recipients are then added to its header."""
         dest = normpath(dest)
+        if not dest:
+            raise VaultError("destination path is empty")
+        self.check_put(dest, "file")  # before the object is written: nothing to clean up
         with armor.binary_path(src_path) as binary:
             return self._import_binary(src_path, binary, dest)
 
@@ -386,7 +444,7 @@ class Vault:
         p = normpath(path)
         if not p:
             raise VaultError("refusing to remove the vault root")
-        gone = [x for x in cat.entries.values() if x.path == p or x.path.startswith(p + "/")]
+        gone = cat.below(p)
         self.commit([del_op(p)])
         for x in gone:
             if x.type == "file":

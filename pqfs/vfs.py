@@ -35,6 +35,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -42,20 +43,24 @@ from typing import Any, TypeVar
 import trio
 
 from . import catalog as cat_mod
-from . import parallel
+from . import memory, parallel
 from .agefile import RangeSource, ciphertext_span, decrypt_chunks, decrypt_read_chunks, pread
 from .aio import DirectIO, Read
-from .catalog import Catalog, Entry
+from .catalog import Catalog, Entry, shown
 from .chunkcache import ChunkCache
 from .errors import (
+    FormatError,
+    HeaderMacError,
     IsADirectory,
     Locked,
+    NoIdentityMatch,
     NotADirectory,
     NotFound,
     PayloadError,
     PqfsError,
     ReadOnly,
     Unavailable,
+    Unreadable,
     VaultError,
 )
 from .header import Header
@@ -64,7 +69,8 @@ from .keycache import CachedKey, KeyCache
 from .keys import HybridIdentity, X25519Identity, unwrap
 from .memory import populated, scratch
 from .metrics import GcMeter, Latency, StallMeter
-from .storage import Storage
+from .onchange import ChangeHook
+from .storage import LocalStorage, Storage
 from .stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size, payload_aead, wipe
 from .vault import Vault, object_key
 from .workers import WorkerPool
@@ -118,6 +124,9 @@ class MountOptions:
     idle_poll: float = 200e-6
     stall_detail: bool = False  # count sleeps, preemptions, faults in the longest loop step
     catalog_poll: float = 10.0  # seconds between checks for catalog changes (pqfs add)
+    # Run after a refresh that changed the tree, with the changed vault paths appended
+    # (`onchange.py`): FUSE raises no inotify events for changes made elsewhere. (): none.
+    on_change: tuple[str, ...] = ()
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
 
     @classmethod
@@ -135,6 +144,26 @@ class MountOptions:
     def prefetch_inflight(self) -> int:
         """Chunks being prefetched at once for the whole mount: a quarter of the cache."""
         return max(self.job_chunks, self.cache_size // CHUNK // 4)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What statfs reports (df, file managers), in blocks of `block` bytes: the tree's files as
+    used, the store's free room as free; entries likewise."""
+
+    block: int
+    used_blocks: int
+    free_blocks: int
+    avail_blocks: int  # free to an unprivileged user
+    entries: int
+    free_entries: int
+
+
+BLOCK = 4096
+# A remote store has no free space to ask for: report a petabyte, as rclone does, so that df
+# shows what the tree uses instead of a full disk, and no program refuses to copy from it.
+REMOTE_FREE = 1 << 50
+REMOTE_FREE_ENTRIES = 1 << 30
 
 
 @dataclass
@@ -159,18 +188,22 @@ class Tree:
     """The catalog as inodes. Built whole and swapped in one assignment, so a lookup never sees
     half a reload. Inode numbers are a keyed hash of (path, object): stable across lock/unlock
     and reloads, and a replaced file gets a new inode (the kernel's cached pages of the old
-    content are never served for the new one)."""
+    content are never served for the new one). Every value comes from a loaded catalog, whose
+    ops were checked on load (catalog.py): no wrong-typed value reaches a FUSE handler."""
 
     def __init__(self, cat: Catalog, salt: bytes) -> None:
         self.head = cat.head_seq
+        self.warnings = tuple(cat.warnings)  # logged when the tree is swapped in
         self.nodes: dict[int, Node] = {}
         self._by_path: dict[str, int] = {}
         self._salt = salt
-        root = cat.entries.get("") or Entry("", "dir", 0o755, 0)
+        # The root, explicit or implied (dated by the newest entry below it, as every implied
+        # directory is: never 1970).
+        root = cat.get("") or Entry("", "dir", 0o755, 0)
         self._add_node("", root, ROOT_INO)
-        for path in sorted(cat.entries):
+        for path in sorted(cat.entries):  # a directory before what is below it
             if path:
-                self._ensure(path, cat.entries[path])
+                self._ensure(path, cat.entries[path], cat)
         for node in self.nodes.values():
             if node.children is not None:
                 node.names = sorted(node.children)
@@ -182,7 +215,9 @@ class Tree:
         n = 0
         while True:
             h = hashlib.blake2b(
-                f"{path}\0{e.object}\0{n}".encode(), key=self._salt, digest_size=8
+                f"{path}\0{e.object}\0{n}".encode("utf-8", "surrogateescape"),
+                key=self._salt,
+                digest_size=8,
             ).digest()
             ino = int.from_bytes(h, "big") >> 1
             if ino > ROOT_INO and ino not in self.nodes:
@@ -191,7 +226,8 @@ class Tree:
 
     def _add_node(self, path: str, e: Entry, ino: int) -> int:
         is_dir = e.type == "dir"
-        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o7777 or 0o644)
+        # Permission bits only, whatever the entry says: nothing is served setuid or setgid.
+        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o777 or 0o644)
         if is_dir:
             mode |= 0o700  # the owner can always list and control (xattrs) what they mounted
         attr = Attr(ino, mode, e.size if not is_dir else 0, e.mtime_ns, 2 if is_dir else 1)
@@ -199,19 +235,50 @@ class Tree:
         self._by_path[path] = ino
         return ino
 
-    def _ensure(self, path: str, e: Entry | None) -> int:
-        ino = self._by_path.get(path)
-        if ino is not None:
-            return ino
-        parent_path, _, name = path.rpartition("/")
-        parent = self._ensure(parent_path, None)
-        entry = e or Entry(path, "dir", 0o755, 0)
-        ino = self._add_node(path, entry, self._ino(path, entry))
-        children = self.nodes[parent].children
-        if children is None:  # a file with entries below it cannot come from a valid catalog
-            raise VaultError(f"catalog lists {path} below the file {parent_path}")
-        children[name] = ino
-        return ino
+    def _ensure(self, path: str, e: Entry, cat: Catalog) -> None:
+        """Add `path` and each implied directory above it not added yet (iteratively: a path
+        can be deeper than Python's recursion allows). An entry below a file cannot come from
+        a loaded catalog, which ignores such puts; should one come, it is skipped and logged,
+        never a reason to refuse the whole tree."""
+        missing = []
+        p = path
+        while p not in self._by_path:
+            missing.append(p)
+            p = p.rpartition("/")[0]
+        for q in reversed(missing):
+            parent_path, _, name = q.rpartition("/")
+            parent = self.nodes[self._by_path[parent_path]]
+            if parent.children is None:
+                log.warning(
+                    "catalog lists %s below the file %s: skipped", shown(path), shown(parent_path)
+                )
+                return
+            entry = e if q == path else (cat.get(q) or Entry(q, "dir", 0o755, 0))
+            parent.children[name] = self._add_node(q, entry, self._ino(q, entry))
+
+    def signatures(self) -> dict[str, tuple[object, ...]]:
+        """Per path, what a change of it is (changed_paths): a file's object, size, mode and
+        mtime; for a directory only that it is one (its date follows what is below it)."""
+        out: dict[str, tuple[object, ...]] = {}
+        for path, ino in self._by_path.items():
+            e = self.nodes[ino].entry
+            file = (e.object, e.mac, e.size, e.mode, e.mtime_ns)
+            out[path] = ("dir",) if e.type == "dir" else file
+        return out
+
+
+def changed_paths(old: Tree, new: Tree) -> list[str]:
+    """The vault paths added, removed or replaced from `old` to `new`, sorted."""
+    a, b = old.signatures(), new.signatures()
+    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+
+
+def _refresh_failure(e: Exception) -> str:
+    """A failed refresh's cause, for the log: the message of an expected error (secret-free
+    by contract), only the type of an unexpected one (its traceback goes with it)."""
+    if isinstance(e, (PqfsError, OSError)):
+        return str(e)
+    return f"internal error {type(e).__name__}"
 
 
 @dataclass
@@ -225,6 +292,7 @@ class OpenFile:
     payload_start: int
     chunks: int
     own_key: CachedKey | None = None  # with key_ttl == 0: the key lives exactly while open
+    decrypted: int = 0  # plaintext bytes its open decrypted (the final chunk): counted by open
     jobs: int = 0
     released: bool = False
     last_end: int = 0  # sequential-access detection
@@ -233,7 +301,7 @@ class OpenFile:
     ahead: int = -1  # highest chunk scheduled for prefetch
     hinted: int = 0  # backend offset up to which will_need() was sent
     limiter: trio.Semaphore | None = None  # at most jobs_per_file worker jobs at once
-    unavailable: tuple[float, Unavailable] | None = None  # last time the storage did not answer
+    unavailable: tuple[float, Unavailable] | None = None  # when the storage last did not answer
 
     @property
     def key_id(self) -> tuple[str, str]:
@@ -281,6 +349,8 @@ class VaultFS:
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.tree: Tree | None = None
+        # _tree_usage of a tree, which it does not keep alive (lock drops the tree's names)
+        self._usage: tuple[weakref.ref[Tree], int, int] | None = None
         self._salt = os.urandom(16)
         self._files: dict[int, OpenFile] = {}
         self._next_fh = 1
@@ -344,11 +414,22 @@ class VaultFS:
         self.vault.storage.close()
 
     async def _load_tree(self) -> None:
-        def load() -> Catalog:
-            return self.vault.catalog(reload=True)
+        tree, _ = await self.offload(self._build_tree, None)
+        self._swap_tree(tree, None)
 
-        cat = await self.offload(load)
-        self.tree = Tree(cat, self._salt)
+    def _build_tree(self, old: Tree | None) -> tuple[Tree, list[str]]:
+        """Worker thread: load the catalog and build its tree (a new object, which no other
+        thread sees until it is swapped in), and what changed from `old`."""
+        tree = Tree(cat_mod.load(self.vault.storage, self.vault.identities), self._salt)
+        return tree, [] if old is None else changed_paths(old, tree)
+
+    def _swap_tree(self, new: Tree, old: Tree | None) -> None:
+        """Serve `new`; log its catalog warnings (ops ignored), each once per mount's tree."""
+        seen = set(old.warnings) if old is not None else set()
+        for w in new.warnings:
+            if w not in seen:
+                log.warning("%s", w)
+        self.tree = new
         self.settle()
 
     @staticmethod
@@ -367,32 +448,56 @@ class VaultFS:
             self.keys.sweep()
 
     async def _poll_catalog(self) -> None:
+        """Every catalog_poll seconds, reload the tree if the catalog changed, and run the
+        on-change hook for what changed. A running mount never ends because of catalog input:
+        an exception here would end the mount's nursery, so a failed refresh, for whatever
+        reason, is logged (once until it changes) and the last good tree stays served."""
+        hook = None
+        if self.options.on_change and self._nursery is not None:
+            hook = ChangeHook(self.options.on_change, self._nursery)
+        failed: str | None = None
         while True:
             await trio.sleep(self.options.catalog_poll)
+            gen = self.generation
             try:
-                await self.refresh()
-            except (PqfsError, OSError) as e:  # an unreachable store: serve what is known
-                log.warning("catalog refresh failed: %s", e)
+                changed = await self.refresh()
+            except Exception as e:
+                if gen != self.generation:
+                    continue  # locked meanwhile: that explains it, and there is no tree to keep
+                why = _refresh_failure(e)
+                if why != failed:
+                    tree = self.tree
+                    head = "none" if tree is None else f"segment {tree.head}"
+                    log.warning(
+                        "catalog refresh failed (still serving the catalog as of %s): %s",
+                        head,
+                        why,
+                        exc_info=not isinstance(e, (PqfsError, OSError)),
+                    )
+                failed = why
+                continue
+            if failed is not None:
+                log.info("catalog refresh works again")
+                failed = None
+            if changed and hook is not None:
+                hook.notify(changed)
 
-    async def refresh(self) -> bool:
-        """Reload the tree if the catalog changed (files added or removed by `pqfs add`/`rm`)."""
+    async def refresh(self) -> list[str]:
+        """Reload the tree if the catalog changed (files added or removed by `pqfs add`/`rm`).
+        Returns the vault paths added, removed or replaced (changed_paths), [] if nothing was
+        reloaded. Raises if the catalog cannot be loaded: the tree served stays as it was."""
         tree, gen = self.tree, self.generation
         if tree is None or not self.vault.unlocked:
-            return False
+            return []
         segs = await self.offload(cat_mod.list_segments, self.vault.storage)
         head = segs[-1].seq if segs else 0
         if head == tree.head:
-            return False
-
-        def load() -> Catalog:
-            return cat_mod.load(self.vault.storage, self.vault.identities)
-
-        cat = await self.offload(load)
-        if gen == self.generation and self.vault.unlocked:
-            self.tree = Tree(cat, self._salt)
-            self.settle()
-            return True
-        return False
+            return []
+        new, changed = await self.offload(self._build_tree, tree)
+        if gen != self.generation or not self.vault.unlocked:
+            return []
+        self._swap_tree(new, tree)
+        return changed
 
     # ------------------------------------------------------------------ lock / unlock ----
 
@@ -416,9 +521,10 @@ class VaultFS:
 
     async def unlock(
         self,
-        passphrase: bytes | None = None,
+        passphrase: bytes | bytearray | None = None,
         identities: list[HybridIdentity | X25519Identity] | None = None,
     ) -> None:
+        """Unlock with a passphrase (the caller's buffer: the caller wipes it) or identities."""
         if identities is not None:
             self.vault.unlock_with(identities)
         elif passphrase is not None:
@@ -475,6 +581,32 @@ class VaultFS:
             for i, name in enumerate(node.names[start:], start)
         ]
 
+    async def statfs(self) -> Space:
+        """The tree's size against the store's free room: a local vault's file system, asked on
+        a thread (a network file system may be slow to answer); a remote store's is unknown
+        (REMOTE_FREE). A locked vault shows no files, and still the free room."""
+        used, entries = self._tree_usage()
+        storage = self.vault.storage
+        if isinstance(storage, LocalStorage):
+            st = await self.offload(os.statvfs, storage.root)
+            free, avail = st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
+            free_entries = st.f_favail
+        else:
+            free = avail = REMOTE_FREE
+            free_entries = REMOTE_FREE_ENTRIES
+        return Space(BLOCK, used, free // BLOCK, avail // BLOCK, entries, free_entries)
+
+    def _tree_usage(self) -> tuple[int, int]:
+        """(blocks of the tree's files, entries): counted once per tree (it never changes; a
+        reload builds a new one), not on every statfs of a file manager."""
+        tree = self.tree
+        if tree is None:
+            return 0, 0
+        if self._usage is None or self._usage[0]() is not tree:
+            blocks = sum(-(-n.attr.size // BLOCK) for n in tree.nodes.values())
+            self._usage = (weakref.ref(tree), blocks, len(tree.nodes))
+        return self._usage[1], self._usage[2]
+
     # ------------------------------------------------------------------ open / release ----
 
     async def open(self, ino: int, flags: int) -> int:
@@ -484,9 +616,16 @@ class VaultFS:
         if node.children is not None:
             raise IsADirectory(f"is a directory: {node.entry.path}")
         gen = self.generation
-        f = await self.offload(self._open_object, node)
+        bound = self.vault.storage.timeout * OPEN_TIMEOUTS
+        try:
+            with self._unseen_wait():  # as offload() does
+                f = await run_bounded(
+                    functools.partial(self._open_object, node), bound, self._close_unopened
+                )
+        except Exception as err:
+            raise self._open_failed(node.entry, err, gen) from None
         if gen != self.generation:
-            f.src.close()
+            self._close_unopened(f)
             raise Locked("the vault was locked while the file was being opened")
         f.fh = self._next_fh
         f.limiter = trio.Semaphore(self.options.jobs_per_file)
@@ -494,30 +633,94 @@ class VaultFS:
         self._files[f.fh] = f
         self.opened_inodes.add(ino)
         self.counters.opens += 1
+        self.counters.bytes_decrypted += f.decrypted
         return f.fh
 
     def _open_object(self, node: Node) -> OpenFile:
-        """Worker thread: open the object, check its header against the catalog, read the nonce."""
+        """Worker thread: open the object and check it as FORMAT.md §4.1 asks before any byte
+        of it is served: the header against the catalog, the file key (header MAC), the object
+        size against the catalog's, and the final chunk, authenticated (a truncated or extended
+        object fails here, not after its first chunks were played). The final chunk stays in
+        the chunk cache: tag readers and demuxers read the end of a file first."""
         e = node.entry
+        generation = self.cache.generation  # before anything is decrypted: see ChunkCache.insert
+        chunks = -(-e.size // CHUNK) or 1
+        start = e.hlen + NONCE_SIZE  # the catalog's; the header check below confirms it
+        # The final chunk's place is known before the header is read: a remote store fetches it
+        # alongside the opening read, so that checking it adds no round trip (s3.py), and a
+        # local disk starts reading it while the header is read. Not if it is cached already.
+        tail = start + (chunks - 1) * CT_CHUNK
+        fetch_tail = (e.object, chunks - 1) not in self.cache
+        key = object_key(e.object)
         try:
-            src = self.vault.storage.open_source(object_key(e.object))
+            storage = self.vault.storage
+            src = storage.open_source_with_tail(key, tail) if fetch_tail else storage.open_source(key)
         except FileNotFoundError:
-            raise VaultError(f"{e.path}: content object is missing") from None
+            raise VaultError("content object is missing") from None
+        f: OpenFile | None = None
         try:
-            header = self.vault._checked_header(e, src)
+            if fetch_tail:
+                src.will_need(tail, start + ciphertext_size(e.size) - tail)
+            header = self.vault._checked_header(e, src)  # its length is hlen: `start` holds
             nonce = pread(src, header.length, NONCE_SIZE)
-            start = header.length + NONCE_SIZE
             if len(nonce) != NONCE_SIZE:
-                raise PayloadError(f"{e.path}: payload nonce is missing (truncated object)", 0)
-            if src.size != start + ciphertext_size(e.size):
-                log.warning("%s: object size does not match the catalog (damaged?)", e.path)
-            f = OpenFile(0, node.ino, e, src, header, nonce, start, -(-e.size // CHUNK) or 1)
-            if self._cached_aead(f) is None:  # unwrap now: the first read costs only decryption
-                self._unwrap(f)
+                raise PayloadError("payload nonce is missing (truncated object)", 0)
+            want = start + ciphertext_size(e.size)
+            if src.size != want:
+                how = "truncated" if src.size < want else "extended"
+                raise PayloadError(
+                    f"object is {src.size} bytes, the catalog's size needs {want} ({how})",
+                    chunks - 1,
+                )
+            f = OpenFile(0, node.ino, e, src, header, nonce, start, chunks)
+            aead = self._cached_aead(f)
+            if aead is None:  # unwrap now: the first read costs only decryption
+                aead = self._unwrap(f)
+            self._authenticate_final_chunk(f, aead, generation)
             return f
         except BaseException:
-            src.close()
+            if f is not None:
+                self._close_unopened(f)
+            else:
+                src.close()
             raise
+
+    def _authenticate_final_chunk(self, f: OpenFile, aead: Any, generation: int) -> None:
+        """Worker thread: decrypt the final chunk (nonce flag 0x01) into the chunk cache; only
+        then is the plaintext size trusted. One that is cached was authenticated when cached."""
+        last = f.chunks - 1
+        if (f.entry.object, last) in self.cache:
+            return
+        n = ciphertext_span(f.payload_start, f.src.size, f.chunks, last, 1)
+        ct = scratch(n)  # ciphertext: not secret
+        if f.src.preadinto(f.payload_start + last * CT_CHUNK, ct) != n:
+            raise PayloadError(f"chunk {last} could not be read in full (truncated object)", last)
+        f.decrypted = self._decrypt(f, aead, last, 1, None, generation, False, ct)
+
+    @staticmethod
+    def _close_unopened(f: OpenFile) -> None:
+        """Close an object whose open failed or was overtaken by a lock (no job reads it)."""
+        f.src.close()
+        if f.own_key is not None:
+            f.own_key.wipe()
+            f.own_key = None
+
+    def _open_failed(self, e: Entry, err: Exception, generation: int) -> Exception:
+        """What an open that raised `err` fails with: Locked if the vault was locked meanwhile
+        (its key may have been wiped under the unwrap), an unexpected exception as it is (the
+        adapter logs it as a bug), anything else Unreadable (EIO), after one log line naming
+        the file and what is wrong with its object."""
+        if isinstance(err, Locked) or generation != self.generation:
+            return Locked("the vault was locked while the file was being opened")
+        if not isinstance(err, PqfsError | OSError):
+            return err
+        what = _damage(e, err)
+        if isinstance(err, PayloadError | HeaderMacError):
+            self.counters.auth_failures += 1
+        else:
+            self.counters.read_errors += 1
+        log.error("%s: cannot open (EIO): %s", shown(e.path), what)
+        return Unreadable(f"{e.path}: {what}")
 
     def release(self, fh: int) -> None:
         f = self._files.pop(fh, None)
@@ -673,18 +876,16 @@ class VaultFS:
         return None if req is None else _Started(missing[0], count, req)
 
     def _report(self, f: OpenFile, off: int, err: BaseException) -> None:
-        """Count and log a failed read (never with key material or plaintext)."""
-        if isinstance(err, PayloadError):
+        """Count and log a failed read (never with key material or plaintext), and mark the
+        error logged: the adapter does not log it again."""
+        if isinstance(err, PayloadError):  # "chunk N failed authentication", or truncated
             self.counters.auth_failures += 1
-            log.error(
-                "%s: chunk %s failed authentication; read at offset %d refused (EIO)",
-                f.entry.path,
-                err.chunk,
-                off,
-            )
+            log.error("%s: %s; read at offset %d refused (EIO)", shown(f.entry.path), err, off)
         else:
             self.counters.read_errors += 1
-            log.error("%s: read at offset %d failed (EIO): %s", f.entry.path, off, err)
+            log.error("%s: read at offset %d failed (EIO): %s", shown(f.entry.path), off, err)
+        if isinstance(err, PqfsError):
+            err.logged = True
 
     def _copy_cached(
         self, f: OpenFile, off: int, end: int, chunks: Iterable[int], out: memoryview
@@ -985,7 +1186,9 @@ class VaultFS:
         if self._reuse_ct and read is None:
             ct = getattr(self._tls, "ct", None)
             if ct is None or len(ct) < count * CT_CHUNK:
-                ct = self._tls.ct = populated(max(count, self.options.job_chunks) * CT_CHUNK)
+                ct = self._tls.ct = populated(
+                    max(count, self.options.job_chunks) * CT_CHUNK, lock=False
+                )  # ciphertext: not worth the mlock budget
         if prefetch:  # keep the backend a window ahead of the decrypt jobs
             lo = max(f.hinted, f.payload_start + (first + count) * CT_CHUNK)
             hi = f.payload_start + (first + count + HINT_CHUNKS) * CT_CHUNK
@@ -1166,8 +1369,67 @@ class VaultFS:
             "idle_poll_hits": self.idle.hits,
             "idle_poll_ms": round(self.idle.spent * 1000, 3),
             "gc_collections": self.gc.collections,
+            **memory.stats(),  # core dumps and locked buffers (memory.py)
             **self.vault.storage.stats(),
         }
+
+
+def _damage(e: Entry, err: PqfsError | OSError) -> str:
+    """What is wrong with the object of `e`, from the error its open raised (one line)."""
+    if isinstance(err, FileNotFoundError):
+        return "content object is missing"
+    if isinstance(err, OSError):
+        return f"content object cannot be read: {err.strerror or type(err).__name__}"
+    msg = str(err).removeprefix(f"{e.path}: ")
+    if isinstance(err, NoIdentityMatch):
+        return "damaged header: no stanza opens with the vault identity"
+    if isinstance(err, FormatError | HeaderMacError):
+        return f"damaged header: {msg}"
+    if isinstance(err, PayloadError):
+        return f"damaged payload: {msg}"
+    return msg
+
+
+# How long opening a file may take, in storage timeouts (Storage.timeout, --timeout): an
+# open is up to two storage operations (the object's opening bytes, its final chunk).
+OPEN_TIMEOUTS = 2
+
+
+async def run_bounded(fn: Callable[[], T], timeout: float, discard: Callable[[T], None]) -> T:
+    """fn() on a thread, given up after `timeout` seconds with VaultError (EIO). The thread is
+    then abandoned, not waited for: it may be stuck for good in a system call (a hung disk or
+    network filesystem), and a read must not wait with it. What it returns after that goes to
+    `discard` (an open object is closed), exactly once, whichever side comes second."""
+    lock = threading.Lock()
+    abandoned = False
+    returned: list[T] = []
+
+    def work() -> T:
+        result = fn()
+        with lock:
+            late = abandoned
+            if not late:
+                returned.append(result)
+        if late:
+            discard(result)
+        return result
+
+    def abandon() -> None:
+        nonlocal abandoned
+        with lock:
+            abandoned = True
+            lost = list(returned)  # returned as the wait ended: trio drops it, so it is ours
+        for result in lost:
+            discard(result)
+
+    try:
+        with trio.move_on_after(timeout):
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except BaseException:  # fn failed, or a cancellation from outside (unmount) abandoned it
+        abandon()
+        raise
+    abandon()
+    raise VaultError(f"content object did not open within {timeout:g} s (storage not answering)")
 
 
 def _runs(indices: Iterable[int], limit: int) -> list[tuple[int, int]]:

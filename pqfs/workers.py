@@ -88,6 +88,9 @@ class WorkerPool:
                 self.active += 1
             try:
                 done(outcome.capture(fn))
+                # An idle worker must not keep its last job alive: the job holds a file's
+                # payload AEAD (its key), which `pqfs lock` must be able to free.
+                del fn, done
                 if self._after_job is not None and not self._urgent:  # a waiting read first
                     with contextlib.suppress(Exception):  # an optimisation only
                         self._after_job()

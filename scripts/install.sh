@@ -37,6 +37,18 @@ done
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+if [ -n "$extras" ]; then
+    # typage (npm age-encryption), an independent age implementation with post-quantum keys,
+    # for tests/test_typage.py; Debian's age (1.1.1) knows no post-quantum keys.
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        echo "install: apt-get install nodejs npm"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    fi
+    if [ ! -f .venv/typage/node_modules/age-encryption/package.json ]; then
+        npm install --silent --no-audit --no-fund --prefix .venv/typage age-encryption@0.3.1 >/dev/null
+    fi
+fi
 if [ -w /usr/local/bin ] || [ -n "$SUDO" ]; then
     $SUDO ln -sf "$PWD/.venv/bin/pqfs" /usr/local/bin/pqfs
 fi

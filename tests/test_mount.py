@@ -206,13 +206,15 @@ def test_by_default_plaintext_stays_out_of_the_kernel_page_cache(
 ) -> None:
     """By default (--direct-io) reads bypass the kernel's page cache (plaintext lives only in
     pqfs's own wiped cache): after a read, no page of the file is cached; MAP_SHARED mmap is
-    then refused (ENODEV, as documented) and MAP_PRIVATE works. With --page-cache the kernel
-    caches pages, and both kinds of mmap work."""
+    then refused (ENODEV, as documented) and MAP_PRIVATE works; the kernel refuses it without
+    asking the daemon, so the log says at mount time that shared maps need --page-cache. With
+    --page-cache the kernel caches pages, and both kinds of mmap work."""
     src, vault = library
     name = "movies/Big Buck Bunny (2008)/film.mkv"
     want = (src / name).read_bytes()
     for args in (["--page-cache"], [], ["--direct-io"]):
-        with mounted(vault, tmp_path / "mnt", cli_env, *args) as mp:
+        log = tmp_path / f"pqfs{len(args)}{''.join(args)}.log"
+        with mounted(vault, tmp_path / "mnt", cli_env, "--log-file", str(log), *args) as mp:
             fd = os.open(mp / "lib" / name, os.O_RDONLY)
             try:
                 assert os.pread(fd, len(want) + 1, 0) == want
@@ -231,6 +233,11 @@ def test_by_default_plaintext_stays_out_of_the_kernel_page_cache(
                     assert e.value.errno == errno.ENODEV
             finally:
                 os.close(fd)
+        hint = [line for line in log.read_text().splitlines() if "ENODEV" in line]
+        if args == ["--page-cache"]:
+            assert hint == []
+        else:
+            assert len(hint) == 1 and "mount with --page-cache" in hint[0], hint
 
 
 def test_idle_poll_waits_for_the_next_request_and_can_be_turned_off(

@@ -51,6 +51,7 @@ def test_unit_is_valid_and_keeps_the_passphrase_off_command_lines(
     assert "mount --foreground" in exec_start
     assert "passphrase" not in exec_start.lower() and "PQFS_PASSPHRASE" not in text
     assert unit_value(text, "KillSignal") == "SIGTERM"
+    assert unit_value(text, "LimitCORE") == "0"  # a core dump would hold plaintext and keys
 
 
 def test_exec_start_runs_as_systemd_would(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -730,10 +730,12 @@ def wait_for_quiet_host(limit: float, window: int = 15, allowed_ms: float = 10.0
     if limit <= 0:
         return "not waited for (--quiet-host 0)"
     drop_caches()
-    # the spinners stop by themselves should this process die without its finally (SIGKILL)
+    # The spinners die with this process even without its finally (SIGKILL): the kernel kills
+    # them when their parent exits (PR_SET_PDEATHSIG), whatever else loads the machine; the
+    # ppid check catches a parent that died before the prctl.
     spin = (
-        "import os\nos.nice(19)\nparent = os.getppid()\n"
-        "while os.getppid() == parent:\n    for _ in range(1000000): pass"
+        "import ctypes, os\nctypes.CDLL(None).prctl(1, 9)\nos.nice(19)\nparent = "
+        f"{os.getpid()}\nwhile os.getppid() == parent:\n    for _ in range(100000): pass"
     )
     burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in os.sched_getaffinity(0)]
     try:

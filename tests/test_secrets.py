@@ -1,0 +1,120 @@
+"""What `pqfs lock` leaves in the daemon's memory: nothing of the passphrase, the identity, or
+any file or payload key. The test reads the running daemon's memory through /proc/PID/mem
+(as root, as an attacker with the machine would) after each way of unlocking, and searches it
+for every secret it knows from the vault itself."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from pqfs.agefile import pread, read_header
+from pqfs.encoding import bech32_decode
+from pqfs.keys import unwrap
+from pqfs.vault import Vault, object_key
+from tests.conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs, sha_file
+
+
+def _secrets(vault_dir: Path, identity_file: Path) -> dict[str, bytes]:
+    """Every secret a scan must not find: the passphrase, the identity line (as exported and
+    lower-cased, as a Bech32 decoder sees it), the identity seed, and for every file its file
+    key and its payload key (derived as the format says)."""
+    v = Vault.open(str(vault_dir))
+    v.unlock(PASSPHRASE)
+    found = {"passphrase": PASSPHRASE}
+    line = next(x for x in identity_file.read_text().splitlines() if x.startswith("AGE-SECRET"))
+    found["identity line"] = line.encode()
+    found["identity line (lower case)"] = line.lower().encode()
+    found["identity seed"] = bech32_decode(line)[1]
+    for e in v.catalog().files():
+        src = v.storage.open_source(object_key(e.object))
+        try:
+            header = read_header(src)
+            fk = unwrap(header, v.identities)
+            nonce = pread(src, header.length, 16)
+        finally:
+            src.close()
+        found[f"file key of {e.path}"] = bytes(fk)
+        found[f"payload key of {e.path}"] = HKDF(
+            hashes.SHA256(), 32, salt=nonce, info=b"payload"
+        ).derive(bytes(fk))
+    return found
+
+
+def _scan(pid: int, secrets: dict[str, bytes]) -> dict[str, list[str]]:
+    """Where in the process's memory each secret occurs: {name: [mapping at address]}."""
+    hits: dict[str, list[str]] = {}
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(lo)
+                data = mem.read(hi - lo)
+            except OSError:
+                continue
+            for name, secret in secrets.items():
+                for m in re.finditer(re.escape(secret), data):
+                    where = fields[5] if len(fields) > 5 else "anonymous"
+                    hits.setdefault(name, []).append(f"{where} at {lo + m.start():#x}")
+    return hits
+
+
+def _read_all(mp: Path, files: dict[str, str]) -> None:
+    for name, digest in files.items():
+        assert sha_file(mp / name) == digest
+
+
+@pytest.fixture
+def secret_vault(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path, dict[str, str]]:
+    vault_dir = tmp_path / "vault"
+    run_pqfs("init", str(vault_dir), env=cli_env)
+    files = {}
+    for name, size in (("small.bin", 5000), ("film.bin", 3 << 20)):  # the film is prefetched
+        src = tmp_path / name
+        src.write_bytes(os.urandom(size))
+        run_pqfs("add", str(vault_dir), str(src), name, env=cli_env)
+        files[name] = sha_file(src)
+    identity = tmp_path / "vault.key"
+    run_pqfs("identity", str(vault_dir), "-o", str(identity), env=cli_env)
+    return vault_dir, identity, files
+
+
+@pytest.mark.parametrize("mount_with", ["PQFS_PASSPHRASE", "--identity"])
+def test_lock_leaves_no_secret_in_the_daemon(
+    tmp_path: Path,
+    cli_env: dict[str, str],
+    secret_vault: tuple[Path, Path, dict[str, str]],
+    mount_with: str,
+) -> None:
+    vault_dir, identity, files = secret_vault
+    secrets = _secrets(vault_dir, identity)
+    pw_file = tmp_path / "passphrase"
+    pw_file.write_bytes(PASSPHRASE + b"\n")
+    no_env = {k: v for k, v in cli_env.items() if k != "PQFS_PASSPHRASE"}
+    mp = tmp_path / "mnt"
+    env, args = (cli_env, []) if mount_with == "PQFS_PASSPHRASE" else (no_env, ["-i", str(identity)])
+    with mounted(vault_dir, mp, env, *args):
+        pid = daemon_pid(mp)
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert PASSPHRASE not in environ, "the passphrase stayed in the daemon's environment"
+        unlocks = [
+            (mount_with, None),
+            ("an identity file", ["unlock", str(mp), "-i", str(identity)]),
+            ("a passphrase file", ["unlock", str(mp), "--passphrase-file", str(pw_file)]),
+            ("an identity file again", ["unlock", str(mp), "-i", str(identity)]),
+        ]
+        for how, argv in unlocks:
+            if argv is not None:
+                run_pqfs(*argv, env=no_env)
+            _read_all(mp, files)
+            run_pqfs("lock", str(mp), env=no_env)
+            left = _scan(pid, secrets)
+            assert not left, f"after unlocking with {how}, then pqfs lock: {left}"
