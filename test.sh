@@ -7,4 +7,5 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 .venv/bin/ruff check pqfs tests contrib
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache  # layers (pyproject.toml)
 exec .venv/bin/python -m pytest -q "$@"

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pqfs.storage import Storage, StorageOptions, open_storage
+from pqfs.storage import open_storage
+from pqfs.storage.base import Storage, StorageOptions
 
 
 @dataclass

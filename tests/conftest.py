@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pqfs.vault import Vault
+from pqfs.vault.vault import Vault
 
 pytest_plugins = ["tests.s3fixtures"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
 
 
 def mount_type(path: Path) -> str | None:
-    from pqfs.mount import mount_type as _mount_type
+    from pqfs.mount.daemon import mount_type as _mount_type
 
     return _mount_type(str(path))
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from pqfs import parallel
-from pqfs.agefile import AgeReader, BytesSource, decrypt_stream, encrypt_stream
-from pqfs.keys import X25519Identity
-from pqfs.stream import CHUNK
+from pqfs.format.agefile import AgeReader, BytesSource, decrypt_stream, encrypt_stream
+from pqfs.format.keys import X25519Identity
+from pqfs.format.stream import CHUNK
+from pqfs.runtime import pools
 
-BATCH = parallel.BATCH
+BATCH = pools.BATCH
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, BATCH * CHUNK, BATCH * CHUNK + 1, 2 * BATCH * CHUNK]
 
 
@@ -41,7 +41,7 @@ def test_encrypt_round_trip(tmp_path: Path, size: int, positional: bool) -> None
 
 def test_positional_write_matches_sequential_write(tmp_path: Path) -> None:
     """The pwrite sink (workers write at their own offsets) yields a complete, valid file."""
-    from pqfs.agefile import fd_pwriter
+    from pqfs.runtime.files import fd_pwriter
 
     ident = X25519Identity.generate()
     data = os.urandom(3 * BATCH * CHUNK + 12345)

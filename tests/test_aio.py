@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from pqfs import aio, pagecache
-from pqfs.agefile import FileSource
 from pqfs.errors import PqfsError
-from pqfs.workers import SPARE_EVENTFDS, WorkerPool
+from pqfs.mount import aio
+from pqfs.mount.workers import SPARE_EVENTFDS, WorkerPool
+from pqfs.storage import pagecache
+from pqfs.storage.local import FileSource
 
 
 def drop_page_cache(path: Path) -> None:

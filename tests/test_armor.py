@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from pqfs import armor
-from pqfs.armor import ArmorError
+from pqfs.format import armor
+from pqfs.format.armor import ArmorError
 
 B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 

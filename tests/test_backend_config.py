@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pqfs import kem
-from pqfs.catalog import put_op
 from pqfs.errors import PqfsError
-from pqfs.vault import CONFIG, Vault
+from pqfs.format import kem
+from pqfs.vault.catalog import put_op
+from pqfs.vault.vault import CONFIG, Vault
 
 from .conftest import PASSPHRASE
 

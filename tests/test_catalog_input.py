@@ -34,14 +34,15 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pqfs import catalog as cat_mod
-from pqfs.agefile import encrypt_stream
-from pqfs.catalog import Catalog, Entry, put_op
-from pqfs.cli import main
-from pqfs.encoding import b64decode, b64encode
+from pqfs.cli.main import main
 from pqfs.errors import FormatError, PqfsError, VaultError
-from pqfs.vault import Vault
-from pqfs.vfs import ROOT_INO, MountOptions, Tree, VaultFS
+from pqfs.format.agefile import encrypt_stream
+from pqfs.format.encoding import b64decode, b64encode
+from pqfs.mount.options import MountOptions
+from pqfs.mount.vfs import ROOT_INO, Tree, VaultFS
+from pqfs.vault import catalog as cat_mod
+from pqfs.vault.catalog import Catalog, Entry, put_op
+from pqfs.vault.vault import Vault
 
 from .conftest import PASSPHRASE, daemon_pid, mount_type, mounted, run_pqfs, sha_file
 
@@ -821,7 +822,7 @@ sys.exit(int(sys.argv[3]) if sys.argv[3:] and sys.argv[3].isdigit() else 0)
 def test_hook_runs_one_at_a_time_gathering_what_changed_meanwhile(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pqfs.onchange import ChangeHook
+    from pqfs.mount.onchange import ChangeHook
 
     out = tmp_path / "runs.jsonl"
     argv = [sys.executable, "-c", HOOK, str(out), "0.5"]
@@ -862,7 +863,7 @@ def test_hook_is_bounded(
 ) -> None:
     """A hook that hangs is killed at HOOK_TIMEOUT (shortened here); one that exits leaving a
     child with its output open is done when it exits; too many paths are passed as none."""
-    from pqfs import onchange
+    from pqfs.mount import onchange
 
     monkeypatch.setattr(onchange, "HOOK_TIMEOUT", 2.0)
     assert onchange.hook_args(["x" * 1000] * 100) == []

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from pqfs.chunkcache import ChunkCache
-from pqfs.memory import populated, scratch
-from pqfs.stream import CHUNK, wipe
+from pqfs.format.stream import CHUNK
+from pqfs.mount.chunkcache import ChunkCache
+from pqfs.runtime.memory import populated, scratch, wipe
 
 
 def _fill(cache: ChunkCache, key: object, byte: int) -> memoryview:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pqfs.agefile import AgeReader, FileSource
-from pqfs.catalog import put_op
-from pqfs.cli import build_parser, main
-from pqfs.keys import HybridIdentity, X25519Identity, parse_identity_file
-from pqfs.stream import CHUNK, CT_CHUNK, NONCE_SIZE
-from pqfs.vault import Vault, object_key
+from pqfs.cli.main import build_parser, main
+from pqfs.format.agefile import AgeReader
+from pqfs.format.keys import HybridIdentity, X25519Identity, parse_identity_file
+from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE
+from pqfs.storage.local import FileSource
+from pqfs.vault.catalog import put_op
+from pqfs.vault.vault import Vault, object_key
 from tests.conftest import PASSPHRASE, run_pqfs, tree_snapshot
 
 SUBCOMMANDS = [

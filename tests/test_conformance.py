@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pqfs.storage import Storage
-from pqfs.vault import Vault
+from pqfs.vault.vault import Vault
 
 from .backends import Backend
 from .conftest import PASSPHRASE, daemon_pid, mount_stats, mounted, run_pqfs, sha_file

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pqfs import control
+from pqfs.mount import control
 from tests.conftest import mounted, run_pqfs
 
 

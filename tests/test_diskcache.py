@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pqfs.diskcache import BLOCK, DiskCache
 from pqfs.errors import VaultError
+from pqfs.storage.diskcache import BLOCK, DiskCache
 
 
 def test_hits_misses_and_partial_ranges(tmp_path: Path) -> None:

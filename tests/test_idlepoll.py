@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from pqfs.idlepoll import IdlePoll, fuse_device_fds
+from pqfs.mount.idlepoll import IdlePoll, fuse_device_fds
 
 
 class FakeClock:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pqfs import armor
-from pqfs.catalog import put_op
-from pqfs.header import parse_header
-from pqfs.keys import parse_recipient
-from pqfs.stream import CHUNK, NONCE_SIZE
-from pqfs.vault import Vault, object_key
+from pqfs.format import armor
+from pqfs.format.header import parse_header
+from pqfs.format.keys import parse_recipient
+from pqfs.format.stream import CHUNK, NONCE_SIZE
+from pqfs.vault.catalog import put_op
+from pqfs.vault.vault import Vault, object_key
 from tests.conftest import PASSPHRASE, run_pqfs, tree_snapshot
 
 pytestmark = pytest.mark.interop

@@ -37,7 +37,7 @@ def _write_random(path: Path, size: int, block: int = 1 << 20, unique: bool = Tr
 # (wait4's ru_maxrss is no good here: Linux folds the parent's peak RSS into the child's at exec.)
 _HWM_WRAPPER = """
 import sys
-from pqfs.cli import main
+from pqfs.cli.main import main
 rc = main(sys.argv[2:])
 with open("/proc/self/status") as f:
     hwm = next(line for line in f if line.startswith("VmHWM:"))

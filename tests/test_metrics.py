@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from pqfs.metrics import Latency, StallMeter
+from pqfs.mount.metrics import Latency, StallMeter
 
 
 def _burn(seconds: float) -> None:
@@ -94,7 +94,7 @@ def test_stall_detail_takes_out_only_the_hosts_share(monkeypatch: pytest.MonkeyP
     a step in which it neither slept nor was preempted yet was off the CPU counts only its CPU
     time: only a hypervisor taking the vCPU away does that, and it is stood for here by
     counters that do not move while the step blocks."""
-    from pqfs import metrics
+    from pqfs.mount import metrics
 
     meter = StallMeter(detail=True)
     _one_step(meter, lambda: time.sleep(0.03))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pqfs import pagecache
-from pqfs.stream import CT_CHUNK, ciphertext_size
+from pqfs.format.stream import CT_CHUNK, ciphertext_size
+from pqfs.storage import pagecache
 
 from .conftest import (
     daemon_pid,

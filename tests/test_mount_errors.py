@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from pqfs.errors import VaultError
-from pqfs.mount import _describe
-from pqfs.stream import CHUNK, CT_CHUNK
-from pqfs.vault import Vault, object_key
+from pqfs.format.stream import CHUNK, CT_CHUNK
+from pqfs.mount.daemon import _describe
+from pqfs.vault.vault import Vault, object_key
 
 from .conftest import PASSPHRASE, mount_stats, mount_type, mounted, run_pqfs
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pqfs.parallel import DaemonExecutor, ordered
+from pqfs.runtime.pools import DaemonExecutor, ordered
 
 
 def test_results_and_errors_come_back() -> None:

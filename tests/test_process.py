@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pqfs import vault as vault_mod
-from pqfs.catalog import Entry, put_op
-from pqfs.keys import MAX_SCRYPT_LOG_N
-from pqfs.vault import Vault, object_key, tune_scrypt
+from pqfs.format.keys import MAX_SCRYPT_LOG_N
+from pqfs.vault import vault as vault_mod
+from pqfs.vault.catalog import Entry, put_op
+from pqfs.vault.vault import Vault, object_key, tune_scrypt
 
 from .conftest import (
     PASSPHRASE,

@@ -24,11 +24,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pqfs import agefile, kem, keys, parallel
-from pqfs.encoding import b64decode, b64encode, bech32_decode, bech32_encode
 from pqfs.errors import FormatError, HeaderMacError, PayloadError, PqfsError
-from pqfs.header import VERSION_LINE, Header, Stanza, TruncatedHeader, parse_header
-from pqfs.stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size
+from pqfs.format import agefile, kem, keys
+from pqfs.format.encoding import b64decode, b64encode, bech32_decode, bech32_encode
+from pqfs.format.header import VERSION_LINE, Header, Stanza, TruncatedHeader, parse_header
+from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size
+from pqfs.runtime import pools
 
 B64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
 BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
@@ -299,8 +300,8 @@ BACKENDS = kem.available_backends()
 
 SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK, 3 * CHUNK + 1]
 sizes = st.one_of(st.sampled_from(SIZES), st.integers(0, 300_000))
-# parallel.BATCH chunks per job: small batches put job boundaries inside these small files.
-batches = st.sampled_from([1, 2, 3, parallel.BATCH])
+# pools.BATCH chunks per job: small batches put job boundaries inside these small files.
+batches = st.sampled_from([1, 2, 3, pools.BATCH])
 
 
 def plaintext(size: int, seed: int) -> bytes:
@@ -320,7 +321,7 @@ def recipients_for(kind: str, backend: str) -> list[keys.Recipient]:
 
 def encrypt(pt: bytes, recipients: list[keys.Recipient], batch: int) -> tuple[Header, bytes]:
     out = io.BytesIO()  # copies each write: encrypt_stream reuses its buffers
-    with mock.patch.object(parallel, "BATCH", batch):
+    with mock.patch.object(pools, "BATCH", batch):
         header, total = agefile.encrypt_stream(io.BytesIO(pt), out.write, recipients)
     assert total == len(pt)
     return header, out.getvalue()
@@ -386,7 +387,7 @@ def test_encrypt_decrypt_round_trip(
     assert err is None
     assert released == pt
 
-    with mock.patch.object(parallel, "BATCH", batch):
+    with mock.patch.object(pools, "BATCH", batch):
         reader = agefile.AgeReader(agefile.BytesSource(data), identities=idents)
         assert reader.size == size
         assert reader.read(0, size) == pt
@@ -406,7 +407,7 @@ def test_encrypt_decrypt_round_trip(
 def test_changed_byte_is_refused(size: int, seed: int, kind: str, draw: st.DataObject) -> None:
     backend = draw.draw(st.sampled_from(BACKENDS))
     pt = plaintext(size, seed)
-    header, data = encrypt(pt, recipients_for(kind, backend), parallel.BATCH)
+    header, data = encrypt(pt, recipients_for(kind, backend), pools.BATCH)
     idents = identities_for(kind, backend)
     payload_start = header.length + NONCE_SIZE
     pos = draw.draw(
@@ -452,7 +453,7 @@ def test_changed_byte_is_refused(size: int, seed: int, kind: str, draw: st.DataO
 @given(sizes, st.integers(0, 2**32), st.data())
 def test_truncated_or_extended_file_is_refused(size: int, seed: int, draw: st.DataObject) -> None:
     pt = plaintext(size, seed)
-    header, data = encrypt(pt, [X25519_ID.recipient()], parallel.BATCH)
+    header, data = encrypt(pt, [X25519_ID.recipient()], pools.BATCH)
     if draw.draw(st.booleans()):
         cut = draw.draw(
             st.one_of(

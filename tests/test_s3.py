@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pqfs.stream import CHUNK, CT_CHUNK, ciphertext_size
+from pqfs.format.stream import CHUNK, CT_CHUNK, ciphertext_size
 
 from .conftest import daemon_pid, mount_stats, mounted, run_pqfs, sha_file
 from .s3server import RESET_MID_RESPONSE
@@ -225,8 +225,8 @@ def s3_storage(
 ) -> Any:
     """An S3Storage on `bucket`/v through `endpoint` (the server or a fault proxy in front of
     it), credentials from the environment as a user's; `data` stored as its object "obj"."""
-    from pqfs import s3 as s3mod
     from pqfs.storage import StorageOptions, open_storage
+    from pqfs.storage import s3 as s3mod
 
     for name, value in s3.env(endpoint).items():
         monkeypatch.setenv(name, value)
@@ -245,7 +245,7 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
     would copy them), and the connection goes back to the pool: 40 GETs in a row, one connection.
     A response cut short is retried on a new connection, never reused half-read. Both ways of
     sending a range GET: presigned URLs over our http.client pool, and boto3 (behind a proxy)."""
-    from pqfs import s3 as s3mod
+    from pqfs.storage import s3 as s3mod
 
     data = random.Random(9).randbytes(3 * MiB + 17)
     st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
@@ -300,7 +300,7 @@ def test_idle_connections_stay_bounded(
     """More GETs at once than CONNECTIONS open more connections (the proxy's latency keeps
     them all in flight together), but only CONNECTIONS are kept idle afterwards; close()
     closes those."""
-    from pqfs import s3 as s3mod
+    from pqfs.storage import s3 as s3mod
 
     data = random.Random(6).randbytes(100_000)
     st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from pqfs.s3async import Fallback, LoopGets
+from pqfs.storage.s3async import Fallback, LoopGets
 
 BODY = bytes(range(256)) * 4  # 1 KiB
 

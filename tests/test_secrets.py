@@ -13,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from pqfs.agefile import pread, read_header
-from pqfs.encoding import bech32_decode
-from pqfs.keys import unwrap
-from pqfs.vault import Vault, object_key
+from pqfs.format.agefile import pread, read_header
+from pqfs.format.encoding import bech32_decode
+from pqfs.format.keys import unwrap
+from pqfs.vault.vault import Vault, object_key
 from tests.conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs, sha_file
 
 

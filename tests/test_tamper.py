@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from pqfs.agefile import AgeReader, encrypt_stream
-from pqfs.catalog import Entry, put_op
 from pqfs.errors import PayloadError, PqfsError, VaultError
-from pqfs.stream import CHUNK, CT_CHUNK, NONCE_SIZE, TAG, chunk_count
-from pqfs.vault import Vault, object_key
+from pqfs.format.agefile import AgeReader, encrypt_stream
+from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE, TAG, chunk_count
+from pqfs.vault.catalog import Entry, put_op
+from pqfs.vault.vault import Vault, object_key
 from tests.conftest import PASSPHRASE
 
 SIZE = 4 * CHUNK + 1000  # five chunks: four full ones and a 1000-byte final one

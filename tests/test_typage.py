@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pqfs.vault import Vault, object_key
+from pqfs.vault.vault import Vault, object_key
 from tests.conftest import PASSPHRASE, ROOT, run_pqfs
 
 pytestmark = pytest.mark.interop

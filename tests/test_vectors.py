@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from pqfs import agefile, armor, kem, keys, stream
-from pqfs.encoding import b64encode, bech32_encode
 from pqfs.errors import FormatError, HeaderMacError, NoIdentityMatch, PayloadError, PqfsError
-from pqfs.header import Stanza
+from pqfs.format import agefile, armor, kem, keys, stream
+from pqfs.format.encoding import b64encode, bech32_encode
+from pqfs.format.header import Stanza
 
 VECTORS = Path(__file__).resolve().parent / "vectors"  # sources and licenses: its README.md
 AGE_TESTKIT = VECTORS / "age-testkit"

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from pqfs import pagecache
-from pqfs.catalog import put_op
-from pqfs.chunkcache import SPARES
 from pqfs.errors import IsADirectory, Locked, NotADirectory, NotFound, PayloadError, ReadOnly
-from pqfs.stream import CHUNK, CT_CHUNK
-from pqfs.vault import Vault, object_key
-from pqfs.vfs import REPLY_SPARES, ROOT_INO, MountOptions, VaultFS
+from pqfs.format.stream import CHUNK, CT_CHUNK
+from pqfs.mount.chunkcache import SPARES
+from pqfs.mount.options import MountOptions
+from pqfs.mount.vfs import REPLY_SPARES, ROOT_INO, VaultFS
+from pqfs.storage import pagecache
+from pqfs.vault.catalog import put_op
+from pqfs.vault.vault import Vault, object_key
 
 from .conftest import PASSPHRASE
 

@@ -62,12 +62,12 @@ def machine() -> str:
 
 
 def unwrap_latency(n: int = 2000) -> tuple[float, float]:
-    from pqfs.catalog import Entry
-    from pqfs.encoding import b64encode
-    from pqfs.header import Header
-    from pqfs.keycache import KeyCache
-    from pqfs.keys import HybridIdentity, new_file_key
-    from pqfs.vault import Vault
+    from pqfs.format.encoding import b64encode
+    from pqfs.format.header import Header
+    from pqfs.format.keys import HybridIdentity, new_file_key
+    from pqfs.vault.catalog import Entry
+    from pqfs.vault.keycache import KeyCache
+    from pqfs.vault.vault import Vault
 
     ident = HybridIdentity.generate()
     fk = new_file_key()

@@ -1,0 +1,249 @@
+"""The thin pyfuse3 adapter over `vfs.VaultFS`, and the one error boundary of the mount.
+
+Every handler goes through `_boundary`: a PqfsError or OSError becomes its errno; anything else
+is logged (without arguments that could hold data) and becomes EIO. No exception ever reaches
+pyfuse3's loop, so no request can take the mount down. To a file operation EACCES means one
+thing: the vault is locked (to an unlock: the wrong passphrase or identity). A damaged or
+missing object is EIO, logged once with the file's path (by VaultFS: the adapter does not know
+the path).
+
+Extended attributes of the mount's root (read with getxattr, which a read-only mount allows):
+  user.pqfs.stats    JSON statistics
+  user.pqfs.control  the name of the daemon's control socket, for lock and unlock (control.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from pqfs.errors import (
+    BadPassphrase,
+    IsADirectory,
+    Locked,
+    NoIdentityMatch,
+    NotADirectory,
+    NotFound,
+    PqfsError,
+    ReadOnly,
+)
+from pqfs.format.keys import parse_identity_file
+from pqfs.mount.control import XATTR_CONTROL, Answer
+from pqfs.mount.vfs import Attr, VaultFS
+
+log = logging.getLogger("pqfs.mount")
+
+XATTR_STATS = b"user.pqfs.stats"
+
+_ERRNO: list[tuple[type[PqfsError], int]] = [
+    (NotFound, errno.ENOENT),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (Locked, errno.EACCES),
+    (BadPassphrase, errno.EACCES),
+    (NoIdentityMatch, errno.EACCES),
+    (ReadOnly, errno.EROFS),
+]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def errno_of(exc: BaseException) -> int:
+    for cls, code in _ERRNO:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO  # authentication failures, damaged or missing objects, anything unexpected
+
+
+def _boundary(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (PqfsError, OSError) as e:
+            code = errno_of(e)
+            if code == errno.EIO and not (isinstance(e, PqfsError) and e.logged):
+                log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception as e:  # a bug: keep serving, report it without request data
+            log.error("%s: internal error %s", fn.__name__, type(e).__name__, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, fs: VaultFS) -> None:
+        super().__init__()
+        self.fs = fs
+        self.control_name = ""  # the control socket's name, once the daemon listens on it
+
+    def init(self) -> None:
+        """Called once the kernel has connected. The kernel refuses a shared mmap of a direct
+        I/O file without asking the daemon (ENODEV, "No such device"), so this is the one
+        place the log can say why, and what to do, before it happens."""
+        if self.fs.options.direct_io:
+            log.info(
+                "reads bypass the kernel's page cache: mmap(MAP_SHARED) of a file, as Python's "
+                "read-only mmap does, fails with ENODEV (No such device); mount with "
+                "--page-cache for programs that need it"
+            )
+
+    def _attrs(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.fs.options.attr_timeout
+        e.attr_timeout = self.fs.options.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = self.fs.uid
+        e.st_gid = self.fs.gid
+        e.st_rdev = 0
+        e.st_size = a.size
+        e.st_blksize = 128 * 1024
+        e.st_blocks = -(-a.size // 512)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
+        return e
+
+    # ------------------------------------------------------------------ metadata ----
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.fs.getattr(inode))
+
+    @_boundary
+    async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.fs.lookup(parent, os.fsdecode(name)))
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not stat.S_ISDIR(self.fs.getattr(inode).mode):
+            raise NotADirectory("not a directory")
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, attr, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(attr), next_id):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def forget(self, inode_list: Iterable[tuple[int, int]]) -> None:
+        pass  # inodes are derived from the catalog, not reference-counted
+
+    @_boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        space = await self.fs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = space.block
+        s.f_blocks = space.used_blocks + space.free_blocks  # df: used = the tree's files
+        s.f_bfree = space.free_blocks
+        s.f_bavail = space.avail_blocks
+        s.f_files = space.entries + space.free_entries
+        s.f_ffree = s.f_favail = space.free_entries
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------------ data ----
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        if self.fs.options.direct_io:  # see MountOptions.direct_io
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        # keep_cache: objects are immutable (a replaced file gets a new inode), so the kernel's
+        # page cache stays valid across opens; lock() invalidates it explicitly.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+        return await self.fs.read(fh, off, size)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    # ------------------------------------------------------------------ control ----
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_STATS:
+            return json.dumps(self.fs.stats()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_CONTROL and self.control_name:
+            return self.control_name.encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [XATTR_STATS, XATTR_CONTROL] if inode == pyfuse3.ROOT_INODE else []
+
+    async def control(self, command: bytes, secret: bytearray) -> Answer:
+        """A lock or unlock request from the control socket (control.py), which has checked
+        the caller and wipes `secret` afterwards."""
+        try:
+            if command == b"lock":
+                opened = self.fs.lock()
+                # The kernel may hold decrypted pages of files opened before (keep_cache): drop
+                # them before confirming, on a thread, since the call waits for reads in flight.
+                await self.fs.offload(invalidate_inodes, opened)
+                log.info("locked")
+            elif command == b"unlock":
+                await self.fs.unlock(passphrase=secret)
+                log.info("unlocked")
+            else:
+                try:
+                    idents = parse_identity_file(secret)
+                except PqfsError:
+                    return Answer(errno.EINVAL, "not an age identity file")
+                await self.fs.unlock(identities=idents)
+                log.info("unlocked with an identity")
+        except (PqfsError, OSError) as e:
+            return Answer(errno_of(e), str(e) if isinstance(e, PqfsError) else e.strerror or "")
+        return Answer()
+
+
+async def _erofs(self: Operations, *args: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+# Read-only for now: every call that would change the tree or a file's bytes gets EROFS.
+for _name in (
+    "setattr",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "create",
+    "write",
+    "setxattr",
+    "removexattr",
+):
+    setattr(Operations, _name, _erofs)
+
+
+def invalidate_inodes(inodes: Iterable[int]) -> None:
+    """Drop the kernel's cached pages of these inodes (worker thread: the call may block)."""
+    for ino in inodes:
+        with contextlib.suppress(OSError):  # the kernel has already forgotten it
+            pyfuse3.invalidate_inode(ino, attr_only=False)

@@ -1,0 +1,125 @@
+"""`pqfs mount --on-change CMD`: tell a media server what changed in the vault.
+
+FUSE raises no inotify events for changes the kernel did not make through the mount itself,
+and every change to a vault is made elsewhere (`pqfs add`, on this host or another): a media
+server watching the mount with inotify (minidlna, Jellyfin, Gerbera) never sees a new file.
+After a refresh that changed the tree, the mount runs CMD with the changed vault paths
+(relative to the mount point) appended as arguments, so the hook can ask for a rescan.
+
+Bounds, all kept here:
+  * never through a shell: the argv the CLI split from CMD (shlex), then the paths;
+  * one run at a time: changes that come while the hook runs are gathered and given to one
+    next run, started when it has finished;
+  * at most MAX_PATH_BYTES of paths; past that, no path at all, meaning "rescan everything";
+  * killed after HOOK_TIMEOUT; its output (stdout and stderr) goes to the log, at most
+    OUTPUT_LIMIT bytes of it; its failure is logged and nothing it does affects the mount;
+  * it gets vault paths, never content, and an environment without the passphrase
+    variables; its stdin is /dev/null.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
+
+import trio
+
+from pqfs.runtime.zeroize import SECRET_ENV
+from pqfs.vault.catalog import shown
+
+log = logging.getLogger("pqfs.mount")
+
+# Linux takes up to 2 MiB of arguments and 128 KiB per argument; a rescan request does not
+# need more than this (about 1000 typical paths).
+MAX_PATH_BYTES = 64 << 10
+HOOK_TIMEOUT = 300.0  # seconds: a rescan request that takes longer is stuck
+OUTPUT_LIMIT = 4096  # bytes of the hook's output that are logged
+DRAIN_AFTER_EXIT = 1.0  # seconds to read what is left once it has exited (a child may hold on)
+
+
+def hook_args(paths: Sequence[str]) -> list[str]:
+    """The paths as arguments, or none at all when there are too many to pass."""
+    size = sum(len(os.fsencode(p)) + 1 for p in paths)
+    return list(paths) if size <= MAX_PATH_BYTES else []
+
+
+class ChangeHook:
+    """Runs the hook for changed paths, one run at a time (see the module docstring)."""
+
+    def __init__(self, argv: Sequence[str], nursery: trio.Nursery) -> None:
+        self.argv = list(argv)
+        self._nursery = nursery
+        self._pending: set[str] = set()
+        self._running = False
+
+    def notify(self, paths: Iterable[str]) -> None:
+        self._pending.update(paths)
+        if self._pending and not self._running:
+            self._running = True
+            self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                paths = sorted(self._pending)
+                self._pending.clear()
+                await self._run(paths)
+        finally:
+            self._running = False
+
+    async def _run(self, paths: Sequence[str]) -> None:
+        """One run; whatever happens is logged, never raised (this is a background task)."""
+        args = hook_args(paths)
+        if not args:
+            log.info("on-change: %d paths changed, too many to pass: run with none", len(paths))
+        try:
+            code, output = await _execute([*self.argv, *args])
+        except Exception as e:  # cannot start it (no such program...): the mount goes on
+            log.warning("on-change hook %s could not run: %s", shown(self.argv[0]), e)
+            return
+        for line in output.decode(errors="replace").splitlines():
+            log.info("on-change hook: %s", shown(line))
+        if code is None:
+            log.warning("on-change hook still running after %.0f s: killed", HOOK_TIMEOUT)
+        elif code < 0:
+            log.warning("on-change hook was killed by signal %d", -code)
+        elif code:
+            log.warning("on-change hook exited with status %d", code)
+
+
+async def _execute(argv: list[str]) -> tuple[int | None, bytes]:
+    """Run argv to completion within HOOK_TIMEOUT: (exit status, None if it was killed for
+    taking too long; the first OUTPUT_LIMIT bytes of its output)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    proc = await trio.lowlevel.open_process(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    output = bytearray()
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.receive_some(65536):
+            output.extend(chunk[: max(0, OUTPUT_LIMIT - len(output))])
+
+    try:
+        with trio.move_on_after(HOOK_TIMEOUT) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await proc.wait()
+                # Its output is read to the end, unless a child it left behind keeps the pipe.
+                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_AFTER_EXIT
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+        if proc.stdout is not None:
+            with trio.CancelScope(shield=True):
+                await proc.stdout.aclose()
+    return (None if scope.cancelled_caught else proc.returncode), bytes(output)

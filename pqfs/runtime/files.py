@@ -1,0 +1,69 @@
+"""Local files read for the vault: opened without blocking on what is not a regular file, read
+and written whole at an offset."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from pqfs.errors import VaultError
+
+
+def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> int:
+    """A read-only descriptor of the regular file at `path`; VaultError for anything else.
+
+    Opened O_NONBLOCK, then checked: a FIFO (or a tape, a tty) in place of a file would block
+    open() until a writer came, forever, holding the thread that called it. Without
+    `follow_symlinks`, a symbolic link is refused too (vault objects never are one)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise VaultError(f"{os.fspath(path)}: is a symbolic link, not a regular file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise VaultError(f"{os.fspath(path)}: not a regular file ({_kind(mode)})")
+        os.set_blocking(fd, True)  # no meaning for a regular file; nothing else relies on it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def preadfull(fd: int, buf: memoryview, offset: int) -> int:
+    total = 0
+    while total < len(buf):
+        n = os.preadv(fd, [buf[total:]], offset + total)
+        if n == 0:
+            break
+        total += n
+    return total
+
+
+def fd_pwriter(fd: int) -> Callable[[memoryview | bytes, int], None]:
+    def pwrite(data: memoryview | bytes, offset: int) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = os.pwrite(fd, mv, offset)
+            mv, offset = mv[n:], offset + n
+
+    return pwrite

@@ -1,0 +1,186 @@
+"""A vault in a local directory: objects are files, written atomically (temp file, fsync,
+rename or link), private to the owner (directories 0700, files 0600)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pqfs.errors import VaultError
+from pqfs.format.agefile import RangeSource
+from pqfs.runtime.files import open_regular, preadfull
+from pqfs.storage import pagecache
+from pqfs.storage.base import TMP_PREFIX, Storage, StorageOptions
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+class FileSource:
+    def __init__(self, path: str | os.PathLike[str], follow_symlinks: bool = True) -> None:
+        self.fd = open_regular(path, follow_symlinks)
+        self.size = os.fstat(self.fd).st_size
+        self._direct: int | None = None  # opened on first use; -1: not possible here
+
+    def preadinto(self, offset: int, buf: memoryview) -> int:
+        return preadfull(self.fd, buf, offset)
+
+    def will_need(self, offset: int, length: int) -> None:
+        # The kernel starts reading ahead asynchronously: readahead decrypts then find the
+        # ciphertext in the page cache instead of waiting on the disk, one job at a time.
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        # cachestat first: on a miss, RWF_NOWAIT would start a buffered read of the range (the
+        # kernel's readahead), and the caller is about to read it with O_DIRECT instead.
+        if pagecache.residency(self.fd, offset, len(buf)) is False:
+            return False
+        # RWF_NOWAIT: the page cache answers or the call fails at once (EAGAIN, or a short
+        # count when only part of the range is cached); it never waits for the disk.
+        try:
+            return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == len(buf)
+        except OSError:  # EAGAIN; EOPNOTSUPP on file systems without RWF_NOWAIT support
+            return False
+
+    fetches = False
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        return False  # the loop's reads of local files go through direct_fd (aio.py)
+
+    def direct_fd(self) -> int | None:
+        if self._direct is None:  # not thread-safe: only the mount's trio thread calls this
+            fd = pagecache.open_direct(self.fd) if pagecache.checks() else None
+            self._direct = -1 if fd is None else fd
+        return None if self._direct < 0 else self._direct
+
+    def close(self) -> None:
+        if self._direct is not None and self._direct >= 0:
+            os.close(self._direct)
+        self._direct = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalStorage(Storage):
+    """A vault directory. It is private to its owner: the directories pqfs makes in it are
+    mode 0700 (the vault directory too, at init) and every file 0600, so other local users
+    see neither the object names, sizes and times, nor identity.age, which a passphrase
+    guess would open. Objects are opened without blocking or following a symbolic link, and
+    must be regular files (open_regular): a FIFO put in place of one fails the read that
+    needs it instead of hanging a thread forever."""
+
+    def __init__(
+        self, root: str | os.PathLike[str], timeout: float = StorageOptions.timeout
+    ) -> None:
+        self.root = Path(root).absolute()  # a daemon changes directory to /
+        self.timeout = timeout
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise VaultError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def open_source(self, key: str) -> RangeSource:
+        return FileSource(self._path(key), follow_symlinks=False)
+
+    def read_bytes(self, key: str) -> bytes:
+        with open(open_regular(self._path(key), follow_symlinks=False), "rb") as f:
+            return f.read()
+
+    def make_private(self) -> None:
+        """Create the vault directory if missing; mode 0700 (best effort: FAT and exFAT
+        have no modes)."""
+        self._mkdirs(self.root)
+        with contextlib.suppress(OSError):
+            os.chmod(self.root, 0o700)
+
+    def _mkdirs(self, path: Path) -> None:
+        """`path` (the root or a directory in it) and its missing parents; mode 0700 from the
+        root down, the root's own parents as `mkdir -p` makes them."""
+        if path.is_dir():
+            return
+        if path == self.root:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self._mkdirs(path.parent)
+        with contextlib.suppress(FileExistsError):  # a concurrent writer made it
+            path.mkdir(mode=0o700)
+
+    @contextlib.contextmanager
+    def writer(self, key: str, exclusive: bool = False) -> Iterator[BinaryIO]:
+        final = self._path(key)
+        self._mkdirs(final.parent)
+        tmp = final.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
+        f: BinaryIO | None = None
+        try:
+            # Inside the try: a Ctrl-C landing as open() returns, before `f` is bound, must
+            # still remove the file (the same race lost an S3 upload in CI).
+            f = open(tmp, "xb", opener=_private)  # noqa: SIM115 - closed below on every path
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            if exclusive:
+                os.link(tmp, final)  # fails with EEXIST: atomic create-if-absent
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException as e:
+            if f is not None:
+                f.close()
+            if f is not None or not isinstance(e, FileExistsError):  # never another's file
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        base = self._path(prefix) if prefix else self.root
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    size = os.stat(full).st_size
+                except FileNotFoundError:
+                    continue
+                out.append((os.path.relpath(full, self.root).replace(os.sep, "/"), size))
+        return out
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
+
+    def describe(self) -> str:
+        return str(self.root)
+
+
+def _private(path: str, flags: int) -> int:
+    """open()'s opener for a new vault file: mode 0600 (see LocalStorage)."""
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # some filesystems refuse O_DIRECTORY opens; durability is best effort
+        if e.errno in (errno.EACCES, errno.EINVAL):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
