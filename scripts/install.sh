@@ -26,9 +26,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The first of these that really runs and is >= 3.11. Probed quietly: a pyenv shim is found by
+# `command -v` for every version pyenv has, and when that version is not selected the shim
+# fails with a page of advice on stderr.
 py=""
 for cand in python3.13 python3.12 python3.11 python3; do
-    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    if command -v "$cand" >/dev/null 2>&1 &&
+        "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
         py="$cand"; break
     fi
 done

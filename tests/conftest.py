@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from pqfs.vault.vault import Vault
 
@@ -24,6 +25,77 @@ ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE = b"correct horse battery staple"
 
 os.environ.setdefault("PQFS_SCRYPT_LOG_N", "10")
+# The suite starts `python -m pqfs` hundreds of times: without the bytecode cache each of them
+# compiles every pqfs module again (~40 ms of CPU apiece), a tenth of the fast tier's time.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+# -------------------------------------------------------------------------- tiers ----
+# Markers by resource (pyproject.toml; README, Development): the fast tier deselects `fuse`,
+# `s3`, `media` and `slow`. `s3` follows from the fixtures (each S3 fixture needs `seaweed`);
+# the others are written beside the tests. The guards below fail a test that mounts FUSE, runs
+# the S3 server or a media tool without its marker: the fast tier cannot come to need them
+# unnoticed.
+
+MEDIA_TOOLS = frozenset({"ffmpeg", "ffprobe", "metaflac", "flac", "sox", "mediainfo"})
+FUSE_DEVICE = ("/dev/fuse", b"/dev/fuse", Path("/dev/fuse"))
+_running: pytest.Item | None = None  # the test being set up, run or torn down
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "seaweed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    global _running
+    _running = item
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def require_marker(name: str, what: str) -> None:
+    """Fail the running test if it does `what` without being marked `name`."""
+    item = _running
+    if item is not None and item.get_closest_marker(name) is None:
+        pytest.fail(f"{item.nodeid} {what} but is not marked {name!r} (see tests/conftest.py)")
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    # Every process the tests start, and the in-process opens of the FUSE device.
+    if event == "subprocess.Popen":
+        argv = args[1]
+        prog = argv if isinstance(argv, str | bytes | os.PathLike) else argv[0]
+        name = os.path.basename(os.fsdecode(prog).split()[0]) if prog else ""
+        if name in MEDIA_TOOLS:
+            require_marker("media", f"runs {name}")
+    elif event == "open" and args[0] in FUSE_DEVICE:
+        require_marker("fuse", "opens /dev/fuse")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.addaudithook(_audit)
+
+
+# Hypothesis profiles, chosen by PQFS_HYPOTHESIS_PROFILE: "ci" (the default, what ./test.sh
+# runs) gives every property test its own number of examples; "fast" (for the fast tier's quick
+# loop) at most 25 of them. A test's own max_examples outranks any profile, so the tests take
+# theirs through examples().
+settings.register_profile("ci")
+settings.register_profile("fast", max_examples=25)
+settings.load_profile(os.environ.get("PQFS_HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> int:
+    """max_examples for a property test that runs `n` of them in the ci profile."""
+    if settings.get_current_profile_name() == "fast":
+        return min(n, settings.default.max_examples)
+    return n
 
 
 @pytest.fixture
@@ -120,6 +192,7 @@ def mounted(
     vault_dir: Path | str, mountpoint: Path, env: dict[str, str], *args: str
 ) -> Iterator[Path]:
     """`pqfs mount` (background daemon) for the duration of the block, then `pqfs umount`."""
+    require_marker("fuse", "mounts FUSE")
     mountpoint.mkdir(exist_ok=True)
     run_pqfs("mount", str(vault_dir), str(mountpoint), *args, env=env)
     try:
@@ -149,6 +222,7 @@ def foreground_mount(
     argv: list[str], env: dict[str, str], mountpoint: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`pqfs ARGV` (a `mount -f`) as a child process; killed and unmounted if still there."""
+    require_marker("fuse", "mounts FUSE")
     proc = subprocess.Popen([sys.executable, "-m", "pqfs", *argv], env=env)
     try:
         yield proc

@@ -41,8 +41,12 @@ def _seaweed_running(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-def s3(seaweed: SeaweedS3) -> SeaweedS3:
-    """The session's SeaweedFS server, guaranteed to be running when the test starts."""
+def s3(seaweed: SeaweedS3, request: pytest.FixtureRequest) -> SeaweedS3:
+    """The session's SeaweedFS server, guaranteed to be running when the test starts. A test
+    reaching it through getfixturevalue must carry the `s3` marker itself (tests/conftest.py
+    adds it to the tests that request these fixtures)."""
+    if request.node.get_closest_marker("s3") is None:
+        pytest.fail(f"{request.node.nodeid} uses the S3 server but is not marked 's3'")
     seaweed.start()
     return seaweed
 

@@ -1,5 +1,5 @@
-"""The mount's low-level read machinery: O_DIRECT reads by native AIO (pqfs.aio), the page-cache
-check that starts no read (pqfs.pagecache), and the worker pool's wake-ups (pqfs.workers)."""
+"""The mount's low-level read machinery: O_DIRECT reads by native AIO (pqfs.mount.aio), the page-cache
+check that starts no read (pqfs.storage.pagecache), and the worker pool's wake-ups (pqfs.mount.workers)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ import trio
 
 from pqfs.errors import PqfsError
 from pqfs.mount import aio
-from pqfs.mount.workers import SPARE_EVENTFDS, WorkerPool
+from pqfs.mount.options import MountOptions
+from pqfs.mount.workers import WorkerPool
 from pqfs.storage import pagecache
 from pqfs.storage.local import FileSource
+
+SLOT_BYTES = MountOptions.direct_slot_bytes  # the mount's bounds (the defaults)
+SPARE_EVENTFDS = MountOptions.spare_eventfds
 
 
 def drop_page_cache(path: Path) -> None:
@@ -79,7 +83,7 @@ def test_read_cached_never_starts_a_read_on_a_miss(data_file: tuple[Path, bytes]
 def direct(path: Path, depth: int) -> Iterator[tuple[FileSource, int, aio.DirectIO]]:
     """A file open with its O_DIRECT descriptor, and an AIO context of `depth` slots."""
     src = FileSource(path)
-    dio = aio.DirectIO(depth)
+    dio = aio.DirectIO(depth, SLOT_BYTES)
     try:
         fd = src.direct_fd()
         assert fd is not None
@@ -117,7 +121,7 @@ async def test_in_flight_reads_are_bounded_and_slots_reused(
         a, b = dio.submit(fd, 0, 4096), dio.submit(fd, 8192, 4096)
         assert a is not None and b is not None
         assert dio.submit(fd, 0, 4096) is None  # both slots busy: the caller uses a worker
-        assert dio.submit(fd, 0, aio.SLOT_BYTES + 1) is None  # longer than a slot
+        assert dio.submit(fd, 0, SLOT_BYTES + 1) is None  # longer than a slot
         # released in the other order, each still gets its own bytes
         assert bytes(await b.result()) == data[8192:12288]
         await b.release()
@@ -171,7 +175,7 @@ def test_a_local_file_has_one_direct_descriptor_closed_with_it(tmp_path: Path) -
 
 
 async def test_worker_pool_results_errors_and_eventfd_reuse() -> None:
-    pool = WorkerPool(2, "t")
+    pool = WorkerPool(2, "t", spare_eventfds=SPARE_EVENTFDS)
     try:
         assert await pool.run(lambda: 6 * 7) == 42
         with pytest.raises(PqfsError, match="boom"):
@@ -203,7 +207,7 @@ async def test_worker_pool_is_idle_only_once_its_after_job_is_done() -> None:
         started.set()
         release.wait(10)
 
-    pool = WorkerPool(1, "t", after_job=after_job)
+    pool = WorkerPool(1, "t", after_job=after_job, spare_eventfds=SPARE_EVENTFDS)
     try:
         assert pool.idle
         assert await pool.run(lambda: 5) == 5
@@ -228,7 +232,7 @@ async def _collect(pool: WorkerPool, k: int, out: list[int]) -> None:
 
 
 async def test_a_started_job_runs_to_completion_when_its_task_is_cancelled() -> None:
-    pool = WorkerPool(1, "t")
+    pool = WorkerPool(1, "t", spare_eventfds=SPARE_EVENTFDS)
     gate, finished = threading.Event(), threading.Event()
 
     def job() -> int:

@@ -12,6 +12,7 @@ import pytest
 from pqfs.errors import PqfsError
 from pqfs.format import kem
 from pqfs.vault.catalog import put_op
+from pqfs.vault.objects import open_reader
 from pqfs.vault.vault import CONFIG, Vault
 
 from .conftest import PASSPHRASE
@@ -40,7 +41,8 @@ def test_config_backend_is_used_and_reads_files(pq_vault: Vault, tmp_path: Path)
     v = Vault.open(location)
     assert kem.default_backend() == "cryptography-mlkem"
     v.unlock(PASSPHRASE)
-    assert v.open_reader("f").read(0, 70000) == src.read_bytes()
+    with open_reader(v, "f") as r:
+        assert r.read(0, 70000) == src.read_bytes()
 
 
 def test_unavailable_backend_is_a_clear_error(pq_vault: Vault) -> None:

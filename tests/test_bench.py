@@ -4,6 +4,7 @@ its wait for a quiet host ends both ways and leaves no spinner behind."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,18 +20,20 @@ import bench_mount  # noqa: E402
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark drops the page cache")
 
 
+@pytest.mark.fuse
 def test_bench_mount_runs_and_reports(tmp_path: Path) -> None:
     args = [
         *("--size", "4M", "--small-size", "64K", "--files", "4", "--latency-files", "2"),
         *("--random-reads", "10", "--rounds", "2", "--systems", "pqfs", "--quiet-host", "0"),
     ]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    before = set(Path("/tmp").glob("bench-mount-*"))  # another run's, or one killed earlier
     proc = subprocess.run(
         [sys.executable, str(BENCH / "bench_mount.py"), *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=600,  # a bound for a hung run, not a figure: the machine may be busy
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -41,32 +44,39 @@ def test_bench_mount_runs_and_reports(tmp_path: Path) -> None:
     *_, name, first, second = seq.split()
     assert name == "pqfs" and float(first) > 0 and float(second) > 0, seq
     assert "pqfs longest event-loop stall over all rounds" in out
-    assert not list(Path("/tmp").glob("bench-mount-*/vault")), "work directory left behind"
+    left = set(Path("/tmp").glob("bench-mount-*")) - before
+    assert not left, f"work directory left behind: {left}"
 
 
 def test_quiet_host_wait_ends_when_quiet() -> None:
-    # any steal counts as quiet here: the wait ends after one window
+    # any steal counts as quiet here: the wait ends after one window (its first sample, taken
+    # after a 1 s sleep that a busy machine may stretch: the seconds shown are not asserted)
     got = bench_mount.wait_for_quiet_host(limit=30, window=1, allowed_ms=1e9)
-    assert got.startswith("quiet after 1 s"), got
+    shape = r"quiet after \d+ s \(\d+ ms of steal while waiting, \d+ ms in the last 1 s\)"
+    assert re.fullmatch(shape, got), got
 
 
 def test_quiet_host_wait_gives_up_at_its_limit() -> None:
-    # no steal is ever quiet enough here: the wait gives up at its limit and says so
+    # no steal is ever quiet enough here: the wait gives up at its limit (2 s, or the first
+    # sample after it on a busy machine) and says so
     got = bench_mount.wait_for_quiet_host(limit=2, window=1, allowed_ms=-1)
-    assert got.startswith("NOT quiet after 2 s"), got
+    m = re.fullmatch(r"NOT quiet after (\d+) s \(\d+ ms of steal in the last 1 s\): .+", got)
+    assert m is not None and int(m.group(1)) >= 2, got
 
 
 def test_quiet_host_wait_can_be_skipped() -> None:
     assert bench_mount.wait_for_quiet_host(limit=0) == "not waited for (--quiet-host 0)"
 
 
-def _spinners() -> list[int]:
+def _spinners(parent: int) -> list[int]:
+    """The spinners started by the benchmark process `parent` (not another run's)."""
+    mine = f"parent = {parent}\nwhile os.getppid() == parent".encode()
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"while os.getppid() == parent" in f.read():
+                    if mine in f.read():
                         found.append(int(entry))
             except OSError:
                 pass
@@ -80,14 +90,14 @@ def test_quiet_host_spinners_stop_when_the_benchmark_is_killed() -> None:
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        deadline = time.monotonic() + 20
-        while not _spinners():
+        deadline = time.monotonic() + 120  # it syncs and drops the page cache first
+        while not _spinners(proc.pid):
             assert time.monotonic() < deadline, "no spinner started"
             time.sleep(0.1)
     finally:
         proc.kill()  # no finally of the benchmark's runs
         proc.wait()
     deadline = time.monotonic() + 120  # a killed nice-19 process still has to be scheduled
-    while _spinners():
-        assert time.monotonic() < deadline, f"spinners outlived the benchmark: {_spinners()}"
+    while left := _spinners(proc.pid):
+        assert time.monotonic() < deadline, f"spinners outlived the benchmark: {left}"
         time.sleep(0.1)

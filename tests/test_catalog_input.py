@@ -1,7 +1,7 @@
 """Catalog input and names (issue 15: findings 3, 4, 5, 8 and 9).
 
 A catalog segment is input, not trusted data: whoever can write to the store can append one
-with nothing but the public recipients, as `pqfs.catalog.append` does here. Every malformed op
+with nothing but the public recipients, as `pqfs.vault.catalog.append` does here. Every malformed op
 must be ignored with one warning line naming its segment (FORMAT.md §4), never an internal
 error; `ls`, `cat`, `verify`, `rm` and `gc` keep working, and a running mount keeps serving.
 Names: a backslash is an ordinary character, a file below a file or in place of a directory
@@ -39,9 +39,12 @@ from pqfs.errors import FormatError, PqfsError, VaultError
 from pqfs.format.agefile import encrypt_stream
 from pqfs.format.encoding import b64decode, b64encode
 from pqfs.mount.options import MountOptions
-from pqfs.mount.vfs import ROOT_INO, Tree, VaultFS
+from pqfs.mount.tree import ROOT_INO, Tree
+from pqfs.mount.vfs import VaultFS
 from pqfs.vault import catalog as cat_mod
-from pqfs.vault.catalog import Catalog, Entry, put_op
+from pqfs.vault import maintenance, schema
+from pqfs.vault.catalog import Catalog, put_op
+from pqfs.vault.schema import Entry
 from pqfs.vault.vault import Vault
 
 from .conftest import PASSPHRASE, daemon_pid, mount_type, mounted, run_pqfs, sha_file
@@ -171,6 +174,7 @@ def kinds(good: dict[str, Any]) -> dict[str, tuple[Body, bool]]:
         "ops is an object": (ops_body({"0": good}), False),
         "op is not an object": (ops_body([7, [good], "put"]), False),
         "unknown op": (ops_body([{**good, "op": "chmod"}]), False),
+        "a del of the root": (ops_body([{"op": "del", "path": ""}]), False),
         "bool for a number": (ops_body([{**good, "hlen": True}]), False),
         "mtime_ns 1e30": (ops_body([{**good, "mtime_ns": 1e30}]), False),
         "size is a string": (ops_body([{**good, "size": str(good["size"])}]), False),
@@ -285,7 +289,9 @@ JSON = st.recursive(
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats()
     | st.text(max_size=12),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3)
+    ),
     max_leaves=8,
 )
 FIELDS = ["op", "path", "type", "mode", "mtime_ns", "size", "object", "hlen", "mac", "extra"]
@@ -354,7 +360,7 @@ def test_random_json_ops_never_break_loading_or_the_cli(
         v = Vault.open(str(root))
         for _ in range(data.draw(st.integers(1, 3), label="segments")):
             ops = data.draw(st.lists(fuzzed_op(good), max_size=5), label="ops")
-            if data.draw(st.booleans(), label="as written by pqfs.catalog.append"):
+            if data.draw(st.booleans(), label="as written by pqfs.vault.catalog.append"):
                 assert cat_mod.append(v.storage, v.recipients, ops) is not None
             else:  # a segment whose "ops" is any JSON value, with extra keys
                 value = data.draw(JSON | st.just(ops), label="ops value")
@@ -402,7 +408,7 @@ def test_the_mac_rule_is_what_b64decode_accepts_for_32_bytes(text: str) -> None:
         ok = len(b64decode(text)) == 32
     except FormatError:
         ok = False
-    assert bool(cat_mod._MAC.fullmatch(text)) == ok
+    assert bool(schema._MAC.fullmatch(text)) == ok
 
 
 class _NoScan(dict[str, Entry]):
@@ -419,7 +425,14 @@ def test_catalog_ops_cost_the_path_depth_not_the_tree_size() -> None:
     """Deleting a path, putting one and asking whether a path is free look at the entries on
     that path only, never at every entry of the tree."""
     cat = Catalog()
-    file = {"type": "file", "mode": 0o644, "size": 1, "object": "0" * 32, "hlen": 9, "mac": "A" * 43}
+    file = {
+        "type": "file",
+        "mode": 0o644,
+        "size": 1,
+        "object": "0" * 32,
+        "hlen": 9,
+        "mac": "A" * 43,
+    }
 
     def path(i: int) -> str:
         return f"lib/d{i % 100}/f{i}.bin"
@@ -487,6 +500,7 @@ def test_file_below_a_file_or_in_place_of_a_directory_is_refused(
     assert out.splitlines() == ["abs/", "abs/one.bin"]
 
 
+@pytest.mark.fuse
 def test_without_the_identity_a_conflicting_put_is_ignored_on_load_first_one_wins(
     pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -515,6 +529,7 @@ def test_without_the_identity_a_conflicting_put_is_ignored_on_load_first_one_win
 BAD = b"b_bad\xff.txt"
 
 
+@pytest.mark.fuse
 def test_a_name_that_is_not_utf8_is_stored_losslessly(
     pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -563,6 +578,7 @@ def test_ls_escapes_control_characters(
     assert "\x1b" not in long and "\x07" not in long and "ctl/two\\nlines" in long
 
 
+@pytest.mark.fuse
 def test_implied_directories_are_dated_by_the_newest_entry_below(
     pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -619,6 +635,7 @@ def test_a_lost_race_is_blamed_on_other_writers_only_when_there_are_some(
 # ------------------------------------------------------------------- a running mount ----
 
 
+@pytest.mark.fuse
 def test_running_mount_survives_every_malformed_op_kind(
     pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -661,6 +678,7 @@ def test_running_mount_survives_every_malformed_op_kind(
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.fuse
 def test_on_change_hook_gets_the_changed_paths(
     pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -670,12 +688,16 @@ def test_on_change_hook_gets_the_changed_paths(
     script = (
         "import json, os, sys; "
         f"open({str(out)!r}, 'a').write(json.dumps({{'args': sys.argv[1:], "
-        "'pw': os.environ.get('PQFS_PASSPHRASE')}) + '\\n')"
+        "'pw': os.environ.get('PQFS_PASSPHRASE'), "
+        "'creds': os.environ.get('CREDENTIALS_DIRECTORY')}) + '\\n')"
     )
     cmd = shlex.join([sys.executable, "-c", script, "--"])
     log = tmp_path / "mount.log"
     args = ("--refresh", "1", "--on-change", cmd, "--log-file", str(log))
-    with mounted(root, tmp_path / "mnt", cli_env, *args) as mp:
+    creds = tmp_path / "credentials"  # as systemd sets it, here without a passphrase in it
+    creds.mkdir()
+    env = dict(cli_env, CREDENTIALS_DIRECTORY=str(creds))
+    with mounted(root, tmp_path / "mnt", env, *args) as mp:
         new = tmp_path / "new.mkv"
         new.write_bytes(b"new")
         run_pqfs("add", str(root), str(new), "films/new.mkv", env=cli_env)
@@ -683,6 +705,7 @@ def test_on_change_hook_gets_the_changed_paths(
         run = json.loads(out.read_text().splitlines()[0])
         assert run["args"] == ["--", "films/new.mkv"]
         assert run["pw"] is None, "the hook gets no passphrase"
+        assert run["creds"] is None, "nor where systemd keeps it"
         assert (mp / "films" / "new.mkv").read_bytes() == b"new"
         run_pqfs("rm", str(root), "films/old.mkv", env=cli_env)
         wait_for(lambda: len(out.read_text().splitlines()) == 2, "the hook's second run")
@@ -718,7 +741,7 @@ def test_tree_skips_an_entry_below_a_file_instead_of_refusing(
     cat = Catalog()
     file = {"type": "file", "mode": 0o644, "mtime_ns": 1, "size": 0, "hlen": 9, "mac": "A" * 43}
     cat.apply({"op": "put", "path": "a", "object": "1" * 32, **file})
-    cat.entries["a/b"] = cat_mod.Entry("a/b", "file", 0o644, 1, 0, "2" * 32, 9, "A" * 43)
+    cat.entries["a/b"] = Entry("a/b", "file", 0o644, 1, 0, "2" * 32, 9, "A" * 43)
     with caplog.at_level("WARNING", logger="pqfs.mount"):
         tree = Tree(cat, b"salt" * 4)
     assert sorted(tree._by_path) == ["", "a"]
@@ -749,7 +772,7 @@ def test_failed_refresh_keeps_the_tree_and_is_logged_once(
     root = root_of(pq_vault)
 
     async def scenario() -> None:
-        fs = VaultFS(pq_vault, MountOptions(catalog_poll=0.05))
+        fs = VaultFS(pq_vault, MountOptions.for_storage(pq_vault.storage, catalog_poll=0.05))
         try:
             async with trio.open_nursery() as nursery:
                 await fs.start(nursery)
@@ -774,13 +797,11 @@ def test_failed_refresh_keeps_the_tree_and_is_logged_once(
     ), failures
 
 
-def test_refresh_names_what_was_added_replaced_and_removed(
-    pq_vault: Vault, tmp_path: Path
-) -> None:
+def test_refresh_names_what_was_added_replaced_and_removed(pq_vault: Vault, tmp_path: Path) -> None:
     add_api(pq_vault, tmp_path, "a/old.bin", b"old")
 
     async def scenario() -> list[list[str]]:
-        fs = VaultFS(pq_vault, MountOptions())
+        fs = VaultFS(pq_vault, MountOptions.for_storage(pq_vault.storage))
         seen = []
         try:
             async with trio.open_nursery() as nursery:
@@ -790,7 +811,7 @@ def test_refresh_names_what_was_added_replaced_and_removed(
                 seen.append(await fs.refresh())
                 add_api(pq_vault, tmp_path, "a/old.bin", b"replaced")
                 seen.append(await fs.refresh())
-                pq_vault.remove("b")
+                maintenance.remove(pq_vault, "b")
                 seen.append(await fs.refresh())
                 assert fs.lookup(ROOT_INO, "a").mtime_ns > 0
                 nursery.cancel_scope.cancel()

@@ -21,7 +21,8 @@ from pqfs.format.keys import HybridIdentity, X25519Identity, parse_identity_file
 from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE
 from pqfs.storage.local import FileSource
 from pqfs.vault.catalog import put_op
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.objects import object_key
+from pqfs.vault.vault import Vault
 from tests.conftest import PASSPHRASE, run_pqfs, tree_snapshot
 
 SUBCOMMANDS = [
@@ -404,7 +405,7 @@ def test_corrupt_object_cat_get_verify(
     assert failed[0].startswith("FAILED a.bin (chunk 1)"), failed
     assert failed[1].startswith("FAILED b.bin (chunk 0)"), failed
     assert not any("c.txt" in ln for ln in lines)
-    assert "2 of 3 file(s) failed" in lines[-1]
+    assert proc.stderr.decode() == "pqfs: error: 2 of 3 file(s) failed verification\n"
 
     assert "verified 1 file(s)" in pqfs("verify", root, "c.txt", env=cli_env).stdout.decode()
     assert tree_snapshot(root) == before

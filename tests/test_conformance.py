@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from pqfs.storage import Storage
+from pqfs.vault.objects import write_object
 from pqfs.vault.vault import Vault
 
 from .backends import Backend
@@ -26,7 +27,7 @@ from .conftest import PASSPHRASE, daemon_pid, mount_stats, mounted, run_pqfs, sh
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
 def backend(
     request: pytest.FixtureRequest,
     tmp_path: Path,
@@ -179,6 +180,7 @@ def test_init_refuses_a_used_location(backend: Backend) -> None:
     )
 
 
+@pytest.mark.fuse
 def test_mount_reads_every_byte(backend: Backend, media: Path, tmp_path: Path) -> None:
     loc, env = backend.location("v"), backend.env
     run_pqfs("init", loc, env=env)
@@ -242,6 +244,7 @@ def test_ctrl_c_during_add_cleans_up(backend: Backend, tmp_path: Path) -> None:
     assert backend.storage("v").list("objects/") == []
 
 
+@pytest.mark.fuse
 def test_memory_stays_bounded_with_many_open_files(
     backend: Backend, tmp_path: Path, many_open: list[int]
 ) -> None:
@@ -295,7 +298,7 @@ def test_vault_objects_open_in_process(backend: Backend) -> None:
     """The library API works the same on both (what the mount and the CLI are built on)."""
     v = Vault.create(backend.location("lib"), PASSPHRASE, log_n=10, options=backend.options)
     data = os.urandom(200_000)
-    oid, _header, size = v.write_object(io.BytesIO(data))
+    oid, _header, size = write_object(v, io.BytesIO(data))
     assert size == len(data)
     st: Storage = v.storage
     assert any(k.endswith(f"{oid}.age") for k, _ in st.list("objects/"))
@@ -309,7 +312,7 @@ def test_local_writer_interrupted_as_its_temp_file_opens(
     name taken (another writer's file), that file is left alone."""
     import builtins
 
-    from pqfs import storage as storage_mod
+    from pqfs.storage import local as storage_mod
 
     st = storage_mod.LocalStorage(tmp_path / "store")
     real_open = builtins.open

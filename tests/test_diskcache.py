@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from pqfs.errors import VaultError
-from pqfs.storage.diskcache import BLOCK, DiskCache
+from pqfs.storage.base import StorageOptions
+from pqfs.storage.diskcache import DiskCache
+
+BLOCK = StorageOptions.disk_cache_block  # the cache's default granularity
 
 
 def test_hits_misses_and_partial_ranges(tmp_path: Path) -> None:

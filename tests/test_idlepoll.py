@@ -136,6 +136,7 @@ def test_as_a_trio_instrument_it_hands_over_a_ready_descriptor(pipe: tuple[int, 
     assert poll.hits >= 1
 
 
+@pytest.mark.fuse
 def test_fuse_device_descriptors_are_found() -> None:
     before = fuse_device_fds()
     fd = os.open("/dev/fuse", os.O_RDWR)

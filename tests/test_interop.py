@@ -21,7 +21,8 @@ from pqfs.format.header import parse_header
 from pqfs.format.keys import parse_recipient
 from pqfs.format.stream import CHUNK, NONCE_SIZE
 from pqfs.vault.catalog import put_op
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.objects import object_key, open_reader
+from pqfs.vault.vault import Vault
 from tests.conftest import PASSPHRASE, run_pqfs, tree_snapshot
 
 pytestmark = pytest.mark.interop
@@ -183,11 +184,8 @@ def test_pq_vault_with_age_keygen_recipient(tmp_path: Path, cli_env: dict[str, s
     assert proc.stdout == data
     # and pqfs itself still opens it with the PQ identity
     v.unlock(PASSPHRASE)
-    r = v.open_reader("x/y.bin")
-    try:
+    with open_reader(v, "x/y.bin") as r:
         assert r.read(0, r.size) == data
-    finally:
-        r.src.close()
 
 
 def test_share_with_age_recipient_keeps_payload(

@@ -15,6 +15,8 @@ import pytest
 
 from .conftest import PASSPHRASE, mounted, run_pqfs
 
+pytestmark = [pytest.mark.fuse, pytest.mark.media]
+
 VIDEO = ["-f", "lavfi", "-i", "testsrc2=duration=8:size=640x360:rate=25"]
 AUDIO = ["-f", "lavfi", "-i", "sine=frequency=440:beep_factor=4:duration=8"]
 H264 = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-b:v", "3M", "-pix_fmt", "yuv420p"]

@@ -67,6 +67,7 @@ def tamper_chunk(vault: Path, size: int, chunk: int) -> None:
 # ------------------------------------------------------------------------ content ----
 
 
+@pytest.mark.fuse
 def test_files_metadata_and_browsing(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -109,6 +110,7 @@ def test_files_metadata_and_browsing(
             os.close(fd)
 
 
+@pytest.mark.fuse
 def test_writes_get_erofs(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -132,6 +134,7 @@ def test_writes_get_erofs(
         assert (root / "empty.txt").stat().st_size == 0
 
 
+@pytest.mark.fuse
 def test_tampered_chunk_is_eio_and_mount_stays_up(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -166,6 +169,7 @@ def test_tampered_chunk_is_eio_and_mount_stays_up(
 
 
 @pytest.mark.parametrize("args", [[], ["--page-cache"]], ids=["default", "page-cache"])
+@pytest.mark.fuse
 def test_lock_then_unlock(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str], args: list[str]
 ) -> None:
@@ -201,6 +205,7 @@ def test_lock_then_unlock(
         assert mount_stats(mp, cli_env)["locked"] is False
 
 
+@pytest.mark.fuse
 def test_by_default_plaintext_stays_out_of_the_kernel_page_cache(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -240,6 +245,7 @@ def test_by_default_plaintext_stays_out_of_the_kernel_page_cache(
             assert len(hint) == 1 and "mount with --page-cache" in hint[0], hint
 
 
+@pytest.mark.fuse
 def test_idle_poll_waits_for_the_next_request_and_can_be_turned_off(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -267,6 +273,7 @@ def test_idle_poll_waits_for_the_next_request_and_can_be_turned_off(
                 assert s["idle_polls"] >= 1 and s["idle_poll_hits"] >= 1, s
 
 
+@pytest.mark.fuse
 def test_stall_detail_is_opt_in_and_shown_by_stats(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -314,6 +321,7 @@ def _wait_gone(pid: int, timeout: float = 20.0) -> None:
     raise AssertionError(f"process {pid} still running")
 
 
+@pytest.mark.fuse
 def test_sigterm_unmounts_cleanly(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -327,6 +335,7 @@ def test_sigterm_unmounts_cleanly(
         assert os.listdir(mp) == []
 
 
+@pytest.mark.fuse
 def test_kill9_leaves_stale_mount_that_umount_clears(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -378,6 +387,7 @@ def test_command_errors_are_one_line(
     assert mount_type(tmp_path / "lib" / "empty dir") is None
 
 
+@pytest.mark.fuse
 def test_readiness_is_notified_only_once_the_mount_answers(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -399,6 +409,7 @@ def test_readiness_is_notified_only_once_the_mount_answers(
         stop_with_sigterm(proc, sock, mp)
 
 
+@pytest.mark.fuse
 def test_unlock_with_an_identity_file(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:

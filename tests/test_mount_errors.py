@@ -18,7 +18,8 @@ import pytest
 from pqfs.errors import VaultError
 from pqfs.format.stream import CHUNK, CT_CHUNK
 from pqfs.mount.daemon import _describe
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.objects import object_key
+from pqfs.vault.vault import Vault
 
 from .conftest import PASSPHRASE, mount_stats, mount_type, mounted, run_pqfs
 
@@ -53,6 +54,7 @@ def _log_lines(log: Path, needle: str) -> list[str]:
 # ------------------------------------------------------------------------ failed start ----
 
 
+@pytest.mark.fuse
 def test_a_failed_start_names_the_cause_as_ls_does(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A damaged catalog segment: `pqfs ls` names it; a mount, in the background (the waiting
     parent and the daemon's log) and in the foreground, says the same, not "ExceptionGroup"."""
@@ -168,6 +170,7 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.fuse
 def test_a_damaged_object_fails_to_open_with_eio_and_one_log_line(
     tmp_path: Path, cli_env: dict[str, str], how: str
 ) -> None:
@@ -193,6 +196,7 @@ def test_a_damaged_object_fails_to_open_with_eio_and_one_log_line(
     assert cli_env["PQFS_PASSPHRASE"] not in text and "AGE-SECRET-KEY" not in text.upper()
 
 
+@pytest.mark.fuse
 def test_final_chunk_is_authenticated_at_open_and_kept_for_the_tail_reader(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -213,6 +217,7 @@ def test_final_chunk_is_authenticated_at_open_and_kept_for_the_tail_reader(
 # ------------------------------------------------------------------------ S3 ----
 
 
+@pytest.mark.fuse
 def test_s3_open_checks_the_final_chunk_alongside_the_opening_get(
     s3: Any, s3_bucket: str, cli_env: dict[str, str], fault_proxy: Any, tmp_path: Path
 ) -> None:
@@ -239,10 +244,17 @@ def test_s3_open_checks_the_final_chunk_alongside_the_opening_get(
     log = tmp_path / "pqfs.log"
     proxied = {**env, **s3.env(fault_proxy.endpoint)}
     with mounted(loc, tmp_path / "mnt", proxied, "--log-file", str(log)) as mp:
+        start = mount_stats(mp, env)["s3_gets"]
         with pytest.raises(OSError) as exc:
             os.open(mp / "lib" / "extended.bin", os.O_RDONLY)
         assert exc.value.errno == errno.EIO
-        latency = 3.0
+        # The open failed on the opening GET's size; the tail's GET, sent alongside, may still
+        # be on its way (GETs are counted as they complete): let it land before counting.
+        deadline = time.monotonic() + 60
+        while mount_stats(mp, env)["s3_gets"] - start < 2:
+            assert time.monotonic() < deadline, "the failed open's two GETs never completed"
+            time.sleep(0.05)
+        latency = 5.0  # against the loop's own time on a busy machine: a second trip is 5 s more
         fault_proxy.latency = latency
         before = mount_stats(mp, env)
         t0 = time.monotonic()
@@ -266,6 +278,7 @@ def test_s3_open_checks_the_final_chunk_alongside_the_opening_get(
 
 
 @pytest.mark.parametrize("args", [[], ["--page-cache"]], ids=["default", "page-cache"])
+@pytest.mark.fuse
 def test_a_locked_mount_is_eacces_for_every_read(
     tmp_path: Path, cli_env: dict[str, str], args: list[str]
 ) -> None:
@@ -305,6 +318,7 @@ def test_a_locked_mount_is_eacces_for_every_read(
 # ------------------------------------------------------------------------ statfs ----
 
 
+@pytest.mark.fuse
 def test_statfs_reports_the_tree_and_the_free_room_of_the_store(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:

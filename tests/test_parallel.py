@@ -1,4 +1,4 @@
-"""The worker threads behind `add`, `cat` and S3 uploads (pqfs.parallel)."""
+"""The worker threads behind `add`, `cat` and S3 uploads (pqfs.runtime.pools)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_a_stuck_job_does_not_hold_up_the_exit() -> None:
     (ThreadPoolExecutor's threads are joined at exit; this script would never end.)"""
     script = (
         "import threading\n"
-        "from pqfs.parallel import DaemonExecutor\n"
+        "from pqfs.runtime.pools import DaemonExecutor\n"
         "DaemonExecutor(2, 't').submit(threading.Event().wait)\n"
     )
     t0 = time.monotonic()

@@ -28,8 +28,10 @@ import pytest
 
 from pqfs.format.keys import MAX_SCRYPT_LOG_N
 from pqfs.vault import vault as vault_mod
-from pqfs.vault.catalog import Entry, put_op
-from pqfs.vault.vault import Vault, object_key, tune_scrypt
+from pqfs.vault.catalog import put_op
+from pqfs.vault.objects import object_key
+from pqfs.vault.schema import Entry
+from pqfs.vault.vault import Vault, tune_scrypt
 
 from .conftest import (
     PASSPHRASE,
@@ -264,6 +266,7 @@ def vm_locked(pid: int) -> int:
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+@pytest.mark.fuse
 def test_the_daemon_never_dumps_core(
     tmp_path: Path, cli_env: dict[str, str], foreground: bool
 ) -> None:
@@ -313,6 +316,7 @@ def _check_no_core(
     assert s["dumpable"] is False and s["core_limit"] == 0
 
 
+@pytest.mark.fuse
 def test_plaintext_buffers_are_out_of_dumps_and_locked_within_the_limit(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -357,6 +361,7 @@ def test_plaintext_buffers_are_out_of_dumps_and_locked_within_the_limit(
 # ------------------------------------------------------------------- finding 6: FIFOs ----
 
 
+@pytest.mark.fuse
 def test_fifos_in_place_of_objects_fail_their_opens_not_the_mount(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -406,6 +411,7 @@ def test_fifos_in_place_of_objects_fail_their_opens_not_the_mount(
     assert any("f07.bin" in ln and "not a regular file (a FIFO)" in ln for ln in lines), lines
 
 
+@pytest.mark.fuse
 def test_an_open_on_a_stalled_store_gives_up_after_the_timeout(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -479,6 +485,7 @@ def test_add_refuses_a_fifo_and_stores_proc_files_whole(
 # ------------------------------------------------------------------- finding 8 ----
 
 
+@pytest.mark.fuse
 def test_vault_files_and_the_log_are_private(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """Under umask 022: the vault directory and its subdirectories 0700, identity.age,
     catalog segments, objects and the config 0600, also after passwd; an existing empty
@@ -521,6 +528,7 @@ def test_vault_files_and_the_log_are_private(tmp_path: Path, cli_env: dict[str, 
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
+@pytest.mark.fuse
 def test_a_background_mount_says_when_its_log_goes_nowhere(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -560,6 +568,7 @@ def test_a_background_mount_says_when_its_log_goes_nowhere(
         assert any(re.search(r"pqfs\[\d+\]: INFO: mounted ", ln) for ln in lines), lines
 
 
+@pytest.mark.slow
 def test_scrypt_calibration_never_goes_below_ages_default(
     tmp_path: Path, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -582,6 +591,7 @@ def test_scrypt_calibration_never_goes_below_ages_default(
 # ------------------------------------------------------------------- signals ----
 
 
+@pytest.mark.fuse
 def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """SIGINT while pqfs's modules load (stopped as the cryptography library is mapped, so the
     signal lands there): `pqfs: interrupted`, exit 130, no traceback."""
@@ -605,6 +615,7 @@ def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path: Path, cli_env: dict
         assert mount_type(mp) is None
 
 
+@pytest.mark.fuse
 def test_ctrl_c_while_the_daemon_starts_stops_it(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """SIGINT to `pqfs mount` while its daemon starts (held stopped until the parent has told
     it to stop): exit 130, one line, and no daemon and no mount are left (before, the parent
@@ -632,6 +643,7 @@ def test_ctrl_c_while_the_daemon_starts_stops_it(tmp_path: Path, cli_env: dict[s
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
+@pytest.mark.fuse
 def test_a_signal_once_the_mount_is_up_changes_nothing(
     tmp_path: Path, cli_env: dict[str, str], sig: signal.Signals
 ) -> None:
@@ -660,6 +672,7 @@ def test_a_signal_once_the_mount_is_up_changes_nothing(
         assert (mp / "a.txt").read_bytes() == b"a"
 
 
+@pytest.mark.fuse
 def test_ctrl_c_during_a_foreground_start_up_unmounts(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -693,6 +706,7 @@ def test_ctrl_c_during_a_foreground_start_up_unmounts(
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
+@pytest.mark.fuse
 def test_the_daemon_keeps_none_of_its_callers_descriptors(
     tmp_path: Path, cli_env: dict[str, str], foreground: bool
 ) -> None:

@@ -30,6 +30,7 @@ from pqfs.format.encoding import b64decode, b64encode, bech32_decode, bech32_enc
 from pqfs.format.header import VERSION_LINE, Header, Stanza, TruncatedHeader, parse_header
 from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE, ciphertext_size
 from pqfs.runtime import pools
+from tests.conftest import examples
 
 B64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
 BECH32_CHARSET = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
@@ -37,9 +38,9 @@ VCHARS = "".join(chr(c) for c in range(0x21, 0x7F))
 # Bech32 human-readable parts: printable ASCII, kept lower case (the encoder lower-cases it).
 HRP_CHARS = "".join(c for c in VCHARS if not c.isupper())
 
-FAST = settings(max_examples=150, deadline=None)
+FAST = settings(max_examples=examples(150), deadline=None)
 SLOW = settings(
-    max_examples=100,
+    max_examples=examples(100),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -248,7 +249,7 @@ fragments = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=300),
@@ -262,7 +263,7 @@ def test_parse_header_arbitrary_bytes(data: bytes) -> None:
     check_parse(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(stanzas, file_keys, st.binary(max_size=16), st.data())
 def test_header_mutation_is_detected(
     stz: list[Stanza], key: bytes, payload: bytes, draw: st.DataObject

@@ -21,6 +21,8 @@ from pqfs.format.stream import CHUNK, CT_CHUNK, ciphertext_size
 from .conftest import daemon_pid, mount_stats, mounted, run_pqfs, sha_file
 from .s3server import RESET_MID_RESPONSE
 
+pytestmark = pytest.mark.s3
+
 MiB = 1 << 20
 
 
@@ -52,6 +54,7 @@ def s3_vault(s3_bucket: str, s3env: dict[str, str], tmp_path: Path) -> tuple[str
     return loc, src
 
 
+@pytest.mark.fuse
 def test_local_vault_copied_into_a_bucket_opens_unchanged(
     seaweed: Any, s3_bucket: str, s3env: dict[str, str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -74,6 +77,7 @@ def test_local_vault_copied_into_a_bucket_opens_unchanged(
         assert sha_file(mp / "src/a/clip.mp4") == sha_file(src / "a/clip.mp4")
 
 
+@pytest.mark.fuse
 def test_open_and_first_read_is_one_request(
     s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -92,6 +96,7 @@ def test_open_and_first_read_is_one_request(
         assert after["reads_waited"] == before["reads_waited"]
 
 
+@pytest.mark.fuse
 def test_random_reads_get_from_the_loop_and_fall_back_to_workers(
     s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, s3: Any, tmp_path: Path
 ) -> None:
@@ -125,6 +130,7 @@ def test_random_reads_get_from_the_loop_and_fall_back_to_workers(
             os.close(fd)
 
 
+@pytest.mark.fuse
 def test_a_tampered_chunk_read_from_the_loop_is_eio(
     s3_vault: tuple[str, Path], s3env: dict[str, str], s3: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -156,6 +162,7 @@ def test_a_tampered_chunk_read_from_the_loop_is_eio(
             os.close(fd)
 
 
+@pytest.mark.fuse
 def test_sequential_reads_use_merged_range_requests(
     s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -169,6 +176,7 @@ def test_sequential_reads_use_merged_range_requests(
         assert s["s3_get_bytes"] < 26 * MiB  # nothing fetched twice
 
 
+@pytest.mark.fuse
 def test_disk_cache_second_pass_sends_no_request(
     s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -199,6 +207,7 @@ def test_disk_cache_second_pass_sends_no_request(
         assert second["disk_cache_bytes"] <= 64 * MiB
 
 
+@pytest.mark.fuse
 def test_disk_cache_holds_only_ciphertext(
     s3_vault: tuple[str, Path], s3env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -245,7 +254,7 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
     would copy them), and the connection goes back to the pool: 40 GETs in a row, one connection.
     A response cut short is retried on a new connection, never reused half-read. Both ways of
     sending a range GET: presigned URLs over our http.client pool, and boto3 (behind a proxy)."""
-    from pqfs.storage import s3 as s3mod
+    from pqfs.storage import s3requests
 
     data = random.Random(9).randbytes(3 * MiB + 17)
     st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
@@ -260,7 +269,7 @@ def test_range_gets_read_into_the_buffer_and_keep_their_connection(
             assert size == len(data) and bytes(buf[:got]) == data[off : off + n]
         assert fault_proxy.accepted == 1
         r = st._client.get_object(Bucket=s3_bucket, Key="v/obj", Range="bytes=0-9")  # type: ignore[attr-defined]
-        raw, _ = s3mod._body_reader(r["Body"], r)
+        raw, _ = s3requests._body_reader(r["Body"], r)
         r["Body"].close()
         assert raw is not None  # botocore still has http.client beneath it: the direct reader
         fault_proxy.drop_modes = (RESET_MID_RESPONSE,)
@@ -300,12 +309,12 @@ def test_idle_connections_stay_bounded(
     """More GETs at once than CONNECTIONS open more connections (the proxy's latency keeps
     them all in flight together), but only CONNECTIONS are kept idle afterwards; close()
     closes those."""
-    from pqfs.storage import s3 as s3mod
+    from pqfs.storage.base import S3Bounds
 
     data = random.Random(6).randbytes(100_000)
     st = s3_storage(s3, s3_bucket, fault_proxy.endpoint, monkeypatch, data)
     fault_proxy.latency = 0.2
-    n = s3mod.CONNECTIONS + 8
+    n = S3Bounds.connections + 8
     barrier = threading.Barrier(n)
     got: list[bytes] = []
 
@@ -324,7 +333,7 @@ def test_idle_connections_stay_bounded(
         assert len(got) == n and all(got)
         assert fault_proxy.accepted == n  # one connection per GET in flight
         idle = [c for conns in st._http._idle.values() for c in conns]
-        assert len(idle) == s3mod.CONNECTIONS
+        assert len(idle) == S3Bounds.connections
     finally:
         st.close()
     assert not st._http._idle and all(c.sock is None for c in idle)
@@ -402,6 +411,7 @@ def test_range_get_of_a_missing_object_is_not_found(
 # ------------------------------------------------------------------------ faults ----
 
 
+@pytest.mark.fuse
 def test_reads_survive_dropped_connections_and_latency(
     s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, tmp_path: Path
 ) -> None:
@@ -436,6 +446,7 @@ def test_reads_survive_dropped_connections_and_latency(
     assert s["read_errors"] == 0
 
 
+@pytest.mark.fuse
 def test_a_slow_object_does_not_block_other_files(
     s3_vault: tuple[str, Path], s3env: dict[str, str], fault_proxy: Any, tmp_path: Path
 ) -> None:
@@ -488,6 +499,7 @@ def _objects(loc: str, env: dict[str, str]) -> list[tuple[str, int]]:
         os.environ.update(saved)
 
 
+@pytest.mark.fuse
 def test_stopped_server_gives_eio_then_recovers_without_remount(
     s3_vault: tuple[str, Path], s3env: dict[str, str], seaweed: Any, tmp_path: Path
 ) -> None:

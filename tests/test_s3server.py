@@ -26,6 +26,8 @@ from tests.s3server import (
     SeaweedS3,
 )
 
+pytestmark = pytest.mark.s3
+
 # What a dropped connection looks like to a boto3 caller: a failed call, or (for a reset in the
 # middle of a GetObject body) a failed read of the returned stream.
 NETWORK_ERRORS = (

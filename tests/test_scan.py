@@ -15,7 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import mounted, run_pqfs
+
+pytestmark = [pytest.mark.fuse, pytest.mark.media]
 
 STREAMS = 8
 STREAM_SIZE = 48 * 1024 * 1024

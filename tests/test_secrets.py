@@ -13,11 +13,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pqfs.errors import PqfsError
 from pqfs.format.agefile import pread, read_header
 from pqfs.format.encoding import bech32_decode
 from pqfs.format.keys import unwrap
-from pqfs.vault.vault import Vault, object_key
+from pqfs.runtime import zeroize
+from pqfs.vault.objects import object_key
+from pqfs.vault.vault import Vault
 from tests.conftest import PASSPHRASE, daemon_pid, mounted, run_pqfs, sha_file
+
+pytestmark = pytest.mark.fuse
 
 
 def _secrets(vault_dir: Path, identity_file: Path) -> dict[str, bytes]:
@@ -100,7 +105,10 @@ def test_lock_leaves_no_secret_in_the_daemon(
     pw_file.write_bytes(PASSPHRASE + b"\n")
     no_env = {k: v for k, v in cli_env.items() if k != "PQFS_PASSPHRASE"}
     mp = tmp_path / "mnt"
-    env, args = (cli_env, []) if mount_with == "PQFS_PASSPHRASE" else (no_env, ["-i", str(identity)])
+    # Mounted with an identity file while PQFS_PASSPHRASE is set too: the daemon keeps no
+    # passphrase it did not use either.
+    args = [] if mount_with == "PQFS_PASSPHRASE" else ["-i", str(identity)]
+    env = cli_env
     with mounted(vault_dir, mp, env, *args):
         pid = daemon_pid(mp)
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -118,3 +126,20 @@ def test_lock_leaves_no_secret_in_the_daemon(
             run_pqfs("lock", str(mp), env=no_env)
             left = _scan(pid, secrets)
             assert not left, f"after unlocking with {how}, then pqfs lock: {left}"
+
+
+def test_a_typed_line_too_long_is_refused_whole() -> None:
+    """A passphrase typed at the prompt is one line of the terminal: one longer than the buffer
+    is an error, never the passphrase cut short, and the rest of it is not left on the terminal
+    for the shell to run as a command."""
+    master, slave = os.openpty()  # canonical mode: a read returns at most one line
+    try:
+        os.write(master, b"x" * 1500 + b"\n" + b"next line\n")
+        with pytest.raises(PqfsError, match="longer than 1023 bytes"):
+            zeroize.read_line(slave)
+        assert zeroize.read_line(slave) == bytearray(b"next line")  # nothing of the long one
+        os.write(master, b"y" * 1023 + b"\n")  # the longest that fits, newline included
+        assert zeroize.read_line(slave) == bytearray(b"y" * 1023)
+    finally:
+        os.close(master)
+        os.close(slave)

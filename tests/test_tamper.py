@@ -6,13 +6,14 @@ and checks that:
 * reading the damaged file raises a PqfsError instead of returning data;
 * a read that succeeds anyway (allowed only for chunks the damage did not touch) returns exactly
   the original bytes: no unauthenticated byte is ever released;
-* `Vault.verify()` reports the damaged file, and only it;
+* `maintenance.verify()` reports the damaged file, and only it;
 * the other files of the same Vault object still read correctly (mount-style expectation);
 * a fresh Vault instance (open + unlock) detects the same damage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,8 +27,11 @@ import pytest
 from pqfs.errors import PayloadError, PqfsError, VaultError
 from pqfs.format.agefile import AgeReader, encrypt_stream
 from pqfs.format.stream import CHUNK, CT_CHUNK, NONCE_SIZE, TAG, chunk_count
-from pqfs.vault.catalog import Entry, put_op
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.catalog import put_op
+from pqfs.vault.maintenance import verify
+from pqfs.vault.objects import object_key, open_reader
+from pqfs.vault.schema import Entry
+from pqfs.vault.vault import Vault
 from tests.conftest import PASSPHRASE
 
 SIZE = 4 * CHUNK + 1000  # five chunks: four full ones and a 1000-byte final one
@@ -79,35 +83,28 @@ def flip(path: Path, pos: int, mask: int = 0x01) -> None:
 
 
 def read_range(v: Vault, name: str, offset: int, length: int) -> bytes:
-    r = v.open_reader(name)
-    try:
+    with open_reader(v, name) as r:
         return r.read(offset, length)
-    finally:
-        r.src.close()
 
 
 def read_all(v: Vault, name: str) -> bytes:
-    r = v.open_reader(name)
-    try:
+    with open_reader(v, name) as r:
         return r.read(0, r.size)
-    finally:
-        r.src.close()
 
 
 def stream_until_error(v: Vault, name: str) -> tuple[bytes, PqfsError | None]:
     """What a streaming consumer (cat, get) would have seen before the error."""
     out = bytearray()
-    try:
-        r = v.open_reader(name)
-    except PqfsError as e:
-        return b"", e
-    try:
-        for piece in r.iter_range(0, r.size):
-            out += piece
-    except PqfsError as e:
-        return bytes(out), e
-    finally:
-        r.src.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            r = stack.enter_context(open_reader(v, name))
+        except PqfsError as e:
+            return b"", e
+        try:
+            for piece in r.iter_range(0, r.size):
+                out += piece
+        except PqfsError as e:
+            return bytes(out), e
     return bytes(out), None
 
 
@@ -166,7 +163,7 @@ def assert_detected(
             assert err is not None, f"{name}: streaming the damaged file raised nothing"
             assert prefix == data[: len(prefix)], f"{name}: streaming released wrong bytes"
         # verify names exactly the damaged files
-        results = {e.path: err for e, err in v.verify()}
+        results = {e.path: err for e, err in verify(v)}
         assert set(results) == set(s.data)
         for name in s.data:
             if name in bad:
@@ -186,7 +183,7 @@ def assert_intact(s: Setup) -> None:
     for v in s.instances():
         for name, data in s.data.items():
             assert read_all(v, name) == data
-        assert all(err is None for _, err in v.verify())
+        assert all(err is None for _, err in verify(v))
 
 
 @pytest.fixture
@@ -238,7 +235,7 @@ def test_flip_every_header_byte(s: Setup) -> None:
                         (pos, mask, "same data" if got == s.data["a.bin"] else "DIFF")
                     )
                 if pos % 97 == 0:  # verify() too, on a sample of positions (it is slower)
-                    res = {e.path: err for e, err in s.vault.verify()}
+                    res = {e.path: err for e, err in verify(s.vault)}
                     if res["a.bin"] is None:
                         undetected.append((pos, mask, "verify"))
             finally:
@@ -458,8 +455,7 @@ def _assert_no_plaintext(buf: bytearray, data: bytes) -> None:
 @pytest.mark.parametrize("with_ct_buf", [False, True])
 def test_read_chunks_into_wipes_output_on_failure(s: Setup, with_ct_buf: bool) -> None:
     data = s.data["a.bin"]
-    reader = s.vault.open_reader("a.bin")  # opened while intact
-    try:
+    with open_reader(s.vault, "a.bin") as reader:  # opened while intact
         assert isinstance(reader, AgeReader)
         flip(s.obj("a.bin"), s.chunk_pos("a.bin", 2) + 4242)
         ct = memoryview(bytearray(NCHUNKS * CT_CHUNK)) if with_ct_buf else None
@@ -484,14 +480,11 @@ def test_read_chunks_into_wipes_output_on_failure(s: Setup, with_ct_buf: bool) -
         buf = _filled(NCHUNKS * CHUNK)
         n = reader.read_chunks_into(3, 2, memoryview(buf), ct)
         assert bytes(buf[:n]) == data[3 * CHUNK :]
-    finally:
-        reader.src.close()
 
 
 def test_read_chunks_into_wipes_output_on_failed_final_chunk(s: Setup) -> None:
     data = s.data["a.bin"]
-    reader = s.vault.open_reader("a.bin")
-    try:
+    with open_reader(s.vault, "a.bin") as reader:
         flip(s.obj("a.bin"), s.chunk_pos("a.bin", LAST) + 10)
         buf = _filled(NCHUNKS * CHUNK)
         with pytest.raises(PayloadError) as ei:
@@ -502,8 +495,6 @@ def test_read_chunks_into_wipes_output_on_failed_final_chunk(s: Setup) -> None:
         # read() goes through the same path and must raise, not return
         with pytest.raises(PayloadError):
             reader.read(LAST * CHUNK, 10)
-    finally:
-        reader.src.close()
 
 
 # ----------------------------------------------------------------------------- catalog ----
@@ -538,10 +529,10 @@ def assert_catalog_rejected(s: Setup) -> None:
     fresh.unlock(PASSPHRASE)
     with pytest.raises(VaultError):
         fresh.catalog()
+    with pytest.raises(VaultError), open_reader(fresh, "a.bin"):
+        pass
     with pytest.raises(VaultError):
-        fresh.open_reader("a.bin")
-    with pytest.raises(VaultError):
-        list(fresh.verify())
+        list(verify(fresh))
 
 
 def _seg(s: Setup, seq: int, kind: str) -> Path:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.objects import object_key
+from pqfs.vault.vault import Vault
 from tests.conftest import PASSPHRASE, ROOT, run_pqfs
 
 pytestmark = pytest.mark.interop

@@ -357,7 +357,7 @@ def hx(t: dict[str, Any], key: str) -> bytes:
 
 
 class VectorNonceAEAD:
-    """Stands in for the payload AEAD given to pqfs.stream's chunk functions.
+    """Stands in for the payload AEAD given to pqfs.format.stream's chunk functions.
 
     Those derive the nonce from the chunk position (11-byte counter || final flag) and use no
     associated data, so no Wycheproof vector fits them as is. This adapter checks that pqfs asks
@@ -414,7 +414,7 @@ def test_wycheproof_chacha20_poly1305(case: Any) -> None:
             with pytest.raises(InvalidTag):
                 aead.decrypt_into(nonce, sealed, aad, dec)
 
-    # 2. pqfs.stream.decrypt_chunk_into / encrypt_chunk_into. An empty chunk is only allowed as
+    # 2. pqfs.format.stream.decrypt_chunk_into / encrypt_chunk_into. An empty chunk is only allowed as
     # the final chunk 0 (an empty file), so empty messages go there; others take a large,
     # vector-dependent chunk index to exercise the counter bytes of the nonce.
     assert len(msg) <= stream.CHUNK
@@ -539,7 +539,7 @@ def test_wycheproof_hkdf_sha256(case: Any) -> None:
     buf = bytearray(size)
     HKDF(hashes.SHA256(), size, salt_arg, info).derive_into(ikm, buf)
     assert bytes(buf) == okm
-    # Extract then Expand, as the HPKE key schedule in pqfs.kem composes them.
+    # Extract then Expand, as the HPKE key schedule in pqfs.format.kem composes them.
     prk = HKDF.extract(hashes.SHA256(), salt, ikm)
     assert HKDFExpand(hashes.SHA256(), size, info).derive(prk) == okm
 
@@ -727,7 +727,7 @@ def test_wycheproof_mlkem768_semi_expanded_decaps(case: Any, backend: str) -> No
 
 
 def test_liboqs_backend_against_vectors() -> None:
-    """pqfs.kem.LiboqsMLKEM against every vector shape it can take (the only liboqs test that
+    """pqfs.format.kem.LiboqsMLKEM against every vector shape it can take (the only liboqs test that
     exists when liboqs is missing)."""
     if not kem.liboqs_available():
         pytest.skip(LIBOQS_REASON)

@@ -1,8 +1,10 @@
-"""The mount's core (pqfs.vfs), driven directly under trio: no FUSE involved."""
+"""The mount's core (pqfs.mount.vfs and its parts) driven directly under trio: no FUSE."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import os
 import random
 from collections.abc import AsyncIterator
@@ -12,14 +14,24 @@ from pathlib import Path
 import pytest
 import trio
 
-from pqfs.errors import IsADirectory, Locked, NotADirectory, NotFound, PayloadError, ReadOnly
+from pqfs.errors import (
+    IsADirectory,
+    Locked,
+    NotADirectory,
+    NotFound,
+    PayloadError,
+    PqfsError,
+    ReadOnly,
+)
 from pqfs.format.stream import CHUNK, CT_CHUNK
-from pqfs.mount.chunkcache import SPARES
 from pqfs.mount.options import MountOptions
-from pqfs.mount.vfs import REPLY_SPARES, ROOT_INO, VaultFS
+from pqfs.mount.tree import ROOT_INO
+from pqfs.mount.vfs import VaultFS
 from pqfs.storage import pagecache
+from pqfs.vault import bounds as bounds_mod
 from pqfs.vault.catalog import put_op
-from pqfs.vault.vault import Vault, object_key
+from pqfs.vault.objects import object_key
+from pqfs.vault.vault import Vault
 
 from .conftest import PASSPHRASE
 
@@ -51,7 +63,7 @@ def contents(vault: Vault, tmp_path: Path) -> dict[str, bytes]:
 
 @asynccontextmanager
 async def running(vault: Vault, **opts: object) -> AsyncIterator[VaultFS]:
-    fs = VaultFS(vault, MountOptions(**opts))  # type: ignore[arg-type]
+    fs = VaultFS(vault, MountOptions.for_storage(vault.storage, **opts))
     try:
         async with trio.open_nursery() as nursery:
             await fs.start(nursery)
@@ -206,7 +218,7 @@ async def test_key_ttl_zero_keeps_key_only_while_open(
             bytes(await fs.read(fh, CHUNK - 3, 6)) == contents["a/b/two.bin"][CHUNK - 3 : CHUNK + 3]
         )
         assert len(fs.keys) == 0
-        own = fs._files[fh].own_key
+        own = fs.reader.file(fh).own_key
         assert own is not None and any(own.file_key)
         key_bytes = own.file_key
         fs.release(fh)
@@ -346,34 +358,34 @@ async def test_idle_poll_rule_and_descriptors(vault: Vault, contents: dict[str, 
     direct reads in flight, and a read, or a direct read's submission, arms it."""
     token = trio.lowlevel.current_trio_token()
     async with running(vault) as fs:
-        assert fs._may_poll()
+        assert fs.may_poll()
         seen: list[bool] = []
 
         def probe() -> int:
-            seen.append(trio.from_thread.run_sync(fs._may_poll, trio_token=token))
+            seen.append(trio.from_thread.run_sync(fs.may_poll, trio_token=token))
             return 7
 
         assert await fs.offload(probe) == 7
         assert await fs.pool.run(probe) == 7
         assert seen == [False, False]
         with trio.fail_after(10):  # the worker finishes its after_job, then counts itself idle
-            while not fs._may_poll():
+            while not fs.may_poll():
                 await trio.sleep(0.001)
 
         fs.fuse_fds = [123]
-        assert fs._idle_fds() == [123]
+        assert fs.idle_fds() == [123]
         fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
         _page_cache(vault, "big.bin", keep=False)
-        assert fs._dio is not None
-        f = fs._files[fh]
-        req = fs._direct_start(f, 3, 2)
+        assert fs.sources.dio is not None
+        f = fs.reader.file(fh)
+        req = fs.sources.direct(f, 3, 2)
         assert req is not None
         try:
-            assert fs._idle_fds() == [123, req._slot.efd]
+            assert fs.idle_fds() == [123, req._slot.efd]
             assert fs.idle._until > 0  # armed by the submission
         finally:
             await req.release()
-        assert fs._idle_fds() == [123]
+        assert fs.idle_fds() == [123]
         data = contents["big.bin"]
         off, far = 9 * CHUNK, 60 * CHUNK
         assert bytes(await fs.read(fh, off, 100)) == data[off : off + 100]
@@ -407,13 +419,69 @@ async def test_spare_buffers_are_ready_before_the_first_read(
     unlock (lock drops them): the first read that waits never faults in a 1 MiB buffer on the
     loop."""
     async with running(vault) as fs:
-        assert len(fs._replies) == REPLY_SPARES and len(fs.cache._free) == SPARES
+        spares = fs.options.reply_spares
+        assert len(fs.replies.free()) == spares and len(fs.cache._free) == fs.options.cache_spares
         fs.lock()
-        assert fs._replies == []
+        assert fs.replies.free() == []
         await fs.unlock(passphrase=PASSPHRASE)
-        assert len(fs._replies) == REPLY_SPARES
+        assert len(fs.replies.free()) == spares
         fh = await fs.open(ino_of(fs, "big.bin"), os.O_RDONLY)
-        spare = fs._replies[-1]
+        spare = fs.replies.free()[-1]
         data = contents["big.bin"]
         assert bytes(await fs.read(fh, 0, 10 * CHUNK)) == data[: 10 * CHUNK]  # waits on workers
-        assert any(b is spare for b, _ in fs._sent)  # the read used a spare, made no buffer
+        assert any(b is spare for b in fs.replies.sent())  # the read used a spare, made no buffer
+
+
+async def test_every_bound_is_an_option_the_parts_get_and_stats_show(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    """The mount's bounds are MountOptions fields (none a module constant of a part): each
+    part runs with the value given, and `pqfs stats --json` shows every one of them."""
+    given = {
+        "reply_spares": 3,
+        "cache_spares": 5,
+        "key_cache_entries": 2,
+        "spare_eventfds": 1,
+        "direct_slot_bytes": 512 << 10,
+        "hint_chunks": 7,
+        "unavailable_hold": 0.5,
+        "open_timeouts": 3.0,
+    }
+    async with running(vault, **given) as fs:
+        bounds = json.loads(json.dumps(fs.stats()))["bounds"]  # as the xattr carries them
+        assert bounds == fs.options.bounds()
+        assert {k: bounds[k] for k in given} == given
+        for name in ("cache_size", "workers", "job_chunks", "reply_pool", "max_background"):
+            assert bounds[name] == getattr(fs.options, name)
+        assert "direct_io" not in bounds and "on_change" not in bounds  # settings, not bounds
+        assert bounds["prefetch_inflight"] == fs.options.prefetch_inflight
+        vault_bounds = json.loads(json.dumps(fs.stats()))["vault_bounds"]
+        assert vault_bounds == dataclasses.asdict(bounds_mod.BOUNDS)  # every field a number
+        assert len(fs.replies.free()) == 3 and len(fs.cache._free) == 5
+        assert fs.keys.max_entries == 2
+        assert fs.sources.dio is not None and fs.sources.dio.slot_bytes == 512 << 10
+        for path in ("a/one.bin", "three.bin", "big.bin"):  # more files than keys kept
+            fh = await fs.open(ino_of(fs, path), os.O_RDONLY)
+            assert bytes(await fs.read(fh, 0, 100)) == contents[path][:100]
+            fs.release(fh)
+        assert len(fs.keys) == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cache_size": (4 << 20) - 1}, "--cache-size must be at least 4M"),
+        ({"workers": 0}, "mount option workers must be at least 1: 0"),
+        ({"key_cache_entries": 0}, "mount option key_cache_entries must be at least 1: 0"),
+        ({"reply_pool": -1}, "mount option reply_pool must be at least 0: -1"),
+        ({"control_timeout": 0.0}, "mount option control_timeout must be more than 0"),
+    ],
+)
+def test_bounds_are_checked_when_the_options_are_made(
+    settings: dict[str, object], message: str
+) -> None:
+    storage_bounds = {"workers": 2, "jobs_per_file": 2, "job_chunks": 32}  # from a profile
+    MountOptions(**storage_bounds)  # type: ignore[arg-type]
+    with pytest.raises(PqfsError) as e:
+        MountOptions(**{**storage_bounds, **settings})  # type: ignore[arg-type]
+    assert str(e.value) == message

@@ -65,8 +65,8 @@ def unwrap_latency(n: int = 2000) -> tuple[float, float]:
     from pqfs.format.encoding import b64encode
     from pqfs.format.header import Header
     from pqfs.format.keys import HybridIdentity, new_file_key
-    from pqfs.vault.catalog import Entry
     from pqfs.vault.keycache import KeyCache
+    from pqfs.vault.schema import Entry
     from pqfs.vault.vault import Vault
 
     ident = HybridIdentity.generate()

@@ -2,8 +2,8 @@
 
 Loading pqfs's modules (cryptography, the KEM backends) takes a few hundred milliseconds, and
 a SIGINT then raises KeyboardInterrupt outside any handler of ours: Python would print a
-traceback. cli.py imports this module before any other of pqfs's, so the hook is in place for
-all of that time; from then on `cli.main` reports an interrupt the same way itself.
+traceback. cli/main.py imports this module before any other of pqfs's, so the hook is in
+place for all of that time; from then on `cli.main` reports an interrupt the same way itself.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from types import TracebackType
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program that SIGINT stopped
 
 
-def _hook(
-    kind: type[BaseException], value: BaseException, tb: TracebackType | None
-) -> None:
+def _hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
     if not issubclass(kind, KeyboardInterrupt):
         _previous(kind, value, tb)
         return

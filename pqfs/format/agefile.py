@@ -120,6 +120,7 @@ def decrypt_chunks(
     chunks: int,
     first: int,
     outs: Sequence[memoryview],
+    *,
     ct_buf: memoryview | None = None,
 ) -> list[int]:
     """Decrypt chunks first, first+1, ... of a payload of `chunks` chunks, chunk k into outs[k]
@@ -192,7 +193,7 @@ class AgeReader:
         outs = [out[k * CHUNK : (k + 1) * CHUNK] for k in range(n)]
         return sum(
             decrypt_chunks(
-                self.aead, self.src, self.payload_start, self.chunks, first, outs, ct_buf
+                self.aead, self.src, self.payload_start, self.chunks, first, outs, ct_buf=ct_buf
             )
         )
 

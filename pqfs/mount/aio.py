@@ -11,7 +11,8 @@ buffered pread took 0.176 ms, O_DIRECT 0.148 ms; submit + wait + decrypt on trio
 against 0.29 ms for the worker path (hop, buffered read, decrypt, hop back).
 
 Invariants (trio thread only; nothing here is shared with worker threads):
-  * at most `depth` reads are in flight; `submit` returns None rather than queue;
+  * at most `depth` reads are in flight, each of at most `slot_bytes` (MountOptions: bounds
+    are given, none is kept here); `submit` returns None rather than queue;
   * a slot (iocb, eventfd, buffer) goes back to the free list only after the kernel has
     completed its read and the completion was reaped: release() waits for that shielded from
     cancellation, so the kernel never writes into a buffer that was reused or unmapped;
@@ -31,7 +32,6 @@ import platform
 import trio
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: the largest logical block size
-SLOT_BYTES = 256 << 10  # a read of up to 3 chunks, aligned on both sides
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 8)
 _IOCB_CMD_PREAD = 0
 _IOCB_FLAG_RESFD = 1
@@ -69,9 +69,9 @@ class _Event(ctypes.Structure):  # struct io_event
 class _Slot:
     __slots__ = ("buf", "efd", "index", "iocb", "iocbp")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, size: int) -> None:
         self.index = index
-        self.buf = mmap.mmap(-1, SLOT_BYTES)  # page-aligned, as O_DIRECT needs
+        self.buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.iocb = _Iocb()
         self.iocb.data = index
@@ -119,9 +119,10 @@ class Read:
 
 
 class DirectIO:
-    def __init__(self, depth: int) -> None:
-        """Raises OSError where native AIO is not available (another architecture, ENOSYS,
-        the system-wide fs.aio-max-nr reached)."""
+    def __init__(self, depth: int, slot_bytes: int) -> None:
+        """`depth` reads in flight at most, each of up to `slot_bytes` (aligned on both sides).
+        Raises OSError where native AIO is not available (another architecture, ENOSYS, the
+        system-wide fs.aio-max-nr reached)."""
         calls = _SYSCALLS.get(platform.machine())
         if calls is None:
             raise OSError(errno.ENOSYS, "native AIO: unknown system call numbers here")
@@ -132,6 +133,7 @@ class DirectIO:
             e = ctypes.get_errno()
             raise OSError(e, f"io_setup: {os.strerror(e)}")
         self.depth = depth
+        self.slot_bytes = slot_bytes
         self._slots: list[_Slot] = []
         self._free: list[_Slot] = []
         self._results: dict[int, int] = {}  # slot index -> res, reaped for a task not yet awake
@@ -145,12 +147,12 @@ class DirectIO:
         is busy, the span is too long, or the kernel would have to block to start it."""
         lo = offset // ALIGN * ALIGN
         hi = -(-(offset + length) // ALIGN) * ALIGN
-        if hi - lo > SLOT_BYTES:
+        if hi - lo > self.slot_bytes:
             return None
         if self._free:
             slot = self._free.pop()
         elif len(self._slots) < self.depth:
-            slot = _Slot(len(self._slots))
+            slot = _Slot(len(self._slots), self.slot_bytes)
             self._slots.append(slot)
         else:
             return None

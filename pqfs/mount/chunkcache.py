@@ -23,8 +23,6 @@ from collections.abc import Hashable, Sequence
 from pqfs.format.stream import CHUNK
 from pqfs.runtime.memory import populated, wipe
 
-SPARES = 4  # buffers kept faulted in ahead of need while the cache is under its budget
-
 
 class _Slot:
     __slots__ = ("buf", "length", "prefetched")
@@ -123,10 +121,11 @@ class ChunkCache:
                     self._free.append(old.buf)
                 self._slots[key] = _Slot(buf, n, prefetched)
 
-    def top_up(self, spares: int = SPARES) -> None:
-        """Fault in new buffers ahead of need while under capacity, so that a read waiting on a
-        job does not wait for page faults too (~30 us per buffer here). Called by a worker
-        after its job is done and reported: off every read's path."""
+    def top_up(self, spares: int) -> None:
+        """Fault in new buffers ahead of need while under capacity, up to `spares` free ones
+        (MountOptions.cache_spares), so that a read waiting on a job does not wait for page
+        faults too (~30 us per buffer here). Called by a worker after its job is done and
+        reported: off every read's path."""
         with self._lock:
             room = self.capacity - (len(self._slots) + self._lent + len(self._free))
             want = min(room, spares - len(self._free))

@@ -37,12 +37,11 @@ from pqfs.errors import (
     ReadOnly,
 )
 from pqfs.format.keys import parse_identity_file
-from pqfs.mount.control import XATTR_CONTROL, Answer
-from pqfs.mount.vfs import Attr, VaultFS
+from pqfs.mount.control import XATTR_CONTROL, XATTR_STATS, Answer
+from pqfs.mount.tree import Attr
+from pqfs.mount.vfs import VaultFS
 
 log = logging.getLogger("pqfs.mount")
-
-XATTR_STATS = b"user.pqfs.stats"
 
 _ERRNO: list[tuple[type[PqfsError], int]] = [
     (NotFound, errno.ENOENT),
@@ -195,26 +194,26 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return [XATTR_STATS, XATTR_CONTROL] if inode == pyfuse3.ROOT_INODE else []
 
-    async def control(self, command: bytes, secret: bytearray) -> Answer:
+    async def control(self, command: bytes, secret: bytearray, uid: int = 0) -> Answer:
         """A lock or unlock request from the control socket (control.py), which has checked
-        the caller and wipes `secret` afterwards."""
+        the caller (`uid`) and wipes `secret` afterwards."""
         try:
             if command == b"lock":
                 opened = self.fs.lock()
                 # The kernel may hold decrypted pages of files opened before (keep_cache): drop
                 # them before confirming, on a thread, since the call waits for reads in flight.
                 await self.fs.offload(invalidate_inodes, opened)
-                log.info("locked")
+                log.info("locked by uid %d", uid)
             elif command == b"unlock":
                 await self.fs.unlock(passphrase=secret)
-                log.info("unlocked")
+                log.info("unlocked by uid %d", uid)
             else:
                 try:
                     idents = parse_identity_file(secret)
                 except PqfsError:
                     return Answer(errno.EINVAL, "not an age identity file")
                 await self.fs.unlock(identities=idents)
-                log.info("unlocked with an identity")
+                log.info("unlocked with an identity by uid %d", uid)
         except (PqfsError, OSError) as e:
             return Answer(errno_of(e), str(e) if isinstance(e, PqfsError) else e.strerror or "")
         return Answer()

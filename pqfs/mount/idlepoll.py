@@ -14,9 +14,10 @@ Rules that bound the cost (kept by this module and its caller, VaultFS):
   * it polls only within `budget` of the last `arm()`, which the mount calls when it answers a
     read that is not part of a stream, and when it submits a direct disk read; an idle mount
     never polls;
-  * never while `allowed()` is false (VaultFS: a worker busy with a job or its aftermath, an
-    offloaded thread, a fetch on the loop), so the poll takes CPU and the GIL from no thread
-    doing work for the mount, and misses the completion of none;
+  * never while `allowed()` is false (VaultFS.may_poll: a worker busy with a job or its
+    aftermath, or a wait counted by `Unseen`: an offloaded thread, a fetch on the loop), so the
+    poll takes CPU and the GIL from no thread doing work for the mount, and misses the
+    completion of none;
   * it returns as soon as one of `fds()` is readable (the FUSE device, direct reads in flight);
     any other wake-up (a timer, a signal) is delayed by at most min(budget, trio's timeout);
   * it runs between task steps, so it is not a stall: the loop is blocked on nothing.
@@ -24,15 +25,18 @@ Rules that bound the cost (kept by this module and its caller, VaultFS):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import trio
 
 FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse
+T = TypeVar("T")
 
 
 def fuse_device_fds() -> list[int]:
@@ -97,3 +101,26 @@ class IdlePoll(trio.abc.Instrument):
             if t >= end:
                 break
         self.spent += t - now
+
+
+class Unseen:
+    """Waits whose end the idle poll cannot see (a thread, a socket), in progress: the loop
+    does not poll while there is one (trio thread only)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def wait(self) -> Iterator[None]:
+        """Around such a wait."""
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """trio.to_thread.run_sync, counted: the loop does not poll while such a thread runs
+        (its completion is not among the descriptors polled, and polling holds the GIL)."""
+        with self.wait():
+            return await trio.to_thread.run_sync(fn, *args)

@@ -1,6 +1,6 @@
-"""Live measurements of a mount: read latency percentiles and event-loop stalls.
+"""Live measurements of a mount: read counters, read latency percentiles and event-loop stalls.
 
-Both are touched only from the trio thread, so they need no lock.
+All are touched only from the trio thread, so they need no lock.
 """
 
 from __future__ import annotations
@@ -21,6 +21,22 @@ _thread_usage = functools.partial(resource.getrusage, resource.RUSAGE_THREAD)
 
 BUCKETS_PER_OCTAVE = 8  # percentiles within ~9% of the true value, in constant memory and time
 _MAX_BUCKET = 40 * BUCKETS_PER_OCTAVE  # 1 us * 2^40: beyond any real latency
+
+
+class Counters:
+    """What the mount's reads and opens did (`pqfs stats`)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.slow_reads = 0  # reads that waited for a worker (not all their chunks were cached)
+        self.inline_reads = 0  # reads that decrypted their missing chunks on the loop
+        self.direct_reads = 0  # reads whose chunks came from one O_DIRECT read, not a worker
+        self.bytes_read = 0
+        self.bytes_decrypted = 0
+        self.prefetch_chunks = 0
+        self.auth_failures = 0
+        self.read_errors = 0  # backend failures (unreachable store, missing object)
+        self.opens = 0
 
 
 class Latency:

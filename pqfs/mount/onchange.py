@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
-from pqfs.runtime.zeroize import SECRET_ENV
+from pqfs.runtime.zeroize import CHILD_ENV_DROPPED
 from pqfs.vault.catalog import shown
 
 log = logging.getLogger("pqfs.mount")
@@ -92,7 +92,7 @@ class ChangeHook:
 async def _execute(argv: list[str]) -> tuple[int | None, bytes]:
     """Run argv to completion within HOOK_TIMEOUT: (exit status, None if it was killed for
     taking too long; the first OUTPUT_LIMIT bytes of its output)."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROPPED}
     proc = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,

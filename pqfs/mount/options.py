@@ -1,12 +1,17 @@
-"""Every bound of a mount, in one place, each with its reason."""
+"""Every bound of a mount, in one place, each with its reason, checked when the options are made.
+
+The components of the mount keep no bound of their own: they are given these. `pqfs stats
+--json` shows them all (`bounds`, generated from the fields by `MountOptions.bounds`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
+from pqfs.errors import PqfsError
 from pqfs.format.stream import CHUNK
-from pqfs.runtime import pools
+from pqfs.runtime.memory import LARGE
 from pqfs.storage import Storage
 
 MiB = 1 << 20
@@ -14,15 +19,16 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class MountOptions:
-    """Every bound of a mount, in one place."""
+    """Every bound of a mount, in one place. The numbers are its bounds (`bounds()`)."""
 
     cache_size: int = 64 * MiB  # decrypted-chunk LRU, whatever the number of open files
     key_ttl: float = 300.0  # seconds after last use; 0 keeps a key only while its file is open
-    # Decrypt threads; two more than the cores, so that backend reads overlap decryption.
+    # Decrypt threads, workers one file may hold, chunks per worker job: they depend on the
+    # backend, so they have no default here (for_storage takes them from its StorageProfile).
     # Reads that a caller waits on always run before readahead.
-    workers: int = pools.WORKERS + 2  # S3: one per connection (threads wait on the network)
-    jobs_per_file: int = pools.WORKERS + 2  # S3: half the workers; a slow object holds no more
-    job_chunks: int = 32  # chunks per worker job (2 MiB); S3: 4 MiB. See Storage.read_chunks
+    workers: int = field(kw_only=True)
+    jobs_per_file: int = field(kw_only=True)
+    job_chunks: int = field(kw_only=True)
     # A read missing at most this many chunks whose ciphertext is already in memory (page
     # cache) is decrypted on the loop itself: 2 chunks take ~30 us, less than a thread hop.
     inline_chunks: int = 2
@@ -51,15 +57,91 @@ class MountOptions:
     # (`onchange.py`): FUSE raises no inotify events for changes made elsewhere. (): none.
     on_change: tuple[str, ...] = ()
     attr_timeout: float = 1.0  # kernel caching of names and attributes (bounds lock latency)
+    # Reply buffers (replies.py): a read that waits on workers answers from a private one.
+    reply_pool: int = 16  # wiped max_read buffers kept for reads that wait on workers
+    reply_spares: int = 2  # of which workers keep this many faulted in ahead of need
+    cache_spares: int = 4  # chunk buffers kept faulted in ahead of need while under the budget
+    hint_chunks: int = 64  # how far ahead of readahead the backend is asked to start fetching
+    # After a read of a file found its storage unavailable (its whole time budget spent), reads
+    # of that file fail at once for this long (seconds): the kernel retries a failed readahead
+    # page by page, and each retry would otherwise wait out the budget again.
+    unavailable_hold: float = 2.0
+    # How long opening a file may take, in storage timeouts (Storage.timeout, --timeout): an
+    # open is up to two storage operations (the object's opening bytes, its final chunk).
+    open_timeouts: float = 2.0
+    # Threads opening objects at once. They have a limiter of their own: an open given up on a
+    # hung store keeps its thread, and must not use up the threads unlock, lock and catalog
+    # loads run on (trio's default limiter).
+    open_threads: int = 16
+    key_cache_entries: int = 4096  # unwrapped file keys cached (least recently used wiped first)
+    spare_eventfds: int = 64  # idle worker wake-up eventfds kept for reuse; more are closed
+    direct_slot_bytes: int = 256 << 10  # one O_DIRECT read: up to 3 chunks, aligned both sides
+    # The kernel's side of the mount, set once it answers (root only; daemon._set_readahead):
+    read_ahead_kb: int = 1024  # the kernel's readahead: larger reads, fewer trips through FUSE
+    # Asynchronous requests the kernel queues (its default: 12): readahead waiting on a slow
+    # object would otherwise fill the queue, and reads of every other file wait behind it.
+    max_background: int = 64
+    # glibc's malloc (daemon.bound_malloc): it raises its mmap threshold to the largest block
+    # freed, after which multi-MiB ciphertext buffers come from per-thread arenas that keep
+    # their peak forever (with 16 S3 workers the daemon grew ~50 MiB past its cache budget).
+    mmap_threshold: int = LARGE  # a buffer this large gets fresh pages: see memory.scratch
+    arena_max: int = 2  # fewer arenas bound what small allocations retain
+    # The control socket (control.py), which anyone who can see the mount can connect to:
+    control_request_bytes: int = (1 << 20) + 64  # an identity file (up to 1 MiB), its command
+    control_timeout: float = 10.0  # seconds to send a request: a stalled client frees its slot
+    control_connections: int = 4  # requests served at once; a flood by another user stays small
+
+    MIN_CACHE: ClassVar[int] = 4 * MiB  # 64 chunks: two 2 MiB worker jobs' worth
+    # Bounds below 1 that would stop the mount (no worker, no key kept, an empty request...).
+    AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
+        "workers",
+        "jobs_per_file",
+        "job_chunks",
+        "prefetch_start",
+        "prefetch_max",
+        "max_read",
+        "key_cache_entries",
+        "direct_slot_bytes",
+        "max_background",
+        "arena_max",
+        "control_request_bytes",
+        "control_connections",
+    )
+    # Times that must pass before something happens at all (an open, a poll, a request).
+    MORE_THAN_ZERO: ClassVar[tuple[str, ...]] = ("open_timeouts", "catalog_poll", "control_timeout")
+
+    def __post_init__(self) -> None:
+        if self.cache_size < self.MIN_CACHE:
+            raise PqfsError(f"--cache-size must be at least {self.MIN_CACHE // MiB}M")
+        for name, value in self.bounds().items():
+            least = 1 if name in self.AT_LEAST_ONE else 0
+            if value < least:
+                raise PqfsError(f"mount option {name} must be at least {least}: {value}")
+        for name in self.MORE_THAN_ZERO:
+            if getattr(self, name) <= 0:
+                raise PqfsError(f"mount option {name} must be more than 0")
+
+    def bounds(self) -> dict[str, int | float]:
+        """Every bound by name, for `pqfs stats --json`: the numbers among the fields (the
+        switches and the hook's command are settings, not bounds), and the prefetch in flight
+        they imply. Generated, so that a new bound is shown without being listed again."""
+        out: dict[str, int | float] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) in (int, float):  # not bool, a subclass of int
+                out[f.name] = value
+        out["prefetch_inflight"] = self.prefetch_inflight
+        return out
 
     @classmethod
     def for_storage(cls, storage: Storage, **settings: Any) -> MountOptions:
         """The bounds that depend on the backend (worker threads, jobs per file, request size)
-        taken from it; the rest from `settings` or the defaults."""
+        taken from its profile (Storage.profile); the rest from `settings` or the defaults."""
+        profile = storage.profile()
         return cls(
-            workers=storage.io_workers,
-            jobs_per_file=storage.jobs_per_object,
-            job_chunks=storage.read_chunks,
+            workers=profile.workers,
+            jobs_per_file=profile.jobs_per_file,
+            job_chunks=profile.job_chunks,
             **settings,
         )
 

@@ -38,7 +38,6 @@ from pqfs.errors import PqfsError
 T = TypeVar("T")
 
 WORKER_NICE = 10
-SPARE_EVENTFDS = 64  # idle eventfds kept for reuse; more are closed when their job is done
 
 _Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
 
@@ -49,12 +48,16 @@ class WorkerPool:
         threads: int,
         name: str = "pqfs-decrypt",
         after_job: Callable[[], None] | None = None,
+        *,
+        spare_eventfds: int,
     ) -> None:
         """`after_job`: run by a worker after each job's result has been handed over (work that
-        should be off the waiting task's path, such as preparing buffers for later jobs)."""
+        should be off the waiting task's path, such as preparing buffers for later jobs).
+        `spare_eventfds`: idle eventfds kept for reuse (MountOptions); more are closed."""
         self.threads = threads
         self.name = name
         self._after_job = after_job
+        self._spare_eventfds = spare_eventfds
         self._urgent: deque[_Job] = deque()
         self._background: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -87,10 +90,12 @@ class WorkerPool:
                     return  # closed and drained
                 self.active += 1
             try:
-                done(outcome.capture(fn))
-                # An idle worker must not keep its last job alive: the job holds a file's
-                # payload AEAD (its key), which `pqfs lock` must be able to free.
-                del fn, done
+                try:
+                    done(outcome.capture(fn))
+                finally:
+                    # An idle worker must not keep its last job alive: the job holds a file's
+                    # payload AEAD (its key), which `pqfs lock` must be able to free.
+                    del fn, done
                 if self._after_job is not None and not self._urgent:  # a waiting read first
                     with contextlib.suppress(Exception):  # an optimisation only
                         self._after_job()
@@ -121,7 +126,7 @@ class WorkerPool:
         finally:
             self.pending -= 1
         os.eventfd_read(efd)
-        if len(self._eventfds) < SPARE_EVENTFDS:
+        if len(self._eventfds) < self._spare_eventfds:
             self._eventfds.append(efd)
         else:
             os.close(efd)
@@ -133,10 +138,6 @@ class WorkerPool:
         """No job waited on and no worker busy (trio thread; `active` is read without the lock:
         a stale answer only delays or allows one idle poll)."""
         return self.pending == 0 and self.active == 0
-
-    def queued(self) -> int:
-        with self._cond:
-            return len(self._urgent) + len(self._background)
 
     def close(self) -> None:
         """Stop the threads once the queue is drained (jobs already queued still run)."""

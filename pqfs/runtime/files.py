@@ -4,11 +4,34 @@ and written whole at an offset."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable
 
 from pqfs.errors import VaultError
+
+
+def _inheritable_fds() -> frozenset[int]:
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return frozenset()
+    found = set()
+    for name in names:
+        fd = int(name)
+        try:
+            if fd > 2 and not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.add(fd)
+        except OSError:
+            continue  # the listing's own descriptor, closed since
+    return frozenset(found)
+
+
+# The descriptors this process was started with beyond 0-2 (a shell's, a service manager's
+# open files), taken when pqfs is first imported: before any command runs, so none is a
+# descriptor pqfs or a library it calls opened (a daemon closes these, background.py).
+INHERITED_FDS = _inheritable_fds()
 
 
 def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> int:

@@ -27,7 +27,7 @@ _MADV_DONTDUMP = 16  # Linux 3.4+
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls run without the GIL
-LARGE = 256 << 10  # from this size on malloc maps fresh pages anyway (mount.bound_malloc)
+LARGE = 256 << 10  # from this size on malloc maps fresh pages anyway (daemon.bound_malloc)
 
 
 class _Pinned:

@@ -22,11 +22,14 @@ import os
 import sys
 import termios
 
+from pqfs.errors import PqfsError
 from pqfs.runtime.memory import wipe
 
 ENV_PASSPHRASE = "PQFS_PASSPHRASE"
 ENV_NEW_PASSPHRASE = "PQFS_NEW_PASSPHRASE"
 SECRET_ENV = (ENV_PASSPHRASE, ENV_NEW_PASSPHRASE)  # never handed on to a child process
+# Nor is where systemd put the passphrase credential (LoadCredential=): a hook has no use for it.
+CHILD_ENV_DROPPED = (*SECRET_ENV, "CREDENTIALS_DIRECTORY")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.getenv.restype = ctypes.c_void_p
@@ -37,7 +40,7 @@ _libc.strlen.argtypes = [ctypes.c_void_p]
 _BYTES_DATA = bytes.__basicsize__ - 1
 _CPYTHON = sys.implementation.name == "cpython"
 
-__all__ = ["prompt", "read_fd", "take_env", "wipe", "wipe_bytes"]
+__all__ = ["discard_env", "prompt", "read_fd", "take_env", "wipe", "wipe_bytes"]
 
 
 def wipe_bytes(data: object) -> None:
@@ -98,6 +101,15 @@ def take_env(name: str) -> bytearray | None:
     return out
 
 
+def discard_env() -> None:
+    """Take every passphrase variable (SECRET_ENV) out of the environment and wipe it, whatever
+    unlocked the vault: a daemon unlocked from an identity file must not keep one either."""
+    for name in SECRET_ENV:
+        value = take_env(name)
+        if value is not None:
+            wipe(value)
+
+
 def prompt(text: str) -> bytearray:
     """Ask on the terminal without echo; the answer, without its newline, as a bytearray.
     Unlike getpass, nothing passes through a `str` or a buffered file."""
@@ -120,10 +132,16 @@ def prompt(text: str) -> bytearray:
 
 
 def read_line(fd: int, limit: int = 1024) -> bytearray:
-    """One line from a terminal in canonical mode (a read returns at most one line)."""
+    """One line from a terminal in canonical mode (a read returns at most one line).
+    PqfsError for a line of `limit` bytes or more: the rest would be left for the shell to
+    read as commands, and a passphrase cut short would not be the one typed."""
     buf = bytearray(limit)
     try:
         n = os.readv(fd, [buf])
+        if n == limit and buf[n - 1] != 0x0A:
+            while os.readv(fd, [buf]) == limit and buf[limit - 1] != 0x0A:
+                pass  # the rest of the line, read and dropped
+            raise PqfsError(f"the answer is longer than {limit - 1} bytes")
         return strip_newline(_head(buf, n))
     finally:
         wipe(buf)
@@ -133,4 +151,3 @@ def _head(buf: bytearray, n: int) -> bytearray:
     out = bytearray(n)
     out[:] = memoryview(buf)[:n]
     return out
-

@@ -25,4 +25,4 @@ def open_storage(location: str, options: StorageOptions | None = None) -> Storag
         raise VaultError(
             "--disk-cache is for s3:// vaults (a local vault is read from disk already)"
         )
-    return LocalStorage(location, opts.timeout)
+    return LocalStorage(location, opts)

@@ -10,41 +10,101 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import BinaryIO
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, BinaryIO
 
+from pqfs.errors import VaultError
 from pqfs.format.agefile import RangeSource
 from pqfs.runtime import pools
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 TMP_PREFIX = ".tmp-"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+@dataclass(frozen=True)
+class S3Bounds:
+    """Every bound of the S3 backend, each with its reason (StorageOptions.s3)."""
+
+    connections: int = 16  # concurrent requests (a mount's worker each) and pooled connections
+    job_chunks: int = 64  # chunks per readahead GET (4 MiB): half the CPU of 1 MiB GETs, both ends
+    open_fetch: int = 192 * KiB  # opening GET: header, nonce, a first 128 KiB read (3 cache blocks)
+    head_reads: int = 4  # reads served from the opening GET before its memory is released
+    part_size: int = 8 * MiB  # multipart upload part (S3's minimum is 5 MiB)
+    uploads_in_flight: int = 3  # parts uploading at once while the next one is encrypted
+    presigned_keys: int = 4096  # objects whose GET URL is kept (least recently used dropped)
+    presign_ttl: int = 3600  # seconds a presigned GET URL is valid for the server
+    # Seconds before a URL is signed again: it also dies with the temporary credentials it was
+    # signed with (STS, SSO, instance roles), which botocore renews 10-15 minutes before expiry.
+    presign_renew: float = 300.0
+    backoff_base: float = 0.05  # seconds before a retry; doubled per attempt, full jitter
+    backoff_cap: float = 2.0  # seconds between attempts at most: retries go on to the budget
+    stale_upload_age: float = 24 * 3600.0  # gc aborts multipart uploads older (interrupted adds)
+    loop_request_timeout: float = 0.5  # seconds for a GET from the loop; then a worker's turn
+    loop_connect_timeout: float = 2.0  # seconds to connect from the loop (kept once made)
+    loop_pause: float = 10.0  # seconds without loop GETs after one timed out (a slow endpoint)
 
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How to reach a remote vault (local directories ignore all of it)."""
+    """How to reach a vault's storage, and every bound of the storage layer, each with its reason
+    (a local directory uses only `timeout`). Storage.stats() shows the bounds (`pqfs stats`)."""
 
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, the AWS config, or AWS itself
-    timeout: float = 30.0  # seconds for one storage operation, retries included
+    # Seconds one storage operation may take, retries included (--timeout). The mount also
+    # bounds how long opening a file may take by it (a hung disk or network filesystem, an S3).
+    timeout: float = 30.0
     disk_cache: str | None = None  # directory for the ciphertext block cache (mount only)
-    disk_cache_size: int = 1 << 30
+    disk_cache_size: int = 1 << 30  # its disk budget (--disk-cache-size)
+    disk_cache_block: int = 64 * KiB  # its granularity: a bucket read is widened to whole blocks
+    s3: S3Bounds = field(default_factory=S3Bounds)  # the S3 backend's own bounds
+
+
+def checked_key(key: str) -> str:
+    """`key`, if it names an object inside the vault (relative, no ".." part)."""
+    if key.startswith("/") or ".." in key.split("/"):
+        raise VaultError(f"invalid object key {key!r}")
+    return key
+
+
+def bounds_of(options: DataclassInstance) -> dict[str, int | float]:
+    """The bounds among the fields of `options` by name, for `pqfs stats --json`: its numbers
+    (the rest are places). Generated, so that a new bound is shown without being listed again."""
+    out: dict[str, int | float] = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if type(value) in (int, float):  # not bool, a subclass of int
+            out[f.name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class StorageProfile:
+    """How a mount uses a backend: the bounds that depend on where the bytes come from, under
+    MountOptions' names (MountOptions.for_storage). The defaults are a local disk's; there, 1 GiB
+    read sequentially through the mount (5 mounts each) ran at 0.87 GB/s with 8-chunk jobs, 1.01
+    with 16, 1.15 with 32."""
+
+    workers: int = pools.WORKERS + 2  # read and decrypt threads: 2 more than cores, reads overlap
+    jobs_per_file: int = pools.WORKERS + 2  # workers one file may hold: a slow one holds no more
+    job_chunks: int = 32  # chunks per backend read: decrypting starts soon, per-job costs vanish
+    reuse_read_buffers: bool = True  # a ciphertext buffer per worker: worth it for cheap preads
 
 
 class Storage(ABC):
-    # Threads the mount runs backend reads and decryption on, and how many of them one object
-    # may hold at once (a slow object must not hold them all).
-    io_workers: int = pools.WORKERS + 2
-    jobs_per_object: int = pools.WORKERS + 2
-    # Chunks per backend read of the mount's readahead: small enough to start decrypting soon
-    # (local), large enough that per-job costs vanish (thread wake-ups, the read's syscalls;
-    # S3: a GET costs ~2 ms of server time). Local, 1 GiB read sequentially through the mount
-    # (5 mounts each): 8 chunks 0.87 GB/s, 16 chunks 1.01, 32 chunks 1.15.
-    read_chunks: int = 32
-    # Whether the mount keeps a ciphertext buffer per worker thread: worth it for cheap local
-    # preads; a remote backend allocates per request (its threads are many, mostly waiting).
-    reuse_read_buffers: bool = True
-    # Seconds one operation may take, retries included (--timeout). The mount also bounds how
-    # long opening a file may take by it (a hung disk or network filesystem, a stalled S3).
-    timeout: float = StorageOptions.timeout
+    # The storage layer's bounds, set by every backend's constructor.
+    options: StorageOptions
+
+    @property
+    def timeout(self) -> float:
+        """Seconds one operation may take, retries included (StorageOptions.timeout)."""
+        return self.options.timeout
+
+    def profile(self) -> StorageProfile:
+        """How the mount should use this backend (worker threads, job sizes, buffers)."""
+        return StorageProfile()
 
     @abstractmethod
     def open_source(self, key: str) -> RangeSource:
@@ -88,8 +148,8 @@ class Storage(ABC):
         return not self.list("")
 
     def stats(self) -> dict[str, object]:
-        """Request and cache counters, for `pqfs stats`."""
-        return {}
+        """Request and cache counters, and the bounds (`storage_bounds`), for `pqfs stats`."""
+        return {"storage_bounds": bounds_of(self.options)}
 
     def abort_stale_uploads(self) -> int:
         """Clean up what interrupted writes left server-side; how many."""
@@ -97,5 +157,3 @@ class Storage(ABC):
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release caches and connections (the mount calls it at unmount)."""
-
-

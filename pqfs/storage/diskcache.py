@@ -8,7 +8,7 @@ index is in memory, so a new mount starts with an empty cache.
 
 Invariants (kept under `_lock`; file I/O runs outside it, from many worker threads at once):
   * a slot is free, being written (taken, not yet in `_index`), or mapped by exactly one index
-    entry; the index never holds more than `capacity` slots (the disk budget / BLOCK);
+    entry; the index never holds more than `capacity` slots (the disk budget / `block`);
   * `_version[slot]` changes whenever a slot is taken for new content. A reader notes it under the
     lock, reads the slot outside it, then checks it is unchanged: if the slot was evicted and
     reused meanwhile, the read counts as a miss and the caller fetches from the bucket.
@@ -23,15 +23,20 @@ import threading
 from collections import OrderedDict
 
 from pqfs.errors import VaultError
+from pqfs.storage.base import StorageOptions
 
-BLOCK = 64 << 10  # cache granularity: a bucket read is widened to whole blocks
 Key = tuple[str, int]  # (object key, block index)
 
 
 class DiskCache:
-    def __init__(self, directory: str, size: int) -> None:
-        if size < BLOCK:
-            raise VaultError(f"disk cache size must be at least {BLOCK // 1024}K")
+    """At most `size` bytes in `directory`, in slots of `block` bytes (a bucket read is widened
+    to whole blocks: StorageOptions.disk_cache_block)."""
+
+    def __init__(
+        self, directory: str, size: int, block: int = StorageOptions.disk_cache_block
+    ) -> None:
+        if size < block:
+            raise VaultError(f"disk cache size must be at least {block // 1024}K")
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -47,8 +52,8 @@ class DiskCache:
                 ) from None
             os.unlink(name)
             self._fd = fd
-        self.directory = directory
-        self.capacity = size // BLOCK
+        self.block = block
+        self.capacity = size // block
         self._lock = threading.Lock()
         self._index: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # -> (slot, length)
         self._free: list[int] = []
@@ -59,7 +64,6 @@ class DiskCache:
         self.hits = 0
         self.misses = 0
         self.bytes_hit = 0
-        self.bytes_stored = 0
         self.evictions = 0
 
     # ------------------------------------------------------------------ lookups ----
@@ -74,7 +78,8 @@ class DiskCache:
         n = len(buf)
         if n == 0:
             return True
-        blocks = range(offset // BLOCK, (offset + n - 1) // BLOCK + 1)
+        block = self.block
+        blocks = range(offset // block, (offset + n - 1) // block + 1)
         with self._lock:
             found = []
             for b in blocks:
@@ -85,15 +90,15 @@ class DiskCache:
                 self._index.move_to_end((key, b))
                 found.append((b, *hit, self._version[hit[0]]))
         for b, slot, length, _version in found:
-            lo = max(offset, b * BLOCK)
-            hi = min(offset + n, b * BLOCK + length)
-            if hi <= lo or hi < min(offset + n, (b + 1) * BLOCK):
+            lo = max(offset, b * block)
+            hi = min(offset + n, b * block + length)
+            if hi <= lo or hi < min(offset + n, (b + 1) * block):
                 with self._lock:
                     self.misses += 1
                 return False  # a short block that does not cover the range (object end)
             want = hi - lo
             got = os.preadv(
-                self._fd, [buf[lo - offset : hi - offset]], slot * BLOCK + lo - b * BLOCK
+                self._fd, [buf[lo - offset : hi - offset]], slot * block + lo - b * block
             )
             if got != want:
                 return False
@@ -110,13 +115,14 @@ class DiskCache:
     def store(self, key: str, offset: int, data: memoryview, object_size: int) -> None:
         """Cache `data`, bytes [offset, ...) of object `key`; `offset` is block-aligned. Only whole
         blocks are kept (and the object's short last block)."""
-        if offset % BLOCK:
+        block = self.block
+        if offset % block:
             raise ValueError("disk cache stores start on a block boundary")
         pos = 0
         while pos < len(data):
-            length = min(BLOCK, len(data) - pos)
-            b = (offset + pos) // BLOCK
-            if length == BLOCK or offset + pos + length == object_size:
+            length = min(block, len(data) - pos)
+            b = (offset + pos) // block
+            if length == block or offset + pos + length == object_size:
                 self._store_block(key, b, data[pos : pos + length], object_size)
             pos += length
 
@@ -128,7 +134,7 @@ class DiskCache:
             slot = self._take_slot()
             self._version[slot] += 1
         try:
-            os.pwrite(self._fd, data, slot * BLOCK)
+            os.pwrite(self._fd, data, slot * self.block)
         except OSError:  # a full disk only makes the cache smaller: hand the slot back
             with self._lock:
                 self._free.append(slot)
@@ -140,7 +146,6 @@ class DiskCache:
             self._index[(key, b)] = (slot, len(data))
             self._sizes[key] = object_size
             self._blocks[key] = self._blocks.get(key, 0) + 1
-            self.bytes_stored += len(data)
 
     def _take_slot(self) -> int:
         """Under the lock: a free slot, evicting the least recently used block if need be."""
@@ -166,7 +171,7 @@ class DiskCache:
                 "disk_cache_misses": self.misses,
                 "disk_cache_bytes_hit": self.bytes_hit,
                 "disk_cache_bytes": sum(length for _s, length in self._index.values()),
-                "disk_cache_budget": self.capacity * BLOCK,
+                "disk_cache_budget": self.capacity * self.block,
                 "disk_cache_evictions": self.evictions,
             }
 

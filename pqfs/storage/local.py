@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pqfs.errors import VaultError
 from pqfs.format.agefile import RangeSource
 from pqfs.runtime.files import open_regular, preadfull
 from pqfs.storage import pagecache
-from pqfs.storage.base import TMP_PREFIX, Storage, StorageOptions
+from pqfs.storage.base import TMP_PREFIX, Storage, StorageOptions, checked_key
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
@@ -74,16 +73,12 @@ class LocalStorage(Storage):
     must be regular files (open_regular): a FIFO put in place of one fails the read that
     needs it instead of hanging a thread forever."""
 
-    def __init__(
-        self, root: str | os.PathLike[str], timeout: float = StorageOptions.timeout
-    ) -> None:
+    def __init__(self, root: str | os.PathLike[str], options: StorageOptions | None = None) -> None:
         self.root = Path(root).absolute()  # a daemon changes directory to /
-        self.timeout = timeout
+        self.options = options or StorageOptions()
 
     def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
-            raise VaultError(f"invalid object key {key!r}")
-        return self.root / key
+        return self.root / checked_key(key)
 
     def open_source(self, key: str) -> RangeSource:
         return FileSource(self._path(key), follow_symlinks=False)
@@ -119,7 +114,7 @@ class LocalStorage(Storage):
         f: BinaryIO | None = None
         try:
             # Inside the try: a Ctrl-C landing as open() returns, before `f` is bound, must
-            # still remove the file (the same race lost an S3 upload in CI).
+            # still remove the file (s3upload.Upload guards its multipart create the same way).
             f = open(tmp, "xb", opener=_private)  # noqa: SIM115 - closed below on every path
             yield f
             f.flush()

@@ -1,10 +1,10 @@
 """Small S3 range GETs sent and awaited on the trio loop itself, for the mount's random reads.
 
 Why: a random read of an S3 vault needs one GET of two chunks (~128 KiB). Sent from a worker
-thread, it paid three wake-ups of an idle vCPU (the worker for the job, the worker again when
-the response arrives, the loop when the job is done), ~0.13 ms on this project's VM on top
-of a ~1.3 ms GET. Here the loop sends the request on a non-blocking socket and sleeps in its
-own epoll until the answer is there: one wake-up.
+thread, it pays three wake-ups of an idle vCPU (the worker for the job, the worker again when
+the response arrives, the loop when the job is done): ~0.13 ms on top of a ~1.3 ms GET on the
+benchmark VM (docs/PERFORMANCE.md). Here the loop sends the request on a non-blocking socket and
+sleeps in its own epoll until the answer is there: one wake-up.
 
 Deliberately narrow: one attempt of a GET whose presigned URL is already known, answered by a
 206 with a Content-Length body. Anything else (no URL yet, an error status, a redirect, a
@@ -30,9 +30,8 @@ from typing import Any
 
 import trio
 
-REQUEST_TIMEOUT = 0.5  # seconds for the one attempt here; past it a worker takes the read over
-CONNECT_TIMEOUT = 2.0  # seconds for a new connection (DNS, TCP, TLS), which is kept once made
-PAUSE_AFTER_TIMEOUT = 10.0  # seconds without loop GETs after one timed out (a slow endpoint)
+from pqfs.storage.base import S3Bounds
+
 MAX_HEAD = 16 << 10  # a response head larger than this is not S3's
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes "²"
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-[0-9]{1,20}/([0-9]{1,20}|\*)")
@@ -43,9 +42,23 @@ class Fallback(Exception):
 
 
 class LoopGets:
-    def __init__(self, connections: int, ssl_context: Any) -> None:
+    """GETs from the loop: at most `connections` in flight, each attempt within its timeouts
+    (seconds; S3Bounds' loop_* fields), and none for `pause` seconds after one timed out."""
+
+    def __init__(
+        self,
+        connections: int,
+        ssl_context: Any,
+        *,
+        request_timeout: float = S3Bounds.loop_request_timeout,
+        connect_timeout: float = S3Bounds.loop_connect_timeout,
+        pause: float = S3Bounds.loop_pause,
+    ) -> None:
         self._keep = connections
         self._ssl = ssl_context  # a callable returning the SSLContext, made on first https use
+        self._request_timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._pause = pause
         self._idle: dict[tuple[str, str], list[trio.abc.Stream]] = {}
         self._in_flight = 0
         self._paused_until = 0.0  # after a timeout, reads go to the workers for a while
@@ -63,9 +76,9 @@ class LoopGets:
         done = False
         try:
             if stream is None:
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(self._connect_timeout):
                     stream = await self._connect(scheme, netloc)
-            with trio.fail_after(REQUEST_TIMEOUT):
+            with trio.fail_after(self._request_timeout):
                 end = start + len(buf) - 1
                 await stream.send_all(
                     f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nRange: bytes={start}-{end}\r\n"
@@ -75,7 +88,7 @@ class LoopGets:
             done = keep
             return got, size
         except trio.TooSlowError:
-            self._paused_until = trio.current_time() + PAUSE_AFTER_TIMEOUT
+            self._paused_until = trio.current_time() + self._pause
             raise Fallback("TooSlowError") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError, ValueError) as e:
             raise Fallback(type(e).__name__) from None

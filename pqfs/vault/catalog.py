@@ -7,9 +7,10 @@ predecessor by the SHA-256 of its stored bytes; a missing, reordered or replaced
 the newest snapshot is detected on load.
 
 Because anyone who can write to the store can append a segment, an op is input, not trusted
-data: every op is checked against the schema of FORMAT.md §4 before it is used, and one that
-fails (or would put a file below a file) is ignored and reported as one warning line per
-segment (`Catalog.warnings`), never raised: a bad op must not make the vault unreadable.
+data: every op is checked against the schema of FORMAT.md §4 (schema.py) before it is used,
+and one that fails (or would put a file below a file) is ignored and reported as one warning
+line per segment (`Catalog.warnings`), never raised: a bad op must not make the vault
+unreadable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pqfs.errors import FormatError, PqfsError, VaultError
@@ -28,6 +29,8 @@ from pqfs.format.header import MAX_HEADER
 from pqfs.format.keys import Identity, Recipient
 from pqfs.format.stream import NONCE_SIZE, ciphertext_size
 from pqfs.storage.base import Storage
+from pqfs.vault import bounds
+from pqfs.vault.schema import INT64, Entry, MalformedOp, del_path, parse_json, put_entry
 
 PREFIX = "catalog/"
 SEGMENT = re.compile(r"catalog/(\d{16})\.(snap|delta)\.age")
@@ -38,25 +41,7 @@ MAX_SEQ = 10**16 - 1  # a key holds 16 digits: a reader ignores any longer name 
 # forged segment can make a reader allocate no more than this (and its parse).
 MAX_SEGMENT_BYTES = 256 << 20
 MAX_STORED_SEGMENT = MAX_HEADER + NONCE_SIZE + ciphertext_size(MAX_SEGMENT_BYTES)
-# Every value pqfs reads is at most 3 levels deep (segment, ops, op); Python's parser recurses
-# once per level and fails near 1000. Values nested deeper than this are read as null.
-MAX_JSON_DEPTH = 64
-MAX_INT_DIGITS = 20  # an int64 has at most 19 digits and a sign
-INT64 = 1 << 63
-NAME_MAX = 255  # bytes in one path component, as on Linux: the kernel refuses longer names
-PATH_MAX = 4096  # bytes in a whole path, as on Linux
-MODE_BITS = 0o777  # permissions only: nothing is ever served setuid, setgid or sticky
-MAC_SIZE = 32
 IS_A_DIRECTORY = "it is a directory in the vault"
-_OBJECT_ID = re.compile(r"[0-9a-f]{32}")
-# The canonical unpadded base64 of 32 bytes (what encoding.b64decode accepts, checked against it
-# in tests/test_catalog_input.py): 43 characters, 258 bits, so the last character's two low bits
-# are zero. A regex, since every put has one and b64decode costs half of a put's check.
-_MAC = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]")
-
-
-class MalformedOp(FormatError):
-    """A catalog op that does not follow the schema of FORMAT.md §4 (it is ignored)."""
 
 
 class ConflictingOp(VaultError):
@@ -64,33 +49,13 @@ class ConflictingOp(VaultError):
 
 
 @dataclass
-class Entry:
-    path: str
-    type: str  # "file" or "dir"
-    mode: int
-    mtime_ns: int
-    size: int = 0
-    object: str = ""  # content object id (files)
-    hlen: int = 0  # header length of the content object
-    mac: str = ""  # header MAC (base64): binds this entry to exactly one object
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mode"] = self.mode & MODE_BITS  # a setuid source file is stored without the bit
-        if self.type == "dir":
-            for k in ("size", "object", "hlen", "mac"):
-                d.pop(k)
-        return d
-
-
-@dataclass
 class Segment:
+    """A segment as listed: its number, "snap" or "delta", its key, its stored bytes."""
+
     seq: int
     kind: str
     key: str
-    digest: str = ""
-    ops: list[dict[str, Any]] = field(default_factory=list)
-    size: int = 0  # stored bytes, from the listing
+    size: int = 0
 
 
 def normpath(path: str) -> str:
@@ -102,30 +67,6 @@ def normpath(path: str) -> str:
     if ".." in parts:
         raise VaultError(f"path may not contain '..': {shown(path)}")
     return "/".join(parts)
-
-
-def path_problem(path: str) -> str | None:
-    """Why `path` is not a path a catalog may hold (FORMAT.md §4), or None. Names are bytes:
-    one that is not UTF-8 is held with Python's surrogate escapes (PEP 383, os.fsdecode), and
-    its escapes must not spell valid UTF-8, so that each name has exactly one spelling."""
-    if not path:
-        return None
-    try:
-        raw = path.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return "path holds a surrogate that stands for no byte"
-    if raw.decode("utf-8", "surrogateescape") != path:
-        return "path escapes bytes that spell valid UTF-8 (not canonical)"
-    if b"\0" in raw:
-        return "path contains a NUL byte"
-    if len(raw) >= PATH_MAX:
-        return f"path is longer than {PATH_MAX - 1} bytes"
-    for part in raw.split(b"/"):
-        if part in (b"", b".", b".."):
-            return "path is not canonical (an empty, '.' or '..' component)"
-        if len(part) > NAME_MAX:
-            return f"a name is longer than {NAME_MAX} bytes"
-    return None
 
 
 _C_ESCAPES = {
@@ -158,76 +99,6 @@ def shown(path: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-# ------------------------------------------------------------------------- op schema ----
-
-
-def _field(op: dict[str, Any], key: str) -> Any:
-    if key not in op:
-        raise MalformedOp(f"{key} is missing")
-    return op[key]
-
-
-def _int(op: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    """A whole number in [lo, hi). JSON true/false are not numbers, though Python's are."""
-    v = _field(op, key)
-    if type(v) is not int:
-        raise MalformedOp(f"{key} is not a whole number")
-    if not lo <= v < hi:
-        raise MalformedOp(f"{key} is out of range")
-    return v
-
-
-def _str(op: dict[str, Any], key: str) -> str:
-    v = _field(op, key)
-    if not isinstance(v, str):
-        raise MalformedOp(f"{key} is not a string")
-    return v
-
-
-def _path(op: dict[str, Any]) -> str:
-    path = _str(op, "path")
-    problem = path_problem(path)
-    if problem:
-        raise MalformedOp(problem)
-    return path
-
-
-def _put_entry(op: dict[str, Any]) -> Entry:
-    """The entry a put op describes, every field checked (unknown keys ignored, §6)."""
-    path = _path(op)
-    kind = _field(op, "type")
-    if kind not in ("file", "dir"):
-        raise MalformedOp('type is neither "file" nor "dir"')
-    mode = _int(op, "mode", 0, 1 << 32) & MODE_BITS
-    mtime_ns = _int(op, "mtime_ns", -INT64, INT64)
-    if kind == "dir":
-        return Entry(path, "dir", mode, mtime_ns)
-    if not path:
-        raise MalformedOp("the root is not a file")
-    size = _int(op, "size", 0, INT64)
-    obj = _str(op, "object")
-    if not _OBJECT_ID.fullmatch(obj):
-        raise MalformedOp("object is not 32 lowercase hex digits")
-    hlen = _int(op, "hlen", 1, MAX_HEADER + 1)
-    mac = _str(op, "mac")
-    if not _MAC.fullmatch(mac):
-        raise MalformedOp(f"mac is not the canonical base64 of a {MAC_SIZE}-byte MAC")
-    return Entry(path, "file", mode, mtime_ns, size, obj, hlen, mac)
-
-
-def check_op(op: object) -> None:
-    """MalformedOp if `op` does not follow the schema (what a writer checks before writing)."""
-    if not isinstance(op, dict):
-        raise MalformedOp("op is not an object")
-    kind = op.get("op")
-    if kind == "put":
-        _put_entry(op)
-    elif kind == "del":
-        _path(op)
-    else:
-        raise MalformedOp('op is neither "put" nor "del"')
 
 
 def _join(parent: str, name: str) -> str:
@@ -368,7 +239,7 @@ class Catalog:
             raise MalformedOp("op is not an object")
         kind = op.get("op")
         if kind == "put":
-            e = _put_entry(op)
+            e = put_entry(op)
             why = self.conflict(e.path, e.type)
             if why:
                 raise ConflictingOp(f"{shown(e.path)}: {why}")
@@ -377,7 +248,7 @@ class Catalog:
             self._link(e.path)
             self._changed(e.path, e.mtime_ns if replaced is None else None)
         elif kind == "del":
-            path = _path(op)
+            path = del_path(op)
             self._delete(path)
             self._changed(path)
         else:
@@ -458,56 +329,6 @@ def list_segments(storage: Storage) -> list[Segment]:
 
 # ------------------------------------------------------------------------- reading ----
 
-_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
-
-
-def _prune_deep(text: str) -> str:
-    """`text` with every value nested deeper than MAX_JSON_DEPTH replaced by null. ValueError
-    for brackets that do not balance (no JSON document, then)."""
-    out: list[str] = []
-    depth = last = cut = 0
-    for m in _TOKEN.finditer(text):
-        c = m.group()
-        if c in ("[", "{"):
-            depth += 1
-            if depth == MAX_JSON_DEPTH + 1:
-                cut = m.start()
-        elif c in ("]", "}"):
-            if depth == MAX_JSON_DEPTH + 1:
-                out += (text[last:cut], "null")
-                last = m.end()
-            depth -= 1
-            if depth < 0:
-                raise ValueError("unbalanced brackets")
-    if depth:
-        raise ValueError("unbalanced brackets")
-    out.append(text[last:])
-    return "".join(out)
-
-
-def _bounded_int(text: str) -> int:
-    """An integer literal; one longer than any int64 as 2**63 (or below -2**63), which every
-    field refuses as out of range: Python would refuse to convert more than 4300 digits."""
-    if len(text) <= MAX_INT_DIGITS:
-        return int(text)
-    return -INT64 - 1 if text.startswith("-") else INT64
-
-
-def _parse_json(body: bytes) -> Any:
-    """The JSON document of a segment, in one C-speed call in the common case. A document that
-    call refuses is parsed again the careful way, so that neither deep nesting (RecursionError)
-    nor a number of thousands of digits makes a valid segment unreadable. ValueError if it is
-    not JSON."""
-    text = body.decode("utf-8")
-    try:
-        return json.loads(text)
-    except (RecursionError, ValueError):
-        pass
-    try:
-        return json.loads(_prune_deep(text), parse_int=_bounded_int)
-    except RecursionError:  # cannot happen after pruning; never let it escape the loader
-        raise ValueError("nested too deeply") from None
-
 
 def _is_int(value: object, expected: int) -> bool:
     return type(value) is int and value == expected
@@ -520,7 +341,7 @@ def _decode_segment(raw: bytes, identities: Sequence[Identity], seg: Segment) ->
     if reader.size > MAX_SEGMENT_BYTES:
         raise FormatError(f"larger than {MAX_SEGMENT_BYTES >> 20} MiB")
     try:
-        doc = _parse_json(reader.read(0, reader.size))
+        doc = parse_json(reader.read(0, reader.size))
     except ValueError:
         raise FormatError("not valid JSON") from None
     if not isinstance(doc, dict):
@@ -573,9 +394,6 @@ def load(storage: Storage, identities: Sequence[Identity]) -> Catalog:
 
 
 # ------------------------------------------------------------------------- writing ----
-
-APPEND_ATTEMPTS = 100
-STUCK_ATTEMPTS = 3  # lost races with no new segment to show for them: not a concurrent writer
 
 
 class SegmentTooLarge(VaultError):
@@ -637,7 +455,7 @@ def append(
     kind = "snap" if snapshot else "delta"
     last: tuple[int, str] | None = None
     stuck = 0
-    for _ in range(APPEND_ATTEMPTS):
+    for _ in range(bounds.BOUNDS.append_attempts):
         tail = _tail(storage)
         seq, digest = tail
         if expect_prev is not None and digest != expect_prev:
@@ -645,7 +463,7 @@ def append(
         if seq >= MAX_SEQ:
             raise _exhausted(seq)
         stuck = stuck + 1 if tail == last else 0
-        if stuck >= STUCK_ATTEMPTS:
+        if stuck >= bounds.BOUNDS.stuck_attempts:
             raise VaultError(
                 f"cannot append catalog segment {seq + 1}: its key exists but is not listed as "
                 "a segment (vault damaged or tampered)"

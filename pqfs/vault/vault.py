@@ -1,5 +1,9 @@
 """A vault: public config, passphrase-encrypted identity, content objects, encrypted catalog.
 
+`Vault` opens or creates one, unlocks and locks it, and reads and appends its catalog; it makes
+the entries that files and age files become. Content objects themselves: objects.py; adding
+trees: ingest.py; removing, sharing, verifying, gc: maintenance.py.
+
 Layout and rules: docs/FORMAT.md. This module knows nothing about the CLI or FUSE; it raises
 PqfsError subclasses with secret-free one-line messages.
 """
@@ -13,8 +17,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -25,12 +28,11 @@ from pqfs.errors import (
     Locked,
     NoIdentityMatch,
     NotFound,
-    PayloadError,
     PqfsError,
     VaultError,
 )
 from pqfs.format import armor, kem
-from pqfs.format.agefile import AgeReader, BytesSource, RangeSource, encrypt_stream, read_header
+from pqfs.format.agefile import AgeReader, BytesSource, encrypt_stream, read_header
 from pqfs.format.encoding import b64encode
 from pqfs.format.header import Header
 from pqfs.format.keys import (
@@ -47,29 +49,23 @@ from pqfs.format.keys import (
     unwrap,
 )
 from pqfs.format.stream import CHUNK
-from pqfs.runtime.files import fd_pwriter, open_regular
+from pqfs.runtime.files import open_regular
 from pqfs.runtime.memory import wipe
 from pqfs.storage import open_storage
 from pqfs.storage.base import Storage, StorageOptions
 from pqfs.storage.local import FileSource, LocalStorage
 from pqfs.vault import catalog as cat_mod
-from pqfs.vault.catalog import Catalog, Entry, del_op, normpath, put_op, shown
+from pqfs.vault.catalog import IS_A_DIRECTORY, Catalog, normpath, shown
 from pqfs.vault.keycache import KeyCache
+from pqfs.vault.objects import OBJECTS, copy_rewrapped, write_object
+from pqfs.vault.schema import Entry, MalformedOp, check_op, path_problem
 
 log = logging.getLogger("pqfs.vault")
 
 CONFIG = "pqfs.json"
 IDENTITY = "identity.age"
-OBJECTS = "objects/"
 FORMAT_NAME = "pqfs-vault"
 FORMAT_VERSION = 1
-COMMIT_EVERY_FILES = 64
-COMMIT_EVERY_SECONDS = 30.0
-
-
-def object_key(object_id: str) -> str:
-    return f"{OBJECTS}{object_id[:2]}/{object_id}.age"
-
 
 SCRYPT_MIN_LOG_N = 18  # age's own default work factor: never weaker than plain `age -p`
 SCRYPT_SAMPLES = 3
@@ -268,24 +264,28 @@ class Vault:
         would ignore (conflicts are the caller's to check, with check_put, before the work)."""
         for op in ops:
             try:
-                cat_mod.check_op(op)
-            except cat_mod.MalformedOp as e:
+                check_op(op)
+            except MalformedOp as e:
                 raise VaultError(f"refusing to record a malformed catalog op: {e}") from None
         if ops:
             cat_mod.append(self.storage, self.recipients, ops)
             self._catalog = None
+
+    def forget_catalog(self) -> None:
+        """The next catalog() loads the catalog again (after a compaction rewrote its chain)."""
+        self._catalog = None
 
     def check_put(self, path: str, kind: str) -> None:
         """VaultError unless a `kind` ("file" or "dir") may be put at `path`: a path the catalog
         can hold and, when the catalog is known (unlocked), one that leaves a valid tree (no
         file below a file, no file in place of a directory). Without the identity the same
         rule is applied when the catalog is loaded (the first entry wins)."""
-        problem = cat_mod.path_problem(path)
+        problem = path_problem(path)
         if problem:
             raise VaultError(f"cannot add {shown(path)}: {problem}")
         why = self.catalog().conflict(path, kind) if self.unlocked else None
         if why:
-            error = IsADirectory if why == cat_mod.IS_A_DIRECTORY else VaultError
+            error = IsADirectory if why == IS_A_DIRECTORY else VaultError
             raise error(f"cannot add {shown(path)}: {why}")
 
     def entry(self, path: str) -> Entry:
@@ -295,21 +295,6 @@ class Vault:
         return e
 
     # ------------------------------------------------------------------ writing ----
-
-    def write_object(
-        self,
-        src: BinaryIO,
-        recipients: Sequence[Recipient] = (),
-        progress: Callable[[int], None] | None = None,
-    ) -> tuple[str, Header, int]:
-        """Encrypt a stream into a new content object; returns (object id, header, size)."""
-        object_id = os.urandom(16).hex()
-        with self.storage.writer(object_key(object_id), exclusive=True) as f:
-            pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
-            header, size = encrypt_stream(
-                src, f.write, [*self.recipients, *recipients], progress, pwrite=pw
-            )
-        return object_id, header, size
 
     def add_file(
         self,
@@ -324,7 +309,7 @@ class Vault:
         # Never open() blocking: a FIFO would wait for a writer forever (open_regular).
         with os.fdopen(open_regular(src_path), "rb") as f:
             st = os.fstat(f.fileno())
-            object_id, header, size = self.write_object(f, recipients, progress)
+            object_id, header, size = write_object(self, f, recipients, progress)
         return Entry(
             dest,
             "file",
@@ -372,7 +357,7 @@ class Vault:
                 reader = AgeReader(src, file_key=fk, header=header)
                 for _ in reader.iter_range(0, reader.size):
                     pass  # authenticate every chunk before anything lands in the vault
-                object_id, new = self._copy_rewrapped(src, header, fk, self.recipients)
+                object_id, new = copy_rewrapped(self.storage, src, header, fk, self.recipients)
             finally:
                 wipe(fk)
             st = os.stat(src_path)
@@ -389,111 +374,7 @@ class Vault:
         finally:
             src.close()
 
-    def _copy_rewrapped(
-        self, src: RangeSource, header: Header, fk: bytearray, extra: Sequence[Recipient]
-    ) -> tuple[str, Header]:
-        """A new object: the header with stanzas for `extra` added (new MAC), then the payload
-        copied byte for byte. The payload is not re-encrypted; the old object is untouched."""
-        new = Header.build(list(header.stanzas) + [r.wrap(fk) for r in extra], fk)
-        object_id = os.urandom(16).hex()
-        buf = bytearray(4 << 20)
-        mv = memoryview(buf)
-        with self.storage.writer(object_key(object_id), exclusive=True) as f:
-            f.write(new.encode())
-            pos = header.length
-            while pos < src.size:
-                n = src.preadinto(pos, mv[: min(len(buf), src.size - pos)])
-                if n <= 0:
-                    raise PayloadError("object shrank while copying")
-                f.write(mv[:n])
-                pos += n
-        return object_id, new
-
-    def share(self, path: str, recipients: Sequence[Recipient]) -> Entry:
-        """Give more recipients access to one file without re-encrypting its content."""
-        e = self.entry(path)
-        if e.type != "file":
-            raise VaultError(f"not a file: {e.path}")
-        src = self.storage.open_source(object_key(e.object))
-        try:
-            header = self._checked_header(e, src)
-            fk = unwrap(header, self.identities)
-            try:
-                object_id, new = self._copy_rewrapped(src, header, fk, recipients)
-            finally:
-                wipe(fk)
-        finally:
-            src.close()
-        new_entry = Entry(
-            e.path, "file", e.mode, e.mtime_ns, e.size, object_id, new.length, b64encode(new.mac)
-        )
-        # Catalog first, then the old object: a crash in between leaves garbage, never a dangling
-        # entry.
-        self.commit([put_op(new_entry)])
-        self.storage.delete(object_key(e.object))
-        return new_entry
-
-    def remove(self, path: str) -> list[Entry]:
-        self.entry(path)  # NotFound for an unknown path
-        cat = self.catalog()
-        p = normpath(path)
-        if not p:
-            raise VaultError("refusing to remove the vault root")
-        gone = cat.below(p)
-        self.commit([del_op(p)])
-        for x in gone:
-            if x.type == "file":
-                self.storage.delete(object_key(x.object))
-        return gone
-
-    def gc(self) -> tuple[int, int]:
-        """Delete objects no catalog entry references; compact the catalog. (count, bytes)."""
-        cat = self.catalog(reload=True)
-        live = {object_key(e.object) for e in cat.files()}
-        count = freed = 0
-        for key, size in self.storage.list(OBJECTS):
-            if key not in live:
-                self.storage.delete(key)
-                count += 1
-                freed += size
-        cat_mod.compact(self.storage, self.recipients, cat)
-        self._catalog = None
-        return count, freed
-
-    def maybe_compact(self, threshold: int = 32) -> None:
-        cat = self.catalog()
-        if cat.deltas_since_snapshot >= threshold:
-            cat_mod.compact(self.storage, self.recipients, cat)
-            self._catalog = None
-
-    # ------------------------------------------------------------------ reading ----
-
-    def _checked_header(self, e: Entry, src: RangeSource) -> Header:
-        header = read_header(src, hint=max(e.hlen, 64))
-        if header.length != e.hlen or b64encode(header.mac) != e.mac:
-            raise VaultError(
-                f"{e.path}: content object does not match the catalog (swapped or replaced)"
-            )
-        return header
-
-    def open_reader(self, path_or_entry: str | Entry) -> AgeReader:
-        e = path_or_entry if isinstance(path_or_entry, Entry) else self.entry(path_or_entry)
-        if e.type != "file":
-            raise VaultError(f"is a directory: {e.path or '/'}")
-        try:
-            src = self.storage.open_source(object_key(e.object))
-        except FileNotFoundError:
-            raise VaultError(f"{e.path}: content object is missing") from None
-        try:
-            header = self._checked_header(e, src)
-            cached = self.file_key(e, header)
-            reader = AgeReader(src, file_key=cached, header=header)
-            if reader.size != e.size:
-                raise VaultError(f"{e.path}: content size does not match the catalog")
-            return reader
-        except BaseException:
-            src.close()
-            raise
+    # ------------------------------------------------------------------ keys ----
 
     def file_key(self, e: Entry, header: Header) -> bytearray:
         """The file key of an entry's object, from the key cache or by unwrapping."""
@@ -505,25 +386,6 @@ class Vault:
             return self.key_cache.put((e.object, e.mac), fk).file_key
         finally:
             wipe(fk)
-
-    def verify(self, path: str = "") -> Iterator[tuple[Entry, PqfsError | None]]:
-        """Authenticate every chunk of every file under `path`; yields (entry, error or None)."""
-        cat = self.catalog()
-        p = normpath(path)
-        targets = [e for e in cat.files() if not p or e.path == p or e.path.startswith(p + "/")]
-        if p and not targets and cat.get(p) is None:
-            raise NotFound(f"no such file in the vault: {p}")
-        for e in sorted(targets, key=lambda x: x.path):
-            try:
-                reader = self.open_reader(e)
-                try:
-                    for _ in reader.iter_range(0, reader.size):
-                        pass
-                finally:
-                    reader.src.close()
-                yield e, None
-            except PqfsError as err:
-                yield e, err
 
     # ------------------------------------------------------------------ info ----
 

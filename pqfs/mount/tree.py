@@ -1,0 +1,172 @@
+"""The catalog as inodes: `Tree` (its `Node`s and their `Attr`s), built whole from a loaded
+catalog, and `changed_paths`, what a refresh changed. It holds names, sizes, modes and dates
+only: it never touches storage, keys or plaintext, and runs on whichever thread builds it.
+
+Invariants (kept by this module):
+  * a tree never changes once built: a reload builds a new one, swapped in by one assignment
+    (VaultFS), so a lookup never sees half a reload;
+  * inode numbers are a keyed hash of (path, object): stable across lock/unlock and reloads,
+    and a replaced file gets a new inode, so the kernel's cached pages of the old content are
+    never served for the new one;
+  * every value comes from a loaded catalog, whose ops were checked on load (catalog.py): no
+    wrong-typed value reaches a FUSE handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import stat
+from dataclasses import dataclass, field
+
+from pqfs.errors import NotADirectory, NotFound
+from pqfs.vault.catalog import Catalog, shown
+from pqfs.vault.schema import Entry
+
+log = logging.getLogger("pqfs.mount")
+
+ROOT_INO = 1
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    nlink: int
+
+
+@dataclass
+class Node:
+    ino: int
+    entry: Entry
+    attr: Attr
+    children: dict[str, int] | None = None  # directories: name -> inode
+    names: list[str] = field(default_factory=list)  # directories: sorted, for readdir offsets
+
+
+class Tree:
+    """The catalog as inodes (the invariants: see the module docstring)."""
+
+    def __init__(self, cat: Catalog, salt: bytes) -> None:
+        self.head = cat.head_seq
+        self.warnings = tuple(cat.warnings)  # logged when the tree is swapped in
+        self.nodes: dict[int, Node] = {}
+        self._by_path: dict[str, int] = {}
+        self._salt = salt
+        self._usage: tuple[int, int, int] | None = None  # usage(): (block, blocks, entries)
+        # The root, explicit or implied (dated by the newest entry below it, as every implied
+        # directory is: never 1970).
+        root = cat.get("") or Entry("", "dir", 0o755, 0)
+        self._add_node("", root, ROOT_INO)
+        for path in sorted(cat.entries):  # a directory before what is below it
+            if path:
+                self._ensure(path, cat.entries[path], cat)
+        for node in self.nodes.values():
+            if node.children is not None:
+                node.names = sorted(node.children)
+                node.attr.nlink = 2 + sum(
+                    1 for i in node.children.values() if self.nodes[i].children is not None
+                )
+
+    def _ino(self, path: str, e: Entry) -> int:
+        n = 0
+        while True:
+            h = hashlib.blake2b(
+                f"{path}\0{e.object}\0{n}".encode("utf-8", "surrogateescape"),
+                key=self._salt,
+                digest_size=8,
+            ).digest()
+            ino = int.from_bytes(h, "big") >> 1
+            if ino > ROOT_INO and ino not in self.nodes:
+                return ino
+            n += 1
+
+    def _add_node(self, path: str, e: Entry, ino: int) -> int:
+        is_dir = e.type == "dir"
+        # Permission bits only, whatever the entry says: nothing is served setuid or setgid.
+        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o777 or 0o644)
+        if is_dir:
+            mode |= 0o700  # the owner can always list and control (xattrs) what they mounted
+        attr = Attr(ino, mode, e.size if not is_dir else 0, e.mtime_ns, 2 if is_dir else 1)
+        self.nodes[ino] = Node(ino, e, attr, {} if is_dir else None)
+        self._by_path[path] = ino
+        return ino
+
+    def _ensure(self, path: str, e: Entry, cat: Catalog) -> None:
+        """Add `path` and each implied directory above it not added yet (iteratively: a path
+        can be deeper than Python's recursion allows). An entry below a file cannot come from
+        a loaded catalog, which ignores such puts; should one come, it is skipped and logged,
+        never a reason to refuse the whole tree."""
+        missing = []
+        p = path
+        while p not in self._by_path:
+            missing.append(p)
+            p = p.rpartition("/")[0]
+        for q in reversed(missing):
+            parent_path, _, name = q.rpartition("/")
+            parent = self.nodes[self._by_path[parent_path]]
+            if parent.children is None:
+                log.warning(
+                    "catalog lists %s below the file %s: skipped", shown(path), shown(parent_path)
+                )
+                return
+            entry = e if q == path else (cat.get(q) or Entry(q, "dir", 0o755, 0))
+            parent.children[name] = self._add_node(q, entry, self._ino(q, entry))
+
+    def node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise NotFound(f"no inode {ino}")
+        return node
+
+    def _dir(self, ino: int) -> tuple[Node, dict[str, int]]:
+        node = self.node(ino)
+        if node.children is None:
+            raise NotADirectory(f"not a directory: {node.entry.path}")
+        return node, node.children
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        node, children = self._dir(parent)
+        if name == ".":
+            return node.attr
+        if name == "..":
+            parent_path = node.entry.path.rpartition("/")[0]
+            return self.node(ROOT_INO if not parent_path else self._by_path[parent_path]).attr
+        ino = children.get(name)
+        if ino is None:
+            raise NotFound(f"no such file: {name}")
+        return self.nodes[ino].attr
+
+    def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
+        """Entries from offset `start`: (name, attributes, offset of the next entry)."""
+        node, children = self._dir(ino)
+        return [
+            (name, self.nodes[children[name]].attr, i + 1)
+            for i, name in enumerate(node.names[start:], start)
+        ]
+
+    def usage(self, block: int) -> tuple[int, int]:
+        """(blocks of `block` bytes that its files take, entries): counted once per tree (it
+        never changes; a reload builds a new one), not on every statfs of a file manager."""
+        if self._usage is None or self._usage[0] != block:
+            blocks = sum(-(-n.attr.size // block) for n in self.nodes.values())
+            self._usage = (block, blocks, len(self.nodes))
+        return self._usage[1], self._usage[2]
+
+    def signatures(self) -> dict[str, tuple[object, ...]]:
+        """Per path, what a change of it is (changed_paths): a file's object, size, mode and
+        mtime; for a directory only that it is one (its date follows what is below it)."""
+        out: dict[str, tuple[object, ...]] = {}
+        for path, ino in self._by_path.items():
+            e = self.nodes[ino].entry
+            file = (e.object, e.mac, e.size, e.mode, e.mtime_ns)
+            out[path] = ("dir",) if e.type == "dir" else file
+        return out
+
+
+def changed_paths(old: Tree, new: Tree) -> list[str]:
+    """The vault paths added, removed or replaced from `old` to `new`, sorted."""
+    a, b = old.signatures(), new.signatures()
+    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))

@@ -1,0 +1,26 @@
+"""Every bound of the vault layer, in one place, each with its reason. `pqfs stats --json`
+shows them (`vault_bounds`).
+
+The modules read `BOUNDS` when they use a bound, not at import, so a test may replace it.
+Limits that FORMAT.md sets (a segment's size, a header's, a name's) are rules of the format,
+not bounds to tune: they stay beside the code that checks them (catalog, schema).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VaultBounds:
+    # `pqfs add` commits what completed once this many files are held or this long has passed
+    # (ingest.Batch): an interrupted add loses no more than that, and a big add is a few
+    # deltas, not one per file.
+    commit_every_files: int = 64
+    commit_every_seconds: float = 30.0
+    compact_after: int = 32  # deltas since the last snapshot: beyond this, loading reads many
+    append_attempts: int = 100  # exclusive creates lost to concurrent writers before giving up
+    stuck_attempts: int = 3  # lost races with no new segment to show for them: not a writer
+
+
+BOUNDS = VaultBounds()

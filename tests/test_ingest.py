@@ -1,0 +1,141 @@
+"""The ingest policy as a component (pqfs/vault/ingest.py), without the CLI: `plan` returns what
+it adds and what it leaves out as data, `Ingest.run` skips what the vault holds unchanged,
+commits in batches, and commits what it completed when it fails."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pqfs.vault import bounds, ingest
+from pqfs.vault import catalog as cat_mod
+from pqfs.vault.bounds import VaultBounds
+from pqfs.vault.objects import open_reader
+from pqfs.vault.vault import Vault
+from tests.conftest import tree_snapshot
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """films/{a,b}.mkv, films/extra/c.txt, with different contents; their bytes by path."""
+    files = {"a.mkv": os.urandom(70_000), "b.mkv": b"b" * 100, "extra/c.txt": b""}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def vault_root(v: Vault) -> Path:
+    return Path(v.storage.describe())
+
+
+def deltas(v: Vault) -> int:
+    return sum(1 for s in cat_mod.list_segments(v.storage) if s.kind == "delta")
+
+
+def test_plan_reports_what_it_leaves_out_as_data_and_writes_nothing(
+    pq_vault: Vault, tmp_path: Path
+) -> None:
+    src = tmp_path / "films"
+    make_tree(src)
+    os.symlink("a.mkv", src / "link.mkv")
+    os.mkfifo(src / "extra" / "pipe")
+    before = tree_snapshot(vault_root(pq_vault))
+    heard: list[ingest.Skip] = []
+    plan = ingest.plan(pq_vault, str(src), None, on_skip=heard.append)
+    assert plan.skipped == [
+        ingest.Skip(str(src / "link.mkv"), "symbolic link"),
+        ingest.Skip(str(src / "extra" / "pipe"), "special file"),
+    ]
+    assert heard == plan.skipped  # each as the walk found it, in the same order
+    assert [f.dest for f in plan.files] == ["films/a.mkv", "films/b.mkv", "films/extra/c.txt"]
+    assert [d.dest for d in plan.dirs] == ["films", "films/extra"]
+    assert plan.total == 70_100
+    assert not any(f.unchanged for f in plan.files)
+    assert tree_snapshot(vault_root(pq_vault)) == before
+
+
+def test_a_file_dest_ending_in_slash_goes_into_that_directory(
+    pq_vault: Vault, tmp_path: Path
+) -> None:
+    (tmp_path / "x.mkv").write_bytes(b"x")
+    plan = ingest.plan(pq_vault, str(tmp_path / "x.mkv"), "films/")
+    assert [(f.dest, f.size) for f in plan.files] == [("films/x.mkv", 1)]
+    assert plan.dirs == [] and plan.skipped == []
+
+
+def test_a_second_run_skips_what_is_unchanged(pq_vault: Vault, tmp_path: Path) -> None:
+    src = tmp_path / "films"
+    files = make_tree(src)
+    first = ingest.Ingest(pq_vault, ingest.plan(pq_vault, str(src), None)).run()
+    assert (first.added, first.unchanged) == (3, 0)
+    st = os.stat(src / "b.mkv")
+    os.utime(src / "b.mkv", ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # only its mtime moves
+    again = ingest.plan(pq_vault, str(src), None)
+    assert {f.dest: f.unchanged for f in again.files} == {
+        "films/a.mkv": True,
+        "films/b.mkv": False,
+        "films/extra/c.txt": True,
+    }
+    seen: list[tuple[str, int]] = []
+    second = ingest.Ingest(pq_vault, again).run(lambda dest, n: seen.append((dest, n)))
+    assert (second.added, second.unchanged) == (1, 2)
+    # progress hears of every file's bytes, the skipped ones' included
+    assert sum(n for _, n in seen) == again.total
+    assert {dest for dest, _ in seen} == {f.dest for f in again.files}
+    for rel, data in files.items():
+        with open_reader(pq_vault, f"films/{rel}") as r:
+            assert r.read(0, r.size) == data
+
+
+def test_what_completed_is_committed_when_a_run_fails(
+    pq_vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a busy machine's pauses must not add commits
+    monkeypatch.setattr(bounds, "BOUNDS", VaultBounds(commit_every_seconds=float("inf")))
+    src = tmp_path / "films"
+    make_tree(src)
+    plan = ingest.plan(pq_vault, str(src), None)
+    os.unlink(src / "extra" / "c.txt")  # gone between the plan and its turn
+    before = deltas(pq_vault)
+    with pytest.raises(FileNotFoundError):
+        ingest.Ingest(pq_vault, plan).run()
+    assert deltas(pq_vault) == before + 1  # one commit, in the batch's exit
+    cat = pq_vault.catalog()
+    assert sorted(e.path for e in cat.files()) == ["films/a.mkv", "films/b.mkv"]
+    assert cat.get("films/extra") is not None
+
+
+@pytest.mark.parametrize(
+    ("every_files", "every_seconds", "count", "commits"),
+    [
+        # by count, 4 ops a batch: the directory's and 3 files, 4 files, the last 3 at the end
+        (4, float("inf"), 10, 3),
+        # by time, with every moment past due: one batch per file
+        (10**6, -1.0, 3, 3),
+    ],
+)
+def test_a_long_run_commits_in_batches(
+    pq_vault: Vault,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    every_files: int,
+    every_seconds: float,
+    count: int,
+    commits: int,
+) -> None:
+    monkeypatch.setattr(
+        bounds,
+        "BOUNDS",
+        VaultBounds(commit_every_files=every_files, commit_every_seconds=every_seconds),
+    )
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(count):
+        (src / f"{i:03d}").write_bytes(b"%d" % i)
+    before = deltas(pq_vault)
+    done = ingest.Ingest(pq_vault, ingest.plan(pq_vault, str(src), None)).run()
+    assert done.added == count
+    assert deltas(pq_vault) == before + commits
+    assert len(pq_vault.catalog().files()) == count
