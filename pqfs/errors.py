@@ -1,8 +1,9 @@
 """Exception hierarchy.
 
 Every error a user can cause derives from PqfsError and carries a one-line message that is safe
-to print: it never contains key material, passphrases or plaintext. The CLI and (later) the FUSE
-layer are the only places that turn these into exit codes / errno values.
+to print: it never contains key material, passphrases or plaintext. The CLI (`main()` in
+cli/main.py) and the FUSE adapter (mount/fuseops.py, `errno_of`) are the only places that turn
+these into exit codes and errno values.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ASCII armor (pqfs/armor.py): round trips, and strictness as properties over random inputs.
+"""ASCII armor (pqfs/format/armor.py): round trips, and strictness as properties over random inputs.
 
 The age testkit's armor vectors run in test_vectors.py; these add what a fixed list cannot: no
 two different armor texts decode to the same file, except for whitespace around the block and

@@ -845,6 +845,7 @@ def test_hook_runs_one_at_a_time_gathering_what_changed_meanwhile(
 ) -> None:
     from pqfs.mount.onchange import ChangeHook
 
+    opts = MountOptions(workers=1, jobs_per_file=1, job_chunks=1)
     out = tmp_path / "runs.jsonl"
     argv = [sys.executable, "-c", HOOK, str(out), "0.5"]
 
@@ -853,7 +854,7 @@ def test_hook_runs_one_at_a_time_gathering_what_changed_meanwhile(
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
-            hook = ChangeHook(argv, nursery)
+            hook = ChangeHook(argv, nursery, opts)
             hook.notify(["a.mkv"])
             await trio.sleep(0.1)  # it is running (sleeping 0.5 s): the next ones must wait
             hook.notify(["b.mkv"])
@@ -865,7 +866,7 @@ def test_hook_runs_one_at_a_time_gathering_what_changed_meanwhile(
             with trio.fail_after(60):
                 while "exited with status 3" not in caplog.text:
                     await trio.sleep(0.05)
-            ChangeHook(["/nonexistent/hook"], nursery).notify(["x"])
+            ChangeHook(["/nonexistent/hook"], nursery, opts).notify(["x"])
             with trio.fail_after(60):
                 while "could not run" not in caplog.text:
                     await trio.sleep(0.05)
@@ -879,24 +880,28 @@ def test_hook_runs_one_at_a_time_gathering_what_changed_meanwhile(
     assert "on-change hook: hook output line" in caplog.text
 
 
-def test_hook_is_bounded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A hook that hangs is killed at HOOK_TIMEOUT (shortened here); one that exits leaving a
-    child with its output open is done when it exits; too many paths are passed as none."""
+def test_hook_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A hook that hangs is killed at `hook_timeout` (shortened here); one that exits leaving a
+    child with its output open is done when it exits; too many paths are passed as none; its
+    output is logged up to `hook_output_bytes`."""
     from pqfs.mount import onchange
 
-    monkeypatch.setattr(onchange, "HOOK_TIMEOUT", 2.0)
-    assert onchange.hook_args(["x" * 1000] * 100) == []
-    assert onchange.hook_args(["a", "b"]) == ["a", "b"]
+    opts = MountOptions(workers=1, jobs_per_file=1, job_chunks=1, hook_timeout=2.0)
+    limit = opts.hook_path_bytes
+    assert onchange.hook_args(["x" * 1000] * 100, limit) == []
+    assert onchange.hook_args(["a", "b"], limit) == ["a", "b"]
 
     async def scenario() -> tuple[float, float, int]:
         t0 = trio.current_time()
-        code, _ = await onchange._execute([sys.executable, "-c", "import time; time.sleep(60)"])
+        argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+        code, _ = await onchange.execute(argv, opts)
         assert code is None
         hung = trio.current_time() - t0
+        chatty = [sys.executable, "-c", "print('y' * 100000)"]
+        code, output = await onchange.execute(chatty, opts)
+        assert code == 0 and output == b"y" * opts.hook_output_bytes
         t0 = trio.current_time()
-        code, output = await onchange._execute(["sh", "-c", "sleep 60 & echo $!; exit 0"])
+        code, output = await onchange.execute(["sh", "-c", "sleep 60 & echo $!; exit 0"], opts)
         assert code == 0
         return hung, trio.current_time() - t0, int(output)
 

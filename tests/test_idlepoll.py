@@ -1,4 +1,4 @@
-"""The loop's idle poll (pqfs/idlepoll.py): when it polls, what ends it, what it never does.
+"""The loop's idle poll (pqfs/mount/idlepoll.py): when it polls, what ends it, what it never does.
 
 Budgets and lapses run on a fake clock (each reading advances it by `step`), so that no test
 depends on how fast this machine runs; only the thread hand-over tests use real time, with

@@ -1,4 +1,4 @@
-"""The mount's live measurements (pqfs/metrics.py): stalls of the loop, latency percentiles."""
+"""The mount's live measurements (pqfs/mount/metrics.py): stalls of the loop, latency percentiles."""
 
 from __future__ import annotations
 

@@ -521,7 +521,9 @@ def test_stopped_server_gives_eio_then_recovers_without_remount(
             assert elapsed < 2 * timeout  # bounded by the budget, not a hang
             assert sorted(os.listdir(mp / "lib")) == ["film.mkv", "small.flac"]  # still serving
             seaweed.restart()
-            time.sleep(2.0)  # reads fail fast for 2 s after an outage (vfs.UNAVAILABLE_HOLD)
+            time.sleep(
+                2.0
+            )  # reads fail fast for 2 s after an outage (MountOptions.unavailable_hold)
             f.seek(20 * MiB)
             assert f.read(65536) == want[20 * MiB : 20 * MiB + 65536]
         finally:

@@ -1,4 +1,4 @@
-"""pqfs/s3async.py: the loop's one-attempt GET, against answers SeaweedFS never gives.
+"""pqfs/storage/s3async.py: the loop's one-attempt GET, against answers SeaweedFS never gives.
 
 The common path (206 with a body, keep-alive, fallback on cut connections) runs against the
 real SeaweedFS in test_s3.py; here a raw TCP server on 127.0.0.1 sends the odd answers a
@@ -147,7 +147,7 @@ async def test_gets_in_flight_are_bounded_and_a_timeout_pauses_them() -> None:
             await trio.sleep(0.1)
             with pytest.raises(Fallback, match="in flight"):
                 await gets.get_range("http", where, "/b/k", 0, memoryview(bytearray(10)))
-        # the two stuck ones gave up at REQUEST_TIMEOUT, as Fallbacks, and were closed
+        # the two stuck ones gave up at the loop's request timeout (S3Bounds.loop_request_timeout), as Fallbacks, and were closed
         assert len(failed) == 2 and all("TooSlowError" in str(e) for e in failed)
         assert gets._in_flight == 0 and not gets._idle.get(("http", where))
         # and a slow endpoint is left to the workers for a while, not tried read after read

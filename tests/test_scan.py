@@ -1,8 +1,8 @@
 """A media-server day: 8 players stream different files while a scanner ffprobes 100 files.
 
 Everything must complete without an error and with the right bytes. Per-stream throughput is
-printed (pytest -s) and measured for the record by contrib/bench/bench_scan.py; it is not
-asserted here, since the suite holds no timed assertions.
+printed (pytest -s) and recorded in docs/PERFORMANCE.md; it is not asserted here, since the
+suite holds no timed assertions.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from pqfs.cli.messages import EXIT_USAGE, warn
 from pqfs.cli.unlock import has_passphrase_env, identity_file, passphrase
 from pqfs.format.keys import Recipient, parse_recipient
+from pqfs.mount.options import MountOptions
 from pqfs.runtime.zeroize import wipe
 from pqfs.storage.base import StorageOptions
 from pqfs.vault.vault import Vault
@@ -50,7 +51,8 @@ def s3_options(sp: argparse.ArgumentParser, mount: bool = False) -> None:
         default=None,
         metavar="SECONDS",
         help="give up on a storage request after this long, retries included; a mount "
-        "gives up opening a file after twice this, on any vault (default: "
+        f"gives up opening a file after {MountOptions.open_timeouts:g} times this, on any "
+        "vault (default: "
         f"{StorageOptions.timeout:g})",
     )
     if mount:

@@ -1,9 +1,9 @@
-"""Ctrl-C before `cli.main` takes over: `pqfs: interrupted`, exit 130, never a traceback.
+"""Ctrl-C before `main()` (cli/main.py) takes over: `pqfs: interrupted`, exit 130, never a traceback.
 
 Loading pqfs's modules (cryptography, the KEM backends) takes a few hundred milliseconds, and
 a SIGINT then raises KeyboardInterrupt outside any handler of ours: Python would print a
 traceback. cli/main.py imports this module before any other of pqfs's, so the hook is in
-place for all of that time; from then on `cli.main` reports an interrupt the same way itself.
+place for all of that time; from then on `main()` reports an interrupt the same way itself.
 """
 
 from __future__ import annotations

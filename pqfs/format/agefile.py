@@ -1,9 +1,11 @@
 """Whole age files: encrypt a stream to recipients, and read any age file at random offsets.
 
-`AgeReader` is the random-access reader the vault and the mount build on: it authenticates the
-final chunk on open (so the plaintext size is trusted), then maps any (offset, length) to the
-chunks covering it. `decrypt_stream` is the sequential reader with age's streaming semantics
-(the authenticated prefix is released, then the error), used for files of unknown provenance.
+`AgeReader` is the random-access reader the vault builds on: it authenticates the final chunk on
+open (so the plaintext size is trusted), then maps any (offset, length) to the chunks covering
+it; the mount decrypts through `decrypt_chunks` and `decrypt_read_chunks`. `decrypt_stream` is
+the sequential reader with age's streaming semantics (the authenticated prefix is released, then
+the error), kept as the reference the conformance tests check the others against (test_vectors,
+test_properties).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from pqfs.runtime.memory import scratch, wipe
 
 
 class RangeSource(Protocol):
-    """Random access to one stored object (a local file, an S3 object, bytes in memory)."""
+    """Random access to the bytes of one age file (a local file, an S3 object, bytes in
+    memory): all that reading the format needs. Where the bytes are stored, and the faster
+    ways a mount reads them, are the storage layer's (storage/base.ObjectSource)."""
 
     size: int
 
@@ -46,27 +50,12 @@ class RangeSource(Protocol):
     def will_need(self, offset: int, length: int) -> None:
         """A hint that [offset, offset+length) will be read soon (start fetching, don't wait)."""
 
-    def read_cached(self, offset: int, buf: memoryview) -> bool:
-        """Fill `buf` from [offset, ...) only if all of it is in memory already (never waits on
-        a disk or the network); False if it is not (nothing to rely on in `buf` then)."""
-
-    def direct_fd(self) -> int | None:
-        """An O_DIRECT descriptor of a local file, for reads that `read_cached` has found not
-        in memory without starting a read of its own (`aio.py`); None where there is none."""
-
-    @property
-    def fetches(self) -> bool:
-        """Whether `fetch` can read at all (so that callers skip setting it up where not)."""
-
-    async def fetch(self, offset: int, buf: memoryview) -> bool:
-        """Fill `buf` from [offset, ...) without a thread, awaited on the trio loop, where the
-        source can (S3: `s3async`); False where it cannot or that one attempt failed (nothing
-        to rely on in `buf` then): the caller reads on a worker instead."""
-
     def close(self) -> None: ...
 
 
 class BytesSource:
+    """An age file held in memory (a catalog segment, a test's object)."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.size = len(data)
@@ -78,17 +67,6 @@ class BytesSource:
 
     def will_need(self, offset: int, length: int) -> None:
         pass
-
-    def read_cached(self, offset: int, buf: memoryview) -> bool:
-        return self.preadinto(offset, buf) == len(buf)
-
-    def direct_fd(self) -> int | None:
-        return None
-
-    fetches = False
-
-    async def fetch(self, offset: int, buf: memoryview) -> bool:
-        return False  # read_cached already has everything
 
     def close(self) -> None:
         pass

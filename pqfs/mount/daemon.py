@@ -1,7 +1,7 @@
 """Running a mount: FUSE session, background daemon, readiness, signals, unmount.
 
-Readiness means the mount answers: after pyfuse3 mounts, a worker thread stat()s the mountpoint,
-which goes through the kernel to our own loop; only when that returns with the FUSE device's
+Readiness means the mount answers: after pyfuse3 mounts, a thread (trio.to_thread) stat()s the
+mountpoint, which goes through the kernel to our own loop; only when that returns with the FUSE device's
 st_dev is READY=1 sent (systemd, Type=notify) or the waiting `pqfs mount` parent released.
 SIGTERM, SIGINT and SIGHUP send STOPPING=1, end the FUSE loop, wipe every secret and unmount.
 Forking the daemon and waiting for its report: background.py; where it logs: logs.py.
@@ -312,7 +312,7 @@ def _leaves(e: BaseException) -> list[BaseException]:
 def _cause(e: BaseException) -> str:
     if isinstance(e, PqfsError):
         return str(e)
-    if isinstance(e, OSError) and e.strerror:  # as `pqfs: error:` words it (cli.main)
+    if isinstance(e, OSError) and e.strerror:  # as `pqfs: error:` words it (main() in cli/main.py)
         return e.strerror + (f": {e.filename}" if e.filename else "")
     if isinstance(e, RuntimeError) and "fuse" in str(e).lower():
         return f"cannot mount: {e} (is /dev/fuse available and the mount point free?)"

@@ -4,8 +4,8 @@ Every handler goes through `_boundary`: a PqfsError or OSError becomes its errno
 is logged (without arguments that could hold data) and becomes EIO. No exception ever reaches
 pyfuse3's loop, so no request can take the mount down. To a file operation EACCES means one
 thing: the vault is locked (to an unlock: the wrong passphrase or identity). A damaged or
-missing object is EIO, logged once with the file's path (by VaultFS: the adapter does not know
-the path).
+missing object is EIO, logged once with the file's path (by the reader or the opener: the
+adapter does not know the path).
 
 Extended attributes of the mount's root (read with getxattr, which a read-only mount allows):
   user.pqfs.stats    JSON statistics
@@ -242,7 +242,8 @@ for _name in (
 
 
 def invalidate_inodes(inodes: Iterable[int]) -> None:
-    """Drop the kernel's cached pages of these inodes (worker thread: the call may block)."""
+    """Drop the kernel's cached pages of these inodes (on a thread, through `VaultFS.offload`:
+    the call may block)."""
     for ino in inodes:
         with contextlib.suppress(OSError):  # the kernel has already forgotten it
             pyfuse3.invalidate_inode(ino, attr_only=False)

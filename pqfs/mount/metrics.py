@@ -144,7 +144,7 @@ class StallMeter(trio.abc.Instrument):
             "stall_detail_own_max_ms": round(self.longest_own * 1000, 3),
         }
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # for tests
         self.longest = self.longest_cpu = self.busiest = self.longest_own = 0.0
         self.over_10ms = 0
         self.longest_sleeps = self.longest_preemptions = self.longest_faults = 0

@@ -9,7 +9,8 @@ Invariants (kept by this module):
     thread is abandoned, and what it opens after that is closed, exactly once;
   * with key_ttl == 0 a file key lives exactly while its file is open (`OpenFile.own_key`),
     otherwise in the key cache (keycache.py: its invariants);
-  * `open_object`, its final-chunk check and `unwrap` run on worker threads: they touch only
+  * `open_object` and its final-chunk check run on an open thread (trio.to_thread,
+    `run_bounded`), `unwrap` there or on a worker: they touch only
     the new OpenFile (seen by no other thread until it is returned), the key cache and the chunk
     cache (each under its own lock).
 """
@@ -35,7 +36,7 @@ from pqfs.errors import (
     Unreadable,
     VaultError,
 )
-from pqfs.format.agefile import RangeSource, pread
+from pqfs.format.agefile import pread
 from pqfs.format.header import Header
 from pqfs.format.keys import unwrap
 from pqfs.format.stream import (
@@ -51,6 +52,7 @@ from pqfs.mount.metrics import Counters
 from pqfs.mount.options import MountOptions
 from pqfs.mount.tree import Node
 from pqfs.runtime.memory import scratch, wipe
+from pqfs.storage.base import ObjectSource
 from pqfs.vault.catalog import shown
 from pqfs.vault.keycache import CachedKey, KeyCache
 from pqfs.vault.objects import checked_header, object_key
@@ -66,9 +68,8 @@ class OpenFile:
     """A file opened through the mount: its checked object, and the reader's state of it."""
 
     fh: int
-    ino: int
     entry: Entry
-    src: RangeSource
+    src: ObjectSource
     header: Header
     nonce: bytes
     payload_start: int
@@ -159,7 +160,7 @@ class Opener:
         self._decrypt = decrypt
 
     def open_object(self, node: Node) -> OpenFile:
-        """Worker thread: open the object and check it as FORMAT.md §4.1 asks before any byte
+        """Open thread: open the object and check it as FORMAT.md §4.1 asks before any byte
         of it is served: the header against the catalog, the file key (header MAC), the object
         size against the catalog's, and the final chunk, authenticated (a truncated or extended
         object fails here, not after its first chunks were played). The final chunk stays in
@@ -169,7 +170,7 @@ class Opener:
         chunks = -(-e.size // CHUNK) or 1
         start = e.hlen + NONCE_SIZE  # the catalog's; the header check below confirms it
         # The final chunk's place is known before the header is read: a remote store fetches it
-        # alongside the opening read, so that checking it adds no round trip (s3.py), and a
+        # alongside the opening read, so that checking it adds no round trip (s3source.py), and a
         # local disk starts reading it while the header is read. Not if it is cached already.
         tail = start + (chunks - 1) * CT_CHUNK
         fetch_tail = (e.object, chunks - 1) not in self.cache
@@ -196,7 +197,7 @@ class Opener:
                     f"object is {src.size} bytes, the catalog's size needs {want} ({how})",
                     chunks - 1,
                 )
-            f = OpenFile(0, node.ino, e, src, header, nonce, start, chunks)
+            f = OpenFile(0, e, src, header, nonce, start, chunks)
             aead = self.cached_aead(f)
             if aead is None:  # unwrap now: the first read costs only decryption
                 aead = self.unwrap(f)
@@ -210,7 +211,7 @@ class Opener:
             raise
 
     def _authenticate_final_chunk(self, f: OpenFile, aead: Any, generation: int) -> None:
-        """Worker thread: decrypt the final chunk (nonce flag 0x01) into the chunk cache; only
+        """Open thread: decrypt the final chunk (nonce flag 0x01) into the chunk cache; only
         then is the plaintext size trusted. One that is cached was authenticated when cached."""
         last = f.chunks - 1
         if (f.entry.object, last) in self.cache:

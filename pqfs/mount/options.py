@@ -1,7 +1,9 @@
 """Every bound of a mount, in one place, each with its reason, checked when the options are made.
 
-The components of the mount keep no bound of their own: they are given these. `pqfs stats
---json` shows them all (`bounds`, generated from the fields by `MountOptions.bounds`).
+The components of the mount keep no bound of their own: they are given these (a pause before
+retrying accept() and a first buffer's size stay beside their code in control.py: they bound
+nothing). `pqfs stats --json` shows them all (`bounds`, generated from the fields by
+`MountOptions.bounds`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,13 @@ class MountOptions:
     # their peak forever (with 16 S3 workers the daemon grew ~50 MiB past its cache budget).
     mmap_threshold: int = LARGE  # a buffer this large gets fresh pages: see memory.scratch
     arena_max: int = 2  # fewer arenas bound what small allocations retain
+    # The --on-change hook (onchange.py), run after a refresh that changed the tree:
+    # Linux takes up to 2 MiB of arguments and 128 KiB per argument; a rescan request needs no
+    # more than this (about 1000 typical paths). Past it the hook gets no path: "rescan all".
+    hook_path_bytes: int = 64 << 10
+    hook_timeout: float = 300.0  # seconds: a rescan request that takes longer is stuck: killed
+    hook_output_bytes: int = 4096  # of its output (stdout and stderr) logged
+    hook_drain: float = 1.0  # seconds to read its output once it exited (a child may keep it)
     # The control socket (control.py), which anyone who can see the mount can connect to:
     control_request_bytes: int = (1 << 20) + 64  # an identity file (up to 1 MiB), its command
     control_timeout: float = 10.0  # seconds to send a request: a stalled client frees its slot
@@ -108,7 +117,12 @@ class MountOptions:
         "control_connections",
     )
     # Times that must pass before something happens at all (an open, a poll, a request).
-    MORE_THAN_ZERO: ClassVar[tuple[str, ...]] = ("open_timeouts", "catalog_poll", "control_timeout")
+    MORE_THAN_ZERO: ClassVar[tuple[str, ...]] = (
+        "open_timeouts",
+        "catalog_poll",
+        "control_timeout",
+        "hook_timeout",
+    )
 
     def __post_init__(self) -> None:
         if self.cache_size < self.MIN_CACHE:

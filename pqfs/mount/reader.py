@@ -4,7 +4,7 @@ It never touches the tree, and holds no key but what the opener unwrapped for it
 
 Invariants (kept here; on the trio thread, except what a docstring marks "Worker thread"):
   * Backend I/O that may wait runs only in worker threads (`workers.WorkerPool`; opens through
-    `trio.to_thread`), in jobs of `job_chunks` chunks (2 MiB), so one thread hop (~70 us) is
+    `trio.to_thread`), in jobs of `job_chunks` chunks (2 MiB locally, 4 MiB on S3), so one thread hop (~70 us) is
     small against the work it carries. The loop copies cached plaintext, and decrypts itself
     only what costs less than a hop: at most `inline_chunks` (2) chunks whose ciphertext comes
     without a thread (sources.py).
@@ -491,8 +491,8 @@ class ChunkReader:
         lent: list[memoryview] | None = None,
     ) -> int:
         """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers.
-        With `read` (the chunks' ciphertext, already read) it runs on the loop, or in the open's
-        worker. `lent`: buffers already lent by the cache; this call takes them over (the list
+        With `read` (the chunks' ciphertext, already read) it runs on the loop, or on the open's
+        thread. `lent`: buffers already lent by the cache; this call takes them over (the list
         is emptied). `generation`: the cache's, read before the buffers were lent."""
         ct: memoryview | None = None
         if self._reuse_ct and read is None:

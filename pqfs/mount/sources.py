@@ -4,7 +4,7 @@ place that chooses. It never decrypts, and never touches plaintext, keys or the 
 
 The sources, cheapest first (each for at most `inline_chunks` chunks, two costing less than a
 thread hop to decrypt):
-  * memory: bytes already in the page cache or an opening GET (`RangeSource.read_cached`, which
+  * memory: bytes already in the page cache or an opening GET (`ObjectSource.read_cached`, which
     fails rather than wait), decrypted on the loop at once;
   * direct: a local disk's bytes by one O_DIRECT read submitted from the loop (`aio.py`);
   * fetch: an S3 object's bytes by one GET from the loop (`s3async`);
@@ -52,7 +52,7 @@ class LoopRead(Protocol):
 
 
 class DirectRead:
-    """An O_DIRECT read begun (`Sources.direct`)."""
+    """An O_DIRECT read begun (`Sources.begin`)."""
 
     __slots__ = ("_sources", "count", "first", "req")
 
@@ -170,7 +170,7 @@ class Sources:
 
     def direct(self, f: OpenFile, first: int, count: int) -> Read | None:
         """Start one O_DIRECT read of the ciphertext of chunks [first, first+count) (as
-        `begin` does when that is the source)."""
+        `begin` does when that is the source). For tests."""
         n = span(f, first, count) if count <= self.options.inline_chunks else None
         return None if n is None else self._submit(f, first, n)
 

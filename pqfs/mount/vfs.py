@@ -7,10 +7,10 @@ each keep their own invariants: the tree (tree.py), open files and their keys (o
 reads (reader.py) and the ciphertext sources they use (sources.py), readahead (readahead.py),
 reply buffers (replies.py), the chunk cache, the worker pool, the idle poll.
 
-Threads: everything runs on the trio thread except what a docstring marks "Worker thread":
-decrypt jobs, a read's key unwrap and faulting in spare buffers run on the worker pool
-(`workers.py`); opens (the object's checks, its unwrap, its final chunk), catalog loads and the
-unlock's scrypt run on `trio.to_thread`.
+Threads: everything runs on the trio thread except what a docstring marks "Worker thread" (the
+pool, `workers.py`: decrypt jobs, a read's key unwrap, faulting in spare buffers) or "On a
+thread" (`trio.to_thread`: opens with the object's checks, its unwrap and its final chunk;
+catalog loads; statfs; the unlock's scrypt; kernel cache invalidation at lock).
 
 Invariants (kept here):
   * `lock()` wipes the identity, every key (the key cache, and the keys open files hold), all
@@ -158,7 +158,7 @@ class VaultFS:
             self._swap_tree(tree, None)
 
     def _build_tree(self, old: Tree | None) -> tuple[Tree, list[str]]:
-        """Worker thread: load the catalog and build its tree (a new object, which no other
+        """On a thread (`offload`): load the catalog and build its tree (a new object, which no other
         thread sees until it is swapped in), and what changed from `old`."""
         tree = Tree(cat_mod.load(self.vault.storage, self.vault.identities), self._salt)
         return tree, [] if old is None else changed_paths(old, tree)
@@ -194,7 +194,7 @@ class VaultFS:
         reason, is logged (once until it changes) and the last good tree stays served."""
         hook = None
         if self.options.on_change and self._nursery is not None:
-            hook = ChangeHook(self.options.on_change, self._nursery)
+            hook = ChangeHook(self.options.on_change, self._nursery, self.options)
         failed: str | None = None
         while True:
             await trio.sleep(self.options.catalog_poll)
@@ -356,6 +356,7 @@ class VaultFS:
             "reads_direct_refused": 0 if dio is None else dio.refused,
             "read_p50_ms": None if p50 is None else round(p50 * 1000, 3),
             "read_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "opens": c.opens,
             "bytes_read": c.bytes_read,
             "bytes_decrypted": c.bytes_decrypted,
             "cache_hits": cache.hits,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pqfs.errors import VaultError
 from pqfs.format.agefile import RangeSource
@@ -93,6 +93,29 @@ class StorageProfile:
     reuse_read_buffers: bool = True  # a ciphertext buffer per worker: worth it for cheap preads
 
 
+class ObjectSource(RangeSource, Protocol):
+    """A stored object as a mount reads it: a RangeSource, plus the ways to reach its bytes
+    without a thread where the backend has one (the mount's sources.py picks among them)."""
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        """Fill `buf` from [offset, ...) only if all of it is in memory already (never waits on
+        a disk or the network); False if it is not (nothing to rely on in `buf` then)."""
+
+    def direct_fd(self) -> int | None:
+        """An O_DIRECT descriptor of a local file, for reads that `read_cached` has found not
+        in memory without starting a read of its own (the mount's aio.py); None where there is
+        none."""
+
+    @property
+    def fetches(self) -> bool:
+        """Whether `fetch` can read at all (so that callers skip setting it up where not)."""
+
+    async def fetch(self, offset: int, buf: memoryview) -> bool:
+        """Fill `buf` from [offset, ...) without a thread, awaited on the trio loop, where the
+        source can (S3: s3async.py); False where it cannot or that one attempt failed (nothing
+        to rely on in `buf` then): the caller reads on a worker instead."""
+
+
 class Storage(ABC):
     # The storage layer's bounds, set by every backend's constructor.
     options: StorageOptions
@@ -107,10 +130,10 @@ class Storage(ABC):
         return StorageProfile()
 
     @abstractmethod
-    def open_source(self, key: str) -> RangeSource:
+    def open_source(self, key: str) -> ObjectSource:
         """Random access to an object; raises FileNotFoundError when it is absent."""
 
-    def open_source_with_tail(self, key: str, tail: int) -> RangeSource:
+    def open_source_with_tail(self, key: str, tail: int) -> ObjectSource:
         """open_source, for a caller that reads [tail, end) next (the mount authenticates an
         object's final chunk at open): a remote store fetches it alongside the opening read.
         Locally nothing is gained: a pread of the end costs no round trip."""

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pqfs.format.agefile import RangeSource
 from pqfs.runtime.files import open_regular, preadfull
 from pqfs.storage import pagecache
-from pqfs.storage.base import TMP_PREFIX, Storage, StorageOptions, checked_key
+from pqfs.storage.base import TMP_PREFIX, ObjectSource, Storage, StorageOptions, checked_key
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
@@ -80,7 +79,7 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root / checked_key(key)
 
-    def open_source(self, key: str) -> RangeSource:
+    def open_source(self, key: str) -> ObjectSource:
         return FileSource(self._path(key), follow_symlinks=False)
 
     def read_bytes(self, key: str) -> bytes:

@@ -16,7 +16,7 @@ TAIL_FETCH = CT_CHUNK
 
 
 class S3Source:
-    """Random access to one object by Range GETs (a RangeSource). Thread-safe: the mount reads
+    """Random access to one object by Range GETs (an ObjectSource). Thread-safe: the mount reads
     one object from several workers at once.
 
     Opening fetches the object's first `open_fetch` bytes (header, nonce, the first chunks) in

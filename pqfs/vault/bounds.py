@@ -14,8 +14,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class VaultBounds:
     # `pqfs add` commits what completed once this many files are held or this long has passed
-    # (ingest.Batch): an interrupted add loses no more than that, and a big add is a few
-    # deltas, not one per file.
+    # (ingest.Batch): a commit is one catalog segment, and one per file would make every load
+    # read thousands of them; committing this often, an interruption loses little and a
+    # running mount sees the new files soon.
     commit_every_files: int = 64
     commit_every_seconds: float = 30.0
     compact_after: int = 32  # deltas since the last snapshot: beyond this, loading reads many

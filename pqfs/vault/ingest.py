@@ -1,5 +1,5 @@
 """Adding files to a vault: what to add (`plan`), adding it (`Ingest.run`), and committing the
-new entries in batches (`Batch`), through which every writer of entries commits.
+new entries in batches (`Batch`, bounded by `VaultBounds`), through which `Ingest.run` commits.
 
 `plan` walks the source, names each file's vault path, refuses before anything is encrypted
 every destination the catalog could not hold, and marks the files the vault already holds
@@ -24,10 +24,6 @@ from pqfs.format.keys import Recipient
 from pqfs.vault import bounds
 from pqfs.vault.catalog import check_appendable, normpath, put_op
 from pqfs.vault.vault import Vault
-
-# A commit is one catalog segment: one per file would make every load read thousands of
-# segments; a long add still commits this often, so an interruption loses little and a
-# running mount sees the new files soon.
 
 
 @dataclass(frozen=True)
