@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE = b"correct horse battery staple"
 
 os.environ.setdefault("PQFS_SCRYPT_LOG_N", "10")
+# A shell starts a command run in the background (`./test.sh &`, a CI runner's nohup) with
+# SIGINT ignored, and every process inherits that: the tests' Ctrl-C would then reach no pqfs
+# process. A handled signal is reset to its default at exec, so one handler here gives every
+# child the default disposition back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # The suite starts `python -m pqfs` hundreds of times: without the bytecode cache each of them
 # compiles every pqfs module again (~40 ms of CPU apiece), a tenth of the fast tier's time.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -165,6 +172,18 @@ def mount_type(path: Path) -> str | None:
     from pqfs.mount.daemon import mount_type as _mount_type
 
     return _mount_type(str(path))
+
+
+def wait_gone(pid: int, timeout: float = 60.0) -> None:
+    """Wait until process `pid` has exited (polled: a busy machine takes its time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running")
 
 
 def daemon_pid(mountpoint: Path) -> int:

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from pqfs.vault.catalog import put_op
 from pqfs.vault.vault import Vault
-from tests.conftest import daemon_pid, mounted, run_pqfs
-
-
-def _wait_gone(pid: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still running")
+from tests.conftest import daemon_pid, mounted, run_pqfs, wait_gone
 
 
 @pytest.mark.fuse
@@ -36,7 +24,7 @@ def test_a_stale_mount_is_an_error_with_the_fix_as_a_hint(
     with mounted(pq_vault.storage.describe(), mp, cli_env):
         pid = daemon_pid(mp)
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+        wait_gone(pid)
         for argv in (["stats", str(mp)], ["lock", str(mp)]):
             proc = run_pqfs(*argv, env=cli_env, input=b"", check=False)
             assert (proc.returncode, proc.stderr.decode()) == (

@@ -218,6 +218,9 @@ def _add_caught_writing(backend: Backend, tmp_path: Path) -> tuple[subprocess.Po
     while backend.partial_writes("v") == 0 and proc.poll() is None:
         assert time.monotonic() < deadline, "the add never started writing"
         time.sleep(0.01)
+    # Stopped mid-write, so that it is still writing when the signal comes, however slow or
+    # fast the machine; the caller sends the signal, then SIGCONT.
+    os.kill(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None, "the add finished before it could be interrupted"
     return proc, big
 
@@ -227,7 +230,7 @@ def test_interrupted_add_leaves_nothing_and_can_be_rerun(backend: Backend, tmp_p
     same add then completes."""
     loc, env = backend.location("v"), backend.env
     proc, big = _add_caught_writing(backend, tmp_path)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # fatal to a stopped process too
     proc.communicate()
     assert backend.storage("v").list("objects/") == []  # nothing visible
     assert "big.bin" not in run_pqfs("ls", loc, env=env).stdout.decode()
@@ -237,7 +240,8 @@ def test_interrupted_add_leaves_nothing_and_can_be_rerun(backend: Backend, tmp_p
 
 def test_ctrl_c_during_add_cleans_up(backend: Backend, tmp_path: Path) -> None:
     proc, _big = _add_caught_writing(backend, tmp_path)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # pending until it runs again
+    proc.send_signal(signal.SIGCONT)
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert backend.partial_writes("v") == 0  # the temp file or multipart upload is gone

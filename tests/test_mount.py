@@ -26,6 +26,7 @@ from .conftest import (
     run_pqfs,
     sha_file,
     stop_with_sigterm,
+    wait_gone,
 )
 
 NAMES = {
@@ -310,17 +311,6 @@ def test_stall_detail_is_opt_in_and_shown_by_stats(
 # ------------------------------------------------------------------------ lifecycle ----
 
 
-def _wait_gone(pid: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still running")
-
-
 @pytest.mark.fuse
 def test_sigterm_unmounts_cleanly(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
@@ -330,7 +320,7 @@ def test_sigterm_unmounts_cleanly(
     with mounted(vault, mp, cli_env):
         pid = daemon_pid(mp)
         os.kill(pid, signal.SIGTERM)
-        _wait_gone(pid)
+        wait_gone(pid)
         assert mount_type(mp) is None
         assert os.listdir(mp) == []
 
@@ -344,7 +334,7 @@ def test_kill9_leaves_stale_mount_that_umount_clears(
     with mounted(vault, mp, cli_env):
         pid = daemon_pid(mp)
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+        wait_gone(pid)
         with pytest.raises(OSError) as exc:
             os.stat(mp)
         assert exc.value.errno == errno.ENOTCONN

@@ -75,15 +75,33 @@ def has_passphrase_env(env: str = ENV_PASSPHRASE) -> bool:
 
 def identity_file(path: str) -> list[HybridIdentity | X25519Identity]:
     """The identities in an unencrypted identity file (which must be mode 0600)."""
-    text = identity_file_bytes(path)
+    text = _identity_text(path)
     try:
-        return parse_identity_file(text)
+        return _parsed(path, text)
     finally:
         zeroize.wipe(text)
 
 
 def identity_file_bytes(path: str) -> bytearray:
     """The text of an identity file (mode 0600, checked to parse) as a bytearray to wipe."""
+    text = _identity_text(path)
+    try:
+        for ident in _parsed(path, text):
+            ident.wipe()
+    except BaseException:
+        zeroize.wipe(text)
+        raise
+    return text
+
+
+def _parsed(path: str, text: bytearray) -> list[HybridIdentity | X25519Identity]:
+    try:
+        return parse_identity_file(text)
+    except PqfsError:
+        raise PqfsError(f"{path} is not an age identity file") from None
+
+
+def _identity_text(path: str) -> bytearray:
     try:
         st = os.stat(path)
     except OSError as e:
@@ -92,11 +110,4 @@ def identity_file_bytes(path: str) -> bytearray:
         raise PqfsError(
             f"identity file {path} is accessible by group or others (run: chmod 600 {path})"
         )
-    text = _read_secret_file(path, "identity file", limit=1 << 20)
-    try:
-        for ident in parse_identity_file(text):
-            ident.wipe()
-    except PqfsError:
-        zeroize.wipe(text)
-        raise PqfsError(f"{path} is not an age identity file") from None
-    return text
+    return _read_secret_file(path, "identity file", limit=1 << 20)

@@ -29,7 +29,7 @@ from pqfs.errors import NotFound, PayloadError, PqfsError, VaultError
 from pqfs.format.keys import HybridIdentity, X25519Identity, identity_file_text
 from pqfs.runtime.zeroize import ENV_NEW_PASSPHRASE, wipe
 from pqfs.vault import ingest, maintenance
-from pqfs.vault.catalog import normpath, put_op, shown
+from pqfs.vault.catalog import normpath, shown
 from pqfs.vault.objects import open_reader
 from pqfs.vault.schema import Entry
 from pqfs.vault.vault import Vault
@@ -81,11 +81,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         v = Vault.create(args.vault, pw, extra, classic=args.classic, options=storage_options(args))
     finally:
         wipe(pw)
-    info(f"created vault {args.vault}")
+    info(f"created vault {shown(args.vault)}")
     for r in v.recipients:
         text = r.encode()
-        shown = text if len(text) <= 80 else f"{text[:24]}...{text[-12:]} (full text: pqfs info)"
-        info(f"  recipient: {shown}")
+        short = text if len(text) <= 80 else f"{text[:24]}...{text[-12:]} (full text: pqfs info)"
+        info(f"  recipient: {short}")
     return 0
 
 
@@ -142,7 +142,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     finally:
         progress.finish()
     note = f", {done.unchanged} unchanged skipped" if done.unchanged else ""
-    info(f"added {done.added} file(s), {human(todo.total)} to {args.vault}{note}")
+    info(f"added {done.added} file(s), {human(todo.total)} to {shown(args.vault)}{note}")
     return 0
 
 
@@ -170,9 +170,10 @@ def parse_add(sub: Subparsers) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     v = open_vault(args, unlock=True)
     dest = args.dest if args.dest is not None else os.path.basename(args.src).removesuffix(".age")
-    entry = v.import_age(args.src, dest)
-    v.commit([put_op(entry)])
-    info(f"imported {args.src} as {entry.path} ({human(entry.size)}, not re-encrypted)")
+    entry = maintenance.import_age(v, args.src, dest)
+    info(
+        f"imported {shown(args.src)} as {shown(entry.path)} ({human(entry.size)}, not re-encrypted)"
+    )
     return 0
 
 
@@ -393,7 +394,7 @@ def cmd_share(args: argparse.Namespace) -> int:
     extra = recipients(args.recipient)
     v = open_vault(args, unlock=True)
     e = maintenance.share(v, args.path, extra)
-    info(f"{e.path}: added {len(extra)} recipient(s); content not re-encrypted")
+    info(f"{shown(e.path)}: added {len(extra)} recipient(s); content not re-encrypted")
     return 0
 
 

@@ -216,6 +216,9 @@ class Opener:
         last = f.chunks - 1
         if (f.entry.object, last) in self.cache:
             return
+        # Read here, into one chunk's scratch, not through decrypt()'s own read: that keeps a
+        # job-sized ciphertext buffer per thread (2-4 MiB), right for the few workers, not for
+        # up to `open_threads` open threads.
         n = ciphertext_span(f.payload_start, f.src.size, f.chunks, last, 1)
         ct = scratch(n)  # ciphertext: not secret
         if f.src.preadinto(f.payload_start + last * CT_CHUNK, ct) != n:

@@ -46,6 +46,14 @@ def share(v: Vault, path: str, recipients: Sequence[Recipient]) -> Entry:
     return new_entry
 
 
+def import_age(v: Vault, src: str, dest: str) -> Entry:
+    """Store the age file `src` at `dest` as it is (rewrapped to the vault, content untouched)
+    and record it in the catalog."""
+    entry = v.import_age(src, dest)
+    v.commit([put_op(entry)])
+    return entry
+
+
 def remove(v: Vault, path: str) -> list[Entry]:
     """Remove `path` and everything below it; returns the entries removed."""
     v.entry(path)  # NotFound for an unknown path
@@ -65,7 +73,7 @@ def verify(v: Vault, path: str = "") -> Iterator[tuple[Entry, PqfsError | None]]
     """Authenticate every chunk of every file under `path`; yields (entry, error or None)."""
     cat = v.catalog()
     p = normpath(path)
-    targets = [e for e in cat.files() if not p or e.path == p or e.path.startswith(p + "/")]
+    targets = [e for e in cat.below(p) if e.type == "file"]  # the path's subtree, not a scan
     if p and not targets and cat.get(p) is None:
         raise NotFound(f"no such file in the vault: {p}")
     for e in sorted(targets, key=lambda x: x.path):
