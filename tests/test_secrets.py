@@ -123,6 +123,11 @@ def test_lock_leaves_no_secret_in_the_daemon(
             if argv is not None:
                 run_pqfs(*argv, env=no_env)
             _read_all(mp, files)
+            # The control: unlocked, the key cache holds every file key, and the scan finds
+            # them; a scan that found nothing here could not be trusted to after lock.
+            held = _scan(pid, secrets)
+            for name in files:
+                assert f"file key of {name}" in held, f"unlocked with {how}: {sorted(held)}"
             run_pqfs("lock", str(mp), env=no_env)
             left = _scan(pid, secrets)
             assert not left, f"after unlocking with {how}, then pqfs lock: {left}"
