@@ -46,6 +46,11 @@ class VaultError(PqfsError):
     """Vault-level problem: missing vault, unknown path, conflicting path, corrupt catalog."""
 
 
+class CatalogDamaged(VaultError):
+    """A catalog segment that cannot be used (undecryptable, malformed, out of the chain):
+    reading it again gives the same answer, unlike a storage error."""
+
+
 class NotFound(VaultError):
     """A path that is not in the vault."""
 

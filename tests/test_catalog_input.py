@@ -797,6 +797,53 @@ def test_failed_refresh_keeps_the_tree_and_is_logged_once(
     ), failures
 
 
+def test_a_refresh_the_store_refused_is_tried_again(
+    pq_vault: Vault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new segment the store will not give (here a FIFO in its place: refused as not a
+    regular file) fails the refresh; once the store gives it, the next poll loads it. Only a
+    segment that is itself damaged waits for a newer head (the test above)."""
+    add_api(pq_vault, tmp_path, "keep.bin", b"kept")
+    root = root_of(pq_vault)
+    other = tmp_path / "other"  # the same vault, one segment ahead: its new segment's bytes
+    shutil.copytree(root, other)
+    v2 = Vault.open(str(other))
+    v2.unlock(PASSPHRASE)
+    add_api(v2, tmp_path, "new.bin", b"new")
+    (name,) = set(os.listdir(other / "catalog")) - set(os.listdir(root / "catalog"))
+    for obj in (other / "objects").rglob("*.age"):
+        dest = root / obj.relative_to(other)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(obj, dest)
+
+    async def scenario() -> None:
+        fs = VaultFS(pq_vault, MountOptions.for_storage(pq_vault.storage, catalog_poll=0.05))
+        try:
+            async with trio.open_nursery() as nursery:
+                await fs.start(nursery)
+                os.mkfifo(root / "catalog" / name)
+                with trio.fail_after(60):
+                    while "catalog refresh failed" not in caplog.text:
+                        await trio.sleep(0.05)
+                shutil.copyfile(other / "catalog" / name, root / "catalog" / ".tmp-segment")
+                os.replace(root / "catalog" / ".tmp-segment", root / "catalog" / name)
+                with trio.fail_after(60):
+                    while "new.bin" not in fs.tree._by_path:  # type: ignore[union-attr]
+                        await trio.sleep(0.05)
+                fh = await fs.open(fs.lookup(ROOT_INO, "new.bin").ino, os.O_RDONLY)
+                assert bytes(await fs.read(fh, 0, 100)) == b"new"
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
+            gc.unfreeze()
+
+    with caplog.at_level("INFO", logger="pqfs.mount"):
+        trio.run(scenario)
+    assert "not a regular file" in caplog.text
+    assert "catalog refresh works again" in caplog.text
+
+
 def test_refresh_names_what_was_added_replaced_and_removed(pq_vault: Vault, tmp_path: Path) -> None:
     add_api(pq_vault, tmp_path, "a/old.bin", b"old")
 

@@ -5,8 +5,10 @@ for every secret it knows from the vault itself."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from pqfs.errors import PqfsError
 from pqfs.format.agefile import pread, read_header
 from pqfs.format.encoding import bech32_decode
 from pqfs.format.keys import unwrap
+from pqfs.mount import control
 from pqfs.runtime import zeroize
 from pqfs.vault.objects import object_key
 from pqfs.vault.vault import Vault
@@ -148,3 +151,25 @@ def test_a_typed_line_too_long_is_refused_whole() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_request_cut_off_leaves_no_secret_in_the_daemon(
+    tmp_path: Path, cli_env: dict[str, str], secret_vault: tuple[Path, Path, dict[str, str]]
+) -> None:
+    """A client that sends half an unlock and stalls gets ETIMEDOUT (control_timeout, 10 s),
+    and what the daemon had received of the secret is wiped with the request's buffer."""
+    vault_dir, _identity, _files = secret_vault
+    marker = b"stalled-secret-" + os.urandom(12).hex().encode()
+    with mounted(vault_dir, tmp_path / "mnt", cli_env) as mp:
+        pid = daemon_pid(mp)
+        address = os.getxattr(mp, control.XATTR_CONTROL)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(b"\0" + address)
+            # The marker well inside the buffer: malloc's own use of a freed block (its first
+            # bytes) must not be what hides it.
+            s.sendall(b"unlock\n" + b"p" * 200 + marker)  # and nothing more: no end of it
+            answer = s.recv(4096)
+        assert answer.split()[0] == str(errno.ETIMEDOUT).encode(), answer
+        left = _scan(pid, {"the stalled request's secret": marker})
+        assert not left, left

@@ -151,16 +151,20 @@ class ControlServer:
         Past `max_request`, one byte more than the limit is kept, so the caller can tell."""
         buf = bytearray(RECEIVE_STEP)
         n = 0
-        while n <= self.max_request:
-            if n == len(buf):
-                bigger = bytearray(min(2 * len(buf), self.max_request + 1))
-                bigger[:n] = memoryview(buf)[:n]
-                wipe(buf)
-                buf = bigger
-            got = await conn.recv_into(memoryview(buf)[n:])
-            if not got:
-                break
-            n += got
+        try:
+            while n <= self.max_request:
+                if n == len(buf):
+                    bigger = bytearray(min(2 * len(buf), self.max_request + 1))
+                    bigger[:n] = memoryview(buf)[:n]
+                    wipe(buf)
+                    buf = bigger
+                got = await conn.recv_into(memoryview(buf)[n:])
+                if not got:
+                    break
+                n += got
+        except BaseException:  # timed out, reset: what arrived of a secret goes now
+            wipe(buf)
+            raise
         return buf, n
 
 
@@ -189,8 +193,14 @@ def request(address: bytes, command: str, secret: bytes | bytearray = b"") -> An
             except BrokenPipeError:
                 pass  # it answered before reading all of it (a refusal): read why
             reply = b""
-            while chunk := s.recv(4096):
-                reply += chunk
+            try:
+                while chunk := s.recv(4096):
+                    reply += chunk
+            except ConnectionResetError:
+                # A refusal is sent before the request is read, and closing a socket with
+                # unread data resets it: the answer, one whole line, has arrived all the same.
+                if not reply.endswith(b"\n"):
+                    raise
         except OSError as e:
             raise PqfsError(f"the mount's daemon did not answer: {e.strerror or e}") from None
     code, _, message = reply.decode("utf-8", "replace").strip().partition(" ")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pqfs.errors import IsADirectory, Locked, PqfsError, ReadOnly, Unavailable
+from pqfs.errors import CatalogDamaged, IsADirectory, Locked, PqfsError, ReadOnly
 from pqfs.format.keys import HybridIdentity, X25519Identity
 from pqfs.mount.chunkcache import ChunkCache
 from pqfs.mount.idlepoll import IdlePoll, Unseen
@@ -235,10 +235,9 @@ class VaultFS:
             return []  # unchanged, or the head whose load failed (the poll logged it)
         try:
             new, changed = await self.offload(self._build_tree, tree)
-        except PqfsError as e:
-            if not isinstance(e, Unavailable):  # the catalog itself is bad: wait for a new head
-                self._unloadable = head
-            raise
+        except CatalogDamaged:  # the catalog itself is bad: wait for a new head
+            self._unloadable = head
+            raise  # any other error (the store refused, timed out): the next poll tries again
         self._unloadable = -1
         if gen != self.generation or not self.vault.unlocked:
             return []

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pqfs.errors import FormatError, PqfsError, VaultError
+from pqfs.errors import CatalogDamaged, FormatError, PqfsError, VaultError
 from pqfs.format.agefile import BytesSource, encrypt_stream, open_age
 from pqfs.format.header import MAX_HEADER
 from pqfs.format.keys import Identity, Recipient
@@ -358,12 +358,12 @@ def _read_segment(
 ) -> tuple[bytes, dict[str, Any]]:
     """(stored bytes, document); VaultError naming the segment if it cannot be used."""
     if seg.size > MAX_STORED_SEGMENT:
-        raise VaultError(f"catalog segment {seg.seq} ({seg.key}): larger than any valid one")
+        raise CatalogDamaged(f"catalog segment {seg.seq} ({seg.key}): larger than any valid one")
     raw = storage.read_bytes(seg.key)
     try:
         return raw, _decode_segment(raw, identities, seg)
     except PqfsError as e:
-        raise VaultError(f"catalog segment {seg.seq} ({seg.key}): {e}") from None
+        raise CatalogDamaged(f"catalog segment {seg.seq} ({seg.key}): {e}") from None
 
 
 def load(storage: Storage, identities: Sequence[Identity]) -> Catalog:
@@ -379,10 +379,12 @@ def load(storage: Storage, identities: Sequence[Identity]) -> Catalog:
     expected = start
     for seg in chain:
         if seg.seq != expected:
-            raise VaultError(f"catalog segment {expected} is missing (vault damaged or tampered)")
+            raise CatalogDamaged(
+                f"catalog segment {expected} is missing (vault damaged or tampered)"
+            )
         raw, doc = _read_segment(storage, identities, seg)
         if prev_digest is not None and doc.get("prev") != prev_digest:
-            raise VaultError(f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}")
+            raise CatalogDamaged(f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}")
         cat.apply_segment(seg.seq, doc)
         if seg.kind == "delta":
             cat.deltas_since_snapshot += 1
