@@ -24,7 +24,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -765,31 +765,48 @@ def test_deep_paths_list_and_mount_without_recursion(
     assert deep in tree._by_path
 
 
+def run_polling(v: Vault, body: Callable[[VaultFS], Awaitable[None]]) -> None:
+    """Run `body` against a started VaultFS of `v` that polls the catalog every 50 ms."""
+
+    async def scenario() -> None:
+        fs = VaultFS(v, MountOptions.for_storage(v.storage, catalog_poll=0.05))
+        try:
+            async with trio.open_nursery() as nursery:
+                await fs.start(nursery)
+                await body(fs)
+                nursery.cancel_scope.cancel()
+        finally:
+            fs.close()
+            gc.unfreeze()
+
+    trio.run(scenario)
+
+
+async def until(cond: Callable[[], object]) -> None:
+    with trio.fail_after(60):
+        while not cond():
+            await trio.sleep(0.05)
+
+
+async def read_back(fs: VaultFS, name: str) -> bytes:
+    fh = await fs.open(fs.lookup(ROOT_INO, name).ino, os.O_RDONLY)
+    return bytes(await fs.read(fh, 0, 100))
+
+
 def test_failed_refresh_keeps_the_tree_and_is_logged_once(
     pq_vault: Vault, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     add_api(pq_vault, tmp_path, "keep.bin", b"kept")
     root = root_of(pq_vault)
 
-    async def scenario() -> None:
-        fs = VaultFS(pq_vault, MountOptions.for_storage(pq_vault.storage, catalog_poll=0.05))
-        try:
-            async with trio.open_nursery() as nursery:
-                await fs.start(nursery)
-                (root / "catalog" / f"{3:016d}.delta.age").write_bytes(b"not an age file")
-                with trio.fail_after(60):
-                    while "catalog refresh failed" not in caplog.text:
-                        await trio.sleep(0.05)
-                await trio.sleep(0.5)  # ten more polls, each failing the same way
-                fh = await fs.open(fs.lookup(ROOT_INO, "keep.bin").ino, os.O_RDONLY)
-                assert bytes(await fs.read(fh, 0, 100)) == b"kept"
-                nursery.cancel_scope.cancel()
-        finally:
-            fs.close()
-            gc.unfreeze()
+    async def body(fs: VaultFS) -> None:
+        (root / "catalog" / f"{3:016d}.delta.age").write_bytes(b"not an age file")
+        await until(lambda: "catalog refresh failed" in caplog.text)
+        await trio.sleep(0.5)  # ten more polls, each failing the same way
+        assert await read_back(fs, "keep.bin") == b"kept"
 
     with caplog.at_level("WARNING", logger="pqfs.mount"):
-        trio.run(scenario)
+        run_polling(pq_vault, body)
     failures = [r.getMessage() for r in caplog.records if "refresh failed" in r.getMessage()]
     assert len(failures) == 1, failures
     assert failures[0].startswith(
@@ -817,29 +834,16 @@ def test_a_refresh_the_store_refused_is_tried_again(
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(obj, dest)
 
-    async def scenario() -> None:
-        fs = VaultFS(pq_vault, MountOptions.for_storage(pq_vault.storage, catalog_poll=0.05))
-        try:
-            async with trio.open_nursery() as nursery:
-                await fs.start(nursery)
-                os.mkfifo(root / "catalog" / name)
-                with trio.fail_after(60):
-                    while "catalog refresh failed" not in caplog.text:
-                        await trio.sleep(0.05)
-                shutil.copyfile(other / "catalog" / name, root / "catalog" / ".tmp-segment")
-                os.replace(root / "catalog" / ".tmp-segment", root / "catalog" / name)
-                with trio.fail_after(60):
-                    while "new.bin" not in fs.tree._by_path:  # type: ignore[union-attr]
-                        await trio.sleep(0.05)
-                fh = await fs.open(fs.lookup(ROOT_INO, "new.bin").ino, os.O_RDONLY)
-                assert bytes(await fs.read(fh, 0, 100)) == b"new"
-                nursery.cancel_scope.cancel()
-        finally:
-            fs.close()
-            gc.unfreeze()
+    async def body(fs: VaultFS) -> None:
+        os.mkfifo(root / "catalog" / name)
+        await until(lambda: "catalog refresh failed" in caplog.text)
+        shutil.copyfile(other / "catalog" / name, root / "catalog" / ".tmp-segment")
+        os.replace(root / "catalog" / ".tmp-segment", root / "catalog" / name)
+        await until(lambda: "new.bin" in fs.tree._by_path)  # type: ignore[union-attr]
+        assert await read_back(fs, "new.bin") == b"new"
 
     with caplog.at_level("INFO", logger="pqfs.mount"):
-        trio.run(scenario)
+        run_polling(pq_vault, body)
     assert "not a regular file" in caplog.text
     assert "catalog refresh works again" in caplog.text
 

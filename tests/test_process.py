@@ -66,6 +66,18 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = DEADLINE
         time.sleep(0.002)
 
 
+def serving_pid(
+    foreground: bool, proc: subprocess.Popen[bytes], sock: socket.socket, mp: Path
+) -> int:
+    """The pid serving the mount `proc` started: itself once it says READY=1 (`mount -f`), or
+    the daemon a background `mount` left once it has exited 0."""
+    if foreground:
+        wait_ready(sock)
+        return proc.pid
+    assert finish(proc)[0] == 0
+    return daemon_pid(mp)
+
+
 def make_vault(tmp_path: Path, files: dict[str, bytes]) -> Vault:
     """A vault (through the API: fast) holding `files`."""
     v = Vault.create(str(tmp_path / "vault"), PASSPHRASE, log_n=10)
@@ -297,12 +309,7 @@ def _check_no_core(
     mp: Path,
     cli_env: dict[str, str],
 ) -> None:
-    if foreground:
-        wait_ready(sock)
-        pid = proc.pid
-    else:
-        assert finish(proc)[0] == 0
-        pid = daemon_pid(mp)
+    pid = serving_pid(foreground, proc, sock, mp)
     assert (mp / "a.txt").read_bytes() == b"hello"
     limits = Path(f"/proc/{pid}/limits").read_text()
     assert re.search(r"^Max core file size\s+0\s+0\s+bytes", limits, re.M), limits
@@ -725,12 +732,7 @@ def test_the_daemon_keeps_none_of_its_callers_descriptors(
         with stack, notified(tmp_path, cli_env) as (env, sock):
             proc = spawn(argv, env, pass_fds=(r, w, f.fileno()))
             stack.enter_context(cleanup(mp, proc))
-            if foreground:
-                wait_ready(sock)
-                pid = proc.pid
-            else:
-                assert finish(proc)[0] == 0
-                pid = daemon_pid(mp)
+            pid = serving_pid(foreground, proc, sock, mp)
             links = fd_targets(pid)
             assert not inherited & links, links
             assert "/dev/fuse" in links
