@@ -13,6 +13,7 @@ class PqfsError(Exception):
     """A user-facing error with a one-line, secret-free message."""
 
     logged = False  # already logged with its context (the mount's adapter logs it no more)
+    hint = ""  # a known fix, printed by the CLI as `pqfs: hint: ...` after the error line
 
 
 class FormatError(PqfsError):

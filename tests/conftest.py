@@ -105,6 +105,15 @@ def examples(n: int) -> int:
     return n
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own trust state (vault/trust.py: pins of vault id, config generation and
+    catalog head), as a fresh host would have it; every pqfs process it starts inherits it."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("PQFS_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def vault(tmp_path: Path) -> Vault:
     """A fresh, unlocked vault (post-quantum identity plus an X25519 one for age interop)."""

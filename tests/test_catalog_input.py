@@ -1,7 +1,8 @@
 """Catalog input and names (issue 15: findings 3, 4, 5, 8 and 9).
 
-A catalog segment is input, not trusted data: whoever can write to the store can append one
-with nothing but the public recipients, as `pqfs.vault.catalog.append` does here. Every malformed op
+A catalog segment is input, not trusted data: even a signed one comes from a writer host that
+can be buggy or compromised, so the segments here are appended and signed as an authorized
+writer would (a forger with only the public keys is test_trust.py's). Every malformed op
 must be ignored with one warning line naming its segment (FORMAT.md §4), never an internal
 error; `ls`, `cat`, `verify`, `rm` and `gc` keep working, and a running mount keeps serving.
 Names: a backslash is an ordinary character, a file below a file or in place of a directory
@@ -77,7 +78,8 @@ def staged(v: Vault, tmp: Path, dest: str, data: bytes) -> dict[str, Any]:
 
 def ops_body(ops: Any) -> Body:
     def body(seq: int, prev: str) -> bytes:
-        doc = {"pqfs_catalog": 1, "seq": seq, "kind": "delta", "prev": prev, "ops": ops}
+        doc = {"pqfs_catalog": 2, "seq": seq, "kind": "delta", "prev": prev, "generation": 1}
+        doc["ops"] = ops
         return json.dumps(doc).encode()
 
     return body
@@ -87,7 +89,9 @@ def op_text_body(op_text: str) -> Body:
     """A segment holding one op given as JSON text (for what json.dumps cannot write)."""
 
     def body(seq: int, prev: str) -> bytes:
-        head = f'{{"pqfs_catalog":1,"seq":{seq},"kind":"delta","prev":"{prev}","ops":['
+        head = (
+            f'{{"pqfs_catalog":2,"seq":{seq},"kind":"delta","prev":"{prev}","generation":1,"ops":['
+        )
         return (head + op_text + "]}").encode()
 
     return body
@@ -95,13 +99,18 @@ def op_text_body(op_text: str) -> Body:
 
 def append_raw(root: Path, body: Body, kind: str = "delta", seq: int | None = None) -> int:
     """Append a segment whose JSON is `body(seq, prev)`, chained after the tail, encrypted to
-    the public recipients only: what anyone with write access to the store can do."""
+    the public recipients and signed with the owner's key: what a writer host that is buggy or
+    compromised can do."""
     v = Vault.open(str(root))
+    v.unlock(PASSPHRASE)
+    signer = v.signer()
+    assert signer is not None
     segs = cat_mod.list_segments(v.storage)
     prev = hashlib.sha256(v.storage.read_bytes(segs[-1].key)).hexdigest() if segs else ""
     seq = segs[-1].seq + 1 if seq is None else seq
     out = io.BytesIO()
-    encrypt_stream(io.BytesIO(body(seq, prev)), out.write, v.recipients)
+    plain = cat_mod.seal(body(seq, prev), signer.key, signer.vault_id)
+    encrypt_stream(io.BytesIO(plain), out.write, v.recipients)
     v.storage.put_bytes(f"catalog/{seq:016d}.{kind}.age", out.getvalue(), exclusive=True)
     return seq
 
@@ -508,9 +517,10 @@ def test_without_the_identity_a_conflicting_put_is_ignored_on_load_first_one_win
     root = root_of(pq_vault)
     one = tmp_path / "one.bin"
     one.write_bytes(b"first\n")
-    run_pqfs("add", str(root), str(one), "abs/one.bin", env=no_pass(cli_env))
-    run_pqfs("add", str(root), str(one), "abs/one.bin/sub", env=no_pass(cli_env))
-    run_pqfs("add", str(root), str(one), "abs", env=no_pass(cli_env))
+    key = tmp_path / "ingest.key"
+    run_pqfs("writer", "add", str(root), "ingest", "-o", str(key), env=cli_env)
+    for dest in ("abs/one.bin", "abs/one.bin/sub", "abs"):
+        run_pqfs("add", "--writer-key", str(key), str(root), str(one), dest, env=no_pass(cli_env))
     proc = run_pqfs("ls", "-R", str(root), env=cli_env)
     assert proc.stdout.decode().splitlines() == ["abs/", "abs/one.bin"]
     warnings = proc.stderr.decode().splitlines()
@@ -603,7 +613,8 @@ def test_forged_last_sequence_number_is_refused_before_any_work(
     root = root_of(pq_vault)
 
     def empty_snapshot(seq: int, prev: str) -> bytes:
-        doc = {"pqfs_catalog": 1, "seq": seq, "kind": "snap", "prev": "", "ops": []}
+        doc = {"pqfs_catalog": 2, "seq": seq, "kind": "snap", "prev": "", "generation": 1}
+        doc["ops"] = []
         return json.dumps(doc).encode()
 
     append_raw(root, empty_snapshot, kind="snap", seq=10**16 - 1)

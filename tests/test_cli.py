@@ -42,9 +42,12 @@ SUBCOMMANDS = [
     "rm",
     "share",
     "stats",
+    "trust",
     "umount",
     "unlock",
+    "upgrade",
     "verify",
+    "writer",
 ]
 
 
@@ -112,12 +115,15 @@ def test_init_and_info(tmp_path: Path, cli_env: dict[str, str]) -> None:
     err = proc.stderr.decode()
     assert "created vault" in err
     assert err.count("recipient: age1pq1") == 1
+    vault_id = err.split("vault id: ")[1].split()[0]
     assert (root / "pqfs.json").is_file()
     assert (root / "identity.age").read_bytes().startswith(b"age-encryption.org/v1\n-> scrypt ")
     assert len(list((root / "catalog").glob("*.snap.age"))) == 1
 
     out = pqfs("info", root, env=cli_env).stdout.decode()
-    assert "format: pqfs-vault v1" in out
+    assert "format: pqfs-vault v2" in out
+    assert "signed: True" in out
+    assert f"vault_id: {vault_id}" in out
     assert "post_quantum: True" in out
     assert "files: 0" in out
     assert "objects: 0" in out
@@ -252,10 +258,18 @@ def test_cat_byte_ranges(pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str
 
 
 def test_add_needs_no_passphrase(pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """An ingest host holds a writer key, not the passphrase; without either, add refuses
+    before it encrypts anything."""
     root = root_of(pq_vault)
     f = tmp_path / "song.flac"
     f.write_bytes(os.urandom(CHUNK + 3))
-    proc = pqfs("add", root, f, "music/", env=no_pass(cli_env))
+    refused = user_error("add", root, f, "music/", env=no_pass(cli_env))
+    assert "needs a signature" in refused and "--writer-key FILE" in refused
+    assert objects(root) == []
+    key = tmp_path / "ingest.key"
+    pqfs("writer", "add", root, "ingest", "-o", key, env=cli_env)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    proc = pqfs("add", "--writer-key", key, root, f, "music/", env=no_pass(cli_env))
     assert "added 1 file(s)" in proc.stderr.decode()
     out = pqfs("ls", "-l", root, "music", env=cli_env).stdout.decode().split()
     assert out[1] == str(CHUNK + 3) and out[-1] == "song.flac"

@@ -178,12 +178,12 @@ def test_pq_vault_with_age_keygen_recipient(tmp_path: Path, cli_env: dict[str, s
     assert rcpt in recipients
     assert sum(r.post_quantum for r in v.recipients) == 1  # only the vault's own hybrid key
     data = os.urandom(3 * CHUNK + 77)
-    obj = add(v, tmp_path, "x/y.bin", data)  # needs no passphrase: public recipients only
+    v.unlock(PASSPHRASE)  # the owner signs the catalog segment; the object needs public keys only
+    obj = add(v, tmp_path, "x/y.bin", data)
     proc = age("-d", "-i", str(key), str(obj))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == data
     # and pqfs itself still opens it with the PQ identity
-    v.unlock(PASSPHRASE)
     with open_reader(v, "x/y.bin") as r:
         assert r.read(0, r.size) == data
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from pqfs.cli.messages import EXIT_USAGE, warn
-from pqfs.cli.unlock import has_passphrase_env, identity_file, passphrase
+from pqfs.cli.unlock import has_passphrase_env, identity_file, passphrase, writer_key_file
 from pqfs.format.keys import Recipient, parse_recipient
 from pqfs.mount.options import MountOptions
 from pqfs.runtime.zeroize import wipe
@@ -93,9 +93,51 @@ def storage_options(args: argparse.Namespace) -> StorageOptions:
     )
 
 
-def open_vault(args: argparse.Namespace, unlock: bool) -> Vault:
-    v = Vault.open(args.vault, storage_options(args))
+def writer_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("an ingest host without the identity")
+    g.add_argument(
+        "--writer-key",
+        metavar="FILE",
+        help="sign what is added with this host's writer key (from pqfs writer add)",
+    )
+
+
+def vault_arg(sp: argparse.ArgumentParser) -> None:
+    """VAULT, the S3 options, and --vault-id: what every command on a vault takes."""
+    sp.add_argument("vault", metavar="VAULT")
+    s3_options(sp)
+    vault_id_option(sp)
+
+
+def vault_id_option(g: argparse.ArgumentParser) -> None:
+    g.add_argument(
+        "--vault-id",
+        metavar="ID",
+        help="the vault id that pqfs init printed: refuse a vault signed by any other key "
+        "(default: the one this host pinned when it first used the vault)",
+    )
+
+
+def open_vault(args: argparse.Namespace, unlock: bool, legacy_warning: bool = True) -> Vault:
+    vault_id = getattr(args, "vault_id", None)
+    writer = None
+    if getattr(args, "writer_key", None):
+        writer, named = writer_key_file(args.writer_key)
+        vault_id = vault_id or named
+    try:
+        v = Vault.open(args.vault, storage_options(args), vault_id=vault_id)
+        if writer is not None:
+            v.use_writer_key(writer)
+            writer = None
+    finally:
+        if writer is not None:
+            writer.wipe()
     v.on_warning = warn  # ops of the catalog that are ignored (pqfs: warning: catalog segment..)
+    if not v.config.signed and legacy_warning:
+        warn(
+            f"{args.vault} is a version 1 vault: its catalog and config are not signed, so "
+            "whoever can write to the store can change them (run: pqfs upgrade VAULT)"
+        )
     if unlock:
         if getattr(args, "identity", None):
             v.unlock_with(identity_file(args.identity))

@@ -9,7 +9,7 @@ The rules (as age's cmd/age/tui.go has them for age):
 - An error is one line, `pqfs: error: ...`, and exit status 1 (EXIT_ERROR). Every PqfsError
   and OSError becomes that line here, in main(), and nothing else prints one. A command line
   argparse refuses is one line too, `pqfs CMD: error: ... (see --help)`, status 2.
-- An error with a known fix is followed by one `pqfs: hint: ...` line (messages.Hinted),
+- An error with a known fix is followed by one `pqfs: hint: ...` line (PqfsError.hint),
   such as `pqfs: hint: run: pqfs umount MP` for a stale mount.
 - A warning is `pqfs: warning: ...` and the command goes on (messages.warn); a note of what
   was done (`created vault ...`, `added 3 file(s) ...`) has no prefix (messages.info).
@@ -33,9 +33,9 @@ import sys
 from collections.abc import Sequence
 
 from pqfs import __version__
-from pqfs.cli import mount_cmds, vault_cmds
+from pqfs.cli import mount_cmds, trust_cmds, vault_cmds
 from pqfs.cli.args import Parser
-from pqfs.cli.messages import EXIT_ERROR, EXIT_INTERNAL, Hinted
+from pqfs.cli.messages import EXIT_ERROR, EXIT_INTERNAL
 from pqfs.errors import PqfsError
 from pqfs.runtime import memory
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pqfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for add in (*vault_cmds.PARSERS, *mount_cmds.PARSERS):
+    for add in (*vault_cmds.PARSERS, *trust_cmds.PARSERS, *mount_cmds.PARSERS):
         add(sub)
     return p
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"pqfs: error: {e}", file=sys.stderr)
-        if isinstance(e, Hinted):
+        if e.hint:
             print(f"pqfs: hint: {e.hint}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from pqfs.cli.args import (
     size_text,
     subcommand,
     unlock_options,
+    vault_id_option,
 )
 from pqfs.cli.messages import Hinted, info
 from pqfs.cli.progress import human
@@ -108,6 +109,7 @@ def parse_mount(sub: Subparsers) -> None:
     sp = subcommand(sub, "mount", cmd_mount, "mount the vault read-only as plain files (FUSE)")
     sp.add_argument("vault", metavar="VAULT")
     s3_options(sp, mount=True)
+    vault_id_option(sp)
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
     sp.add_argument(
         "-f",

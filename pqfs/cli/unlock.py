@@ -16,6 +16,7 @@ from pqfs.errors import PqfsError
 from pqfs.format.keys import HybridIdentity, X25519Identity, parse_identity_file
 from pqfs.runtime import zeroize
 from pqfs.runtime.zeroize import ENV_PASSPHRASE
+from pqfs.vault.signing import SigningKey
 
 CREDENTIAL = "passphrase"  # the name in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
 
@@ -101,13 +102,48 @@ def _parsed(path: str, text: bytearray) -> list[HybridIdentity | X25519Identity]
         raise PqfsError(f"{path} is not an age identity file") from None
 
 
-def _identity_text(path: str) -> bytearray:
+def _identity_text(path: str, what: str = "identity file") -> bytearray:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise PqfsError(f"cannot read identity file {path}: {e.strerror}") from None
+        raise PqfsError(f"cannot read {what} {path}: {e.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PqfsError(
-            f"identity file {path} is accessible by group or others (run: chmod 600 {path})"
-        )
-    return _read_secret_file(path, "identity file", limit=1 << 20)
+        raise PqfsError(f"{what} {path} is accessible by group or others (run: chmod 600 {path})")
+    return _read_secret_file(path, what, limit=1 << 20)
+
+
+VAULT_ID_LINE = b"# vault-id: "
+
+
+def writer_key_file(path: str) -> tuple[SigningKey, str | None]:
+    """The writer key in a file `pqfs writer add` wrote (mode 0600), and the vault id it names
+    (its `# vault-id:` line), which pins the vault on a host that never saw it."""
+    text = _identity_text(path, "writer key file")
+    try:
+        key: SigningKey | None = None
+        vault_id = None
+        for line in _lines(text):
+            if bytes(line[: len(VAULT_ID_LINE)]) == VAULT_ID_LINE:
+                vault_id = bytes(line[len(VAULT_ID_LINE) :]).decode("ascii", "replace").strip()
+            elif line and bytes(line[:1]) != b"#" and key is None:
+                try:
+                    key = SigningKey.decode(line)
+                except PqfsError:
+                    raise PqfsError(f"{path} is not a pqfs writer key file") from None
+        if key is None:
+            raise PqfsError(f"{path} is not a pqfs writer key file")
+        return key, vault_id
+    finally:
+        zeroize.wipe(text)
+
+
+def _lines(text: bytearray) -> list[memoryview]:
+    """The lines of a secret's text as views into it (no copy of the secret)."""
+    mv = memoryview(text)
+    out, start = [], 0
+    for i, c in enumerate(mv):
+        if c == 0x0A:
+            out.append(mv[start:i])
+            start = i + 1
+    out.append(mv[start:])
+    return [ln[:-1] if len(ln) and ln[-1] == 0x0D else ln for ln in out]

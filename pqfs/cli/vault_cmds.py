@@ -21,6 +21,8 @@ from pqfs.cli.args import (
     storage_options,
     subcommand,
     unlock_options,
+    vault_arg,
+    writer_options,
 )
 from pqfs.cli.messages import info, warn
 from pqfs.cli.progress import Progress, human
@@ -64,11 +66,6 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         mv = mv[n:]
 
 
-def _vault_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("vault", metavar="VAULT")
-    s3_options(sp)
-
-
 # ------------------------------------------------------------------ init, keygen ----
 
 
@@ -82,6 +79,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     finally:
         wipe(pw)
     info(f"created vault {shown(args.vault)}")
+    info(f"  vault id: {v.config.vault_id} (ingest hosts: --vault-id, or a writer key)")
     for r in v.recipients:
         text = r.encode()
         short = text if len(text) <= 80 else f"{text[:24]}...{text[-12:]} (full text: pqfs info)"
@@ -91,7 +89,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def parse_init(sub: Subparsers) -> None:
     sp = subcommand(sub, "init", cmd_init, "create a new vault with a fresh post-quantum identity")
-    _vault_arg(sp)
+    sp.add_argument("vault", metavar="VAULT")
+    s3_options(sp)
     sp.add_argument(
         "-r",
         "--recipient",
@@ -152,7 +151,7 @@ def _skipping(s: ingest.Skip) -> None:
 
 def parse_add(sub: Subparsers) -> None:
     sp = subcommand(sub, "add", cmd_add, "encrypt a file or a directory tree into the vault")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("src", metavar="SRC")
     sp.add_argument(
         "dest", metavar="DEST", nargs="?", help="path in the vault (default: the name of SRC)"
@@ -165,6 +164,7 @@ def parse_add(sub: Subparsers) -> None:
         help="also encrypt to this age recipient (repeatable)",
     )
     unlock_options(sp)
+    writer_options(sp)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -181,7 +181,7 @@ def parse_import(sub: Subparsers) -> None:
     sp = subcommand(
         sub, "import", cmd_import, "import an age file (no re-encryption) into the vault"
     )
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("src", metavar="AGEFILE")
     sp.add_argument("dest", metavar="DEST", nargs="?")
     unlock_options(sp)
@@ -227,7 +227,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def parse_ls(sub: Subparsers) -> None:
     sp = subcommand(sub, "ls", cmd_ls, "list a directory of the vault")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH", nargs="?")
     sp.add_argument("-l", "--long", action="store_true", help="mode, size and mtime")
     sp.add_argument("-R", "--recursive", action="store_true", help="the whole tree")
@@ -243,7 +243,7 @@ def parse_cat(sub: Subparsers) -> None:
     sp = subcommand(
         sub, "cat", cmd_cat, "write a file's plaintext (or a byte range of it) to stdout"
     )
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("--offset", type=parse_nonneg, default=0, metavar="N")
     sp.add_argument("--length", type=parse_nonneg, default=None, metavar="N")
@@ -284,7 +284,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def parse_get(sub: Subparsers) -> None:
     sp = subcommand(sub, "get", cmd_get, "decrypt a file of the vault to OUT")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("out", metavar="OUT")
     sp.add_argument("-f", "--force", action="store_true", help="overwrite OUT")
@@ -307,7 +307,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def parse_rm(sub: Subparsers) -> None:
     sp = subcommand(sub, "rm", cmd_rm, "remove a file (or with -r a directory) from the vault")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("-r", "--recursive", action="store_true")
     unlock_options(sp)
@@ -330,13 +330,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"FAILED {shown(e.path)}{where}: {err}")
     if failed:  # the FAILED lines are the output; the verdict is the command's one error line
         raise PqfsError(f"{failed} of {checked} file(s) failed verification")
+    forged = v.catalog().unverified
+    if forged:
+        raise PqfsError(
+            f"verified {checked} file(s), but catalog segment(s) {', '.join(map(str, forged))} "
+            "are signed by no one the vault authorizes: forged, or by a revoked writer (their "
+            "ops were ignored; pqfs gc removes them)"
+        )
     print(f"verified {checked} file(s), {human(total)}: every chunk authentic")
     return 0
 
 
 def parse_verify(sub: Subparsers) -> None:
     sp = subcommand(sub, "verify", cmd_verify, "authenticate every chunk; exit 1 if any file fails")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH", nargs="?")
     unlock_options(sp)
 
@@ -356,7 +363,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def parse_info(sub: Subparsers) -> None:
     sp = subcommand(sub, "info", cmd_info, "show the vault's format, recipients and sizes")
-    _vault_arg(sp)
+    vault_arg(sp)
     unlock_options(sp)
 
 
@@ -383,7 +390,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 def parse_passwd(sub: Subparsers) -> None:
     sp = subcommand(sub, "passwd", cmd_passwd, "change the vault passphrase")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("--passphrase-file", metavar="FILE", help="the current passphrase")
     sp.add_argument(
         "--new-passphrase-file", metavar="FILE", help="the new passphrase (or PQFS_NEW_PASSPHRASE)"
@@ -400,7 +407,7 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 def parse_share(sub: Subparsers) -> None:
     sp = subcommand(sub, "share", cmd_share, "add recipients to one file without re-encrypting it")
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("path", metavar="PATH")
     sp.add_argument("-r", "--recipient", action="append", metavar="R", required=True)
     unlock_options(sp)
@@ -408,8 +415,15 @@ def parse_share(sub: Subparsers) -> None:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     v = open_vault(args, unlock=True)
-    count, freed = maintenance.gc(v)
-    info(f"deleted {count} unreferenced object(s), {human(freed)} freed; catalog compacted")
+    done = maintenance.gc(v, force=args.force, dry_run=args.dry_run)
+    n, freed = len(done.doomed), human(done.freed)
+    if args.dry_run:
+        for key, size in done.doomed:
+            print(f"{key} {size}")
+        note = f" (of {done.total}: most of the vault, so gc needs --force)" if done.mass else ""
+        info(f"would delete {n} unreferenced object(s), {freed}{note}")
+        return 0
+    info(f"deleted {n} unreferenced object(s), {freed} freed; catalog compacted")
     aborted = v.storage.abort_stale_uploads()
     if aborted:
         info(f"aborted {aborted} upload(s) left by interrupted adds")
@@ -418,7 +432,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def parse_gc(sub: Subparsers) -> None:
     sp = subcommand(sub, "gc", cmd_gc, "delete unreferenced objects and compact the catalog")
-    _vault_arg(sp)
+    vault_arg(sp)
+    sp.add_argument(
+        "-n", "--dry-run", action="store_true", help="list what would be deleted; change nothing"
+    )
+    sp.add_argument(
+        "--force", action="store_true", help="delete even when that is most of the vault's objects"
+    )
     unlock_options(sp)
 
 
@@ -432,7 +452,7 @@ def parse_identity(sub: Subparsers) -> None:
     sp = subcommand(
         sub, "identity", cmd_identity, "export the vault identity (for use with age -d)"
     )
-    _vault_arg(sp)
+    vault_arg(sp)
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600)")
     sp.add_argument(
         "--classic-only",

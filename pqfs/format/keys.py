@@ -133,6 +133,11 @@ class HybridIdentity:
     def encode(self) -> str:
         return bech32_encode("AGE-SECRET-KEY-PQ-", bytes(self._seed), upper=True)
 
+    def derive_secret(self, info: bytes) -> bytearray:
+        """32 bytes derived from the seed for another use (HKDF-SHA256, `info` naming the use):
+        a key that comes with this identity, to wipe when done."""
+        return _hkdf(32, None, info, self._seed)
+
     def unwrap_stanza(self, stanza: Stanza) -> bytearray | None:
         if not stanza.args or stanza.args[0] != "mlkem768x25519":
             return None

@@ -160,7 +160,7 @@ class VaultFS:
     def _build_tree(self, old: Tree | None) -> tuple[Tree, list[str]]:
         """On a thread (`offload`): load the catalog and build its tree (a new object, which no other
         thread sees until it is swapped in), and what changed from `old`."""
-        tree = Tree(cat_mod.load(self.vault.storage, self.vault.identities), self._salt)
+        tree = Tree(self.vault.read_catalog(), self._salt)
         return tree, [] if old is None else changed_paths(old, tree)
 
     def _swap_tree(self, new: Tree, old: Tree | None) -> None:

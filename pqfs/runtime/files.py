@@ -90,3 +90,17 @@ def fd_pwriter(fd: int) -> Callable[[memoryview | bytes, int], None]:
             mv, offset = mv[n:], offset + n
 
     return pwrite
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or create in directory `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # some filesystems refuse O_DIRECTORY opens; durability is best effort
+        if e.errno in (errno.EACCES, errno.EINVAL):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -4,13 +4,12 @@ rename or link), private to the owner (directories 0700, files 0600)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pqfs.runtime.files import open_regular, preadfull
+from pqfs.runtime.files import fsync_dir, open_regular, preadfull
 from pqfs.storage import pagecache
 from pqfs.storage.base import TMP_PREFIX, ObjectSource, Storage, StorageOptions, checked_key
 
@@ -124,7 +123,7 @@ class LocalStorage(Storage):
                 os.unlink(tmp)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException as e:
             if f is not None:
                 f.close()
@@ -165,16 +164,3 @@ class LocalStorage(Storage):
 def _private(path: str, flags: int) -> int:
     """open()'s opener for a new vault file: mode 0600 (see LocalStorage)."""
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:  # some filesystems refuse O_DIRECTORY opens; durability is best effort
-        if e.errno in (errno.EACCES, errno.EINVAL):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

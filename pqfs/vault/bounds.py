@@ -22,6 +22,11 @@ class VaultBounds:
     compact_after: int = 32  # deltas since the last snapshot: beyond this, loading reads many
     append_attempts: int = 100  # exclusive creates lost to concurrent writers before giving up
     stuck_attempts: int = 3  # lost races with no new segment to show for them: not a writer
+    # `pqfs gc` refuses, without --force, to delete more than this share of a vault's objects
+    # once they are at least gc_mass_objects: a few leftovers of interrupted adds are routine,
+    # losing most of a vault at once is what a forged or damaged catalog would cause.
+    gc_mass_fraction: float = 0.5
+    gc_mass_objects: int = 10
 
 
 BOUNDS = VaultBounds()

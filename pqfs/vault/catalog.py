@@ -6,8 +6,13 @@ the public recipients, so `pqfs add` never needs the passphrase. Each segment na
 predecessor by the SHA-256 of its stored bytes; a missing, reordered or replaced segment after
 the newest snapshot is detected on load.
 
-Because anyone who can write to the store can append a segment, an op is input, not trusted
-data: every op is checked against the schema of FORMAT.md §4 (schema.py) before it is used,
+In a version-2 vault every segment is signed (FORMAT.md §4.6) by the owner or a writer the
+signed config authorizes, over its document and the vault id; a segment that is not (forged
+with the public recipients, or written by a revoked writer) is ignored whole, with a warning,
+so nothing it says is ever used, and the chain goes on through its bytes. A signed segment at
+the wrong position, or whose `prev` breaks the chain, is damage, as in version 1.
+
+Even a signed op is input, not trusted data (a writer host can be compromised too): every op is checked against the schema of FORMAT.md §4 (schema.py) before it is used,
 and one that fails (or would put a file below a file) is ignored and reported as one warning
 line per segment (`Catalog.warnings`), never raised: a bad op must not make the vault
 unreadable.
@@ -19,22 +24,28 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pqfs.errors import CatalogDamaged, FormatError, PqfsError, VaultError
 from pqfs.format.agefile import BytesSource, encrypt_stream, open_age
+from pqfs.format.encoding import b64decode, b64encode
 from pqfs.format.header import MAX_HEADER
 from pqfs.format.keys import Identity, Recipient
 from pqfs.format.stream import NONCE_SIZE, ciphertext_size
 from pqfs.storage.base import Storage
 from pqfs.vault import bounds
+from pqfs.vault.config import VaultConfig
 from pqfs.vault.schema import INT64, Entry, MalformedOp, del_path, parse_json, put_entry
+from pqfs.vault.signing import SigningKey
+from pqfs.vault.trust import Rollback
 
 PREFIX = "catalog/"
 SEGMENT = re.compile(r"catalog/(\d{16})\.(snap|delta)\.age")
-FORMAT = 1
+FORMAT = 1  # pqfs_catalog of a version-1 vault's segments
+SIGNED_FORMAT = 2  # and of a version-2 vault's (signed)
+SEGMENT_PURPOSE = b"pqfs.v2 catalog segment"
 MAX_SEQ = 10**16 - 1  # a key holds 16 digits: a reader ignores any longer name (SEGMENT)
 # A segment's plaintext is read and parsed whole. A snapshot costs ~300 bytes per entry, so
 # this holds ~900,000 entries (nine times the 100,000-file library pqfs is built for), while a
@@ -42,6 +53,11 @@ MAX_SEQ = 10**16 - 1  # a key holds 16 digits: a reader ignores any longer name 
 MAX_SEGMENT_BYTES = 256 << 20
 MAX_STORED_SEGMENT = MAX_HEADER + NONCE_SIZE + ciphertext_size(MAX_SEGMENT_BYTES)
 IS_A_DIRECTORY = "it is a directory in the vault"
+
+
+class NoSignedSnapshot(CatalogDamaged):
+    """A version-2 catalog without a snapshot the owner signed (forged, or an upgrade from
+    version 1 that was interrupted before its first snapshot)."""
 
 
 class ConflictingOp(VaultError):
@@ -121,6 +137,8 @@ class Catalog:
         self.head_digest = ""
         self.deltas_since_snapshot = 0
         self.warnings: list[str] = []  # one line per segment that had ops to ignore
+        self.digests: dict[int, str] = {}  # stored-bytes SHA-256 of each segment loaded
+        self.unverified: list[int] = []  # segments ignored whole: signed by no one authorized
 
     # ---------------------------------------------------------------- tree queries ----
 
@@ -254,8 +272,9 @@ class Catalog:
         else:
             raise MalformedOp('op is neither "put" nor "del"')
 
-    def apply_segment(self, seq: int, doc: dict[str, Any]) -> None:
-        """Apply the ops of segment `seq`; the ones to ignore make one line in `warnings`."""
+    def apply_segment(self, seq: int, doc: dict[str, Any], may_delete: bool = True) -> None:
+        """Apply the ops of segment `seq`; the ones to ignore make one line in `warnings`.
+        A writer's segment (`may_delete` False) may only put: its deletes are malformed."""
         ops = doc.get("ops")
         if not isinstance(ops, list):
             what = "missing" if "ops" not in doc else "not a list"
@@ -265,6 +284,8 @@ class Catalog:
         first = ""
         for i, op in enumerate(ops, 1):
             try:
+                if not may_delete and isinstance(op, dict) and op.get("op") == "del":
+                    raise MalformedOp("a writer may not delete (only the owner does)")
                 self.apply(op)
             except (MalformedOp, ConflictingOp) as e:
                 if isinstance(e, MalformedOp):
@@ -334,46 +355,145 @@ def _is_int(value: object, expected: int) -> bool:
     return type(value) is int and value == expected
 
 
-def _decode_segment(raw: bytes, identities: Sequence[Identity], seg: Segment) -> dict[str, Any]:
-    """The segment's document with its header checked; FormatError (a message to follow the
-    segment's name) if it cannot be used: such a segment breaks the chain, unlike a bad op."""
+def segment_statement(vault_id: str, doc: bytes) -> bytes:
+    """What a segment's signature covers (FORMAT.md §4.6): the vault, then the document's
+    SHA-256 (the document names its position: seq, kind, prev)."""
+    return vault_id.encode() + b"\x00" + hashlib.sha256(doc).digest()
+
+
+def seal(doc: bytes, signer: SigningKey, vault_id: str) -> bytes:
+    """A version-2 segment's plaintext: the document, LF, the signer's key id and signature."""
+    sig = signer.sign(SEGMENT_PURPOSE, segment_statement(vault_id, doc))
+    return doc + b"\n" + f"{signer.id} {b64encode(sig)}".encode()
+
+
+class _Unverified(Exception):
+    """A segment signed by no one the config authorizes: ignored whole (why: the message)."""
+
+
+def _opened(raw: bytes, identities: Sequence[Identity]) -> bytes:
     reader = open_age(BytesSource(raw), identities)
-    if reader.size > MAX_SEGMENT_BYTES:
+    if reader.size > MAX_SEGMENT_BYTES + SIGNATURE_LINE:
+        raise FormatError(f"larger than {MAX_SEGMENT_BYTES >> 20} MiB")
+    return reader.read(0, reader.size)
+
+
+SIGNATURE_LINE = 33 + 4500  # key id, a space, the base64 of a 3373-byte hybrid signature
+
+
+def _verified(plain: bytes, config: VaultConfig, kind: str) -> tuple[bytes, str]:
+    """(the document, who signed it) of a version-2 segment's plaintext; _Unverified unless
+    its signature is of a key the config authorizes (a snapshot: the owner's)."""
+    doc, lf, trailer = plain.partition(b"\n")
+    if not lf:
+        raise _Unverified("it is not signed")
+    key_id, _, sig_text = trailer.partition(b" ")
+    found = config.signer(key_id.decode("ascii", "replace"))
+    if found is None:
+        raise _Unverified("signed by a key the vault does not authorize")
+    who, key = found
+    if kind == "snap" and who != "owner":
+        raise _Unverified(f"a snapshot signed by writer {who} (only the owner writes snapshots)")
+    try:
+        sig = b64decode(sig_text, "signature")
+    except FormatError:
+        raise _Unverified("its signature is malformed") from None
+    if not key.verify(SEGMENT_PURPOSE, segment_statement(config.vault_id, doc), sig):
+        raise _Unverified("its signature does not verify")
+    return doc, who
+
+
+def _decode_segment(
+    raw: bytes, identities: Sequence[Identity], seg: Segment, config: VaultConfig | None
+) -> tuple[dict[str, Any], str]:
+    """(document, signer: "owner", a writer's name, or "" in a version-1 vault) of a segment
+    with its header checked; FormatError (a message to follow the segment's name) if it
+    cannot be used, which breaks the chain (unlike a bad op); _Unverified if it is signed by
+    no one authorized."""
+    plain = _opened(raw, identities)
+    who = ""
+    version = FORMAT
+    if config is not None and config.signed:
+        plain, who = _verified(plain, config, seg.kind)
+        version = SIGNED_FORMAT
+    if len(plain) > MAX_SEGMENT_BYTES:
         raise FormatError(f"larger than {MAX_SEGMENT_BYTES >> 20} MiB")
     try:
-        doc = parse_json(reader.read(0, reader.size))
+        doc = parse_json(plain)
     except ValueError:
         raise FormatError("not valid JSON") from None
     if not isinstance(doc, dict):
         raise FormatError("not a JSON object")
-    if not _is_int(doc.get("pqfs_catalog"), FORMAT) or not _is_int(doc.get("seq"), seg.seq):
+    if not _is_int(doc.get("pqfs_catalog"), version) or not _is_int(doc.get("seq"), seg.seq):
         raise FormatError("wrong header (replaced or moved)")
     if doc.get("kind") != seg.kind:
         raise FormatError("wrong kind")
-    return doc
+    if config is not None and config.signed:
+        gen = doc.get("generation")
+        if type(gen) is not int or gen < 1:
+            raise FormatError("no config generation")
+        if gen > config.generation:
+            raise Rollback(
+                f"catalog segment {seg.seq} was written under config generation {gen}, but "
+                f"pqfs.json is generation {config.generation}: the config was rolled back"
+            )
+    return doc, who
 
 
 def _read_segment(
-    storage: Storage, identities: Sequence[Identity], seg: Segment
-) -> tuple[bytes, dict[str, Any]]:
-    """(stored bytes, document); VaultError naming the segment if it cannot be used."""
+    storage: Storage, identities: Sequence[Identity], seg: Segment, config: VaultConfig | None
+) -> tuple[bytes, dict[str, Any] | None, str]:
+    """(stored bytes, document or None if unverified, signer or why it is unverified);
+    CatalogDamaged naming the segment if it cannot be used."""
     if seg.size > MAX_STORED_SEGMENT:
         raise CatalogDamaged(f"catalog segment {seg.seq} ({seg.key}): larger than any valid one")
     raw = storage.read_bytes(seg.key)
     try:
-        return raw, _decode_segment(raw, identities, seg)
+        doc, who = _decode_segment(raw, identities, seg, config)
+        return raw, doc, who
+    except _Unverified as e:
+        return raw, None, str(e)
+    except Rollback:
+        raise
     except PqfsError as e:
         raise CatalogDamaged(f"catalog segment {seg.seq} ({seg.key}): {e}") from None
 
 
-def load(storage: Storage, identities: Sequence[Identity]) -> Catalog:
-    """The catalog as of its newest segment. A segment that cannot be read, or a break in the
-    chain, is a VaultError naming the segment; an op that cannot be used is ignored, reported
-    in `Catalog.warnings`."""
+_Read = tuple[bytes, dict[str, Any] | None, str]
+
+
+def _start(
+    storage: Storage,
+    identities: Sequence[Identity],
+    segs: list[Segment],
+    config: VaultConfig | None,
+    cache: dict[int, _Read],
+) -> int:
+    """The sequence number the chain starts at: the newest snapshot (in a version-2 vault, the
+    newest one the owner signed: a forged snapshot must not hide the tree)."""
+    snaps = [s for s in segs if s.kind == "snap"]
+    if config is None or not config.signed:
+        return snaps[-1].seq if snaps else 1
+    for s in reversed(snaps):
+        got = cache[s.seq] = _read_segment(storage, identities, s, config)
+        if got[1] is not None:
+            return s.seq
+    raise NoSignedSnapshot(
+        "the catalog has no snapshot signed by the vault owner (damaged or forged)"
+    )
+
+
+def load(
+    storage: Storage, identities: Sequence[Identity], config: VaultConfig | None = None
+) -> Catalog:
+    """The catalog as of its newest segment (`config`: a version-2 vault's, whose signatures it
+    checks; None for version 1). A segment that cannot be read, or a break in the chain, is a
+    CatalogDamaged naming the segment; an op that cannot be used, or a segment signed by no
+    one authorized, is ignored and reported in `Catalog.warnings`."""
     cat = Catalog()
     segs = list_segments(storage)
-    snaps = [s for s in segs if s.kind == "snap"]
-    start = snaps[-1].seq if snaps else 1
+    cache: dict[int, _Read] = {}
+    start = _start(storage, identities, segs, config, cache) if segs else 1
     chain = [s for s in segs if s.seq >= start]
     prev_digest: str | None = None
     expected = start
@@ -382,13 +502,24 @@ def load(storage: Storage, identities: Sequence[Identity]) -> Catalog:
             raise CatalogDamaged(
                 f"catalog segment {expected} is missing (vault damaged or tampered)"
             )
-        raw, doc = _read_segment(storage, identities, seg)
-        if prev_digest is not None and doc.get("prev") != prev_digest:
-            raise CatalogDamaged(f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}")
-        cat.apply_segment(seg.seq, doc)
+        got = cache.pop(seg.seq, None)
+        raw, doc, who = got if got is not None else _read_segment(storage, identities, seg, config)
+        if doc is None:
+            cat.unverified.append(seg.seq)
+            cat.warnings.append(
+                f"catalog segment {seg.seq} ignored: {who} (forged, or by a revoked writer; "
+                "pqfs gc removes it)"
+            )
+        else:
+            if prev_digest is not None and doc.get("prev") != prev_digest:
+                raise CatalogDamaged(
+                    f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}"
+                )
+            cat.apply_segment(seg.seq, doc, may_delete=who in ("owner", ""))
         if seg.kind == "delta":
             cat.deltas_since_snapshot += 1
         prev_digest = hashlib.sha256(raw).hexdigest()
+        cat.digests[seg.seq] = prev_digest
         expected += 1
     cat.head_seq = expected - 1
     cat.head_digest = prev_digest or ""
@@ -438,20 +569,42 @@ def _encode(doc: dict[str, Any]) -> bytes:
     return body
 
 
+@dataclass(frozen=True)
+class Signer:
+    """Who signs the segments a version-2 vault's writer appends: its key (the owner's or an
+    authorized writer's), the vault they are bound to, and the config generation it read."""
+
+    key: SigningKey
+    vault_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Written:
+    seq: int
+    digest: str  # SHA-256 of the stored bytes (what the next segment's prev will be)
+
+
+TailCheck = Callable[[int, str], None]  # (tail seq, its digest): raises to refuse appending
+
+
 def append(
     storage: Storage,
     recipients: Sequence[Recipient],
     ops: Iterable[dict[str, Any]],
     snapshot: bool = False,
     expect_prev: str | None = None,
-) -> int | None:
-    """Write a new segment after the current tail; returns its sequence number.
+    signer: Signer | None = None,
+    check_tail: TailCheck | None = None,
+) -> Written | None:
+    """Write a new segment after the current tail; returns its number and digest.
 
     Needs no identity. Concurrent writers race on an exclusive create; the loser re-reads the
     tail and retries, so no segment is ever overwritten. With `expect_prev`, nothing is written
     (None is returned) unless the tail is still that segment: a snapshot must not hide a delta
     that another writer appended after the snapshot's state was read. Never writes a name
-    readers would not read (more than 16 digits).
+    readers would not read (more than 16 digits). With `signer` the segment is a version-2
+    one, signed; `check_tail` sees each tail before anything is chained to it (rollback).
     """
     ops = list(ops)
     kind = "snap" if snapshot else "delta"
@@ -464,6 +617,8 @@ def append(
             return None
         if seq >= MAX_SEQ:
             raise _exhausted(seq)
+        if check_tail is not None:
+            check_tail(seq, digest)
         stuck = stuck + 1 if tail == last else 0
         if stuck >= bounds.BOUNDS.stuck_attempts:
             raise VaultError(
@@ -471,27 +626,48 @@ def append(
                 "a segment (vault damaged or tampered)"
             )
         last = tail
-        doc = {"pqfs_catalog": FORMAT, "seq": seq + 1, "kind": kind, "prev": digest, "ops": ops}
-        out = io.BytesIO()
-        encrypt_stream(io.BytesIO(_encode(doc)), out.write, recipients)
+        stored = _segment_bytes(recipients, seq + 1, kind, digest, ops, signer)
         try:
-            storage.put_bytes(f"{PREFIX}{seq + 1:016d}.{kind}.age", out.getvalue(), exclusive=True)
-            return seq + 1
+            storage.put_bytes(f"{PREFIX}{seq + 1:016d}.{kind}.age", stored, exclusive=True)
+            return Written(seq + 1, hashlib.sha256(stored).hexdigest())
         except FileExistsError:
             continue
     raise VaultError("could not append to the catalog (too many concurrent writers)")
 
 
-def compact(storage: Storage, recipients: Sequence[Recipient], cat: Catalog) -> None:
-    """Replace the chain by one snapshot, then delete the segments it supersedes. A tree too
-    large for one segment keeps its chain (each delta is small)."""
-    ops = [put_op(e) for e in cat.entries.values()]
-    try:
-        written = append(storage, recipients, ops, snapshot=True, expect_prev=cat.head_digest)
-    except SegmentTooLarge:
-        return
-    if written is None:
-        return  # another writer appended meanwhile: keep the chain, compact another time
+def _segment_bytes(
+    recipients: Sequence[Recipient],
+    seq: int,
+    kind: str,
+    prev: str,
+    ops: list[dict[str, Any]],
+    signer: Signer | None,
+) -> bytes:
+    if signer is None:
+        doc = {"pqfs_catalog": FORMAT, "seq": seq, "kind": kind, "prev": prev, "ops": ops}
+        plain = _encode(doc)
+    else:
+        doc = {
+            "pqfs_catalog": SIGNED_FORMAT,
+            "seq": seq,
+            "kind": kind,
+            "prev": prev,
+            "generation": signer.generation,
+            "ops": ops,
+        }
+        plain = seal(_encode(doc), signer.key, signer.vault_id)
+    out = io.BytesIO()
+    encrypt_stream(io.BytesIO(plain), out.write, recipients)
+    return out.getvalue()
+
+
+def snapshot_ops(cat: Catalog) -> list[dict[str, Any]]:
+    """The ops of a snapshot of `cat` (what compaction writes)."""
+    return [put_op(e) for e in cat.entries.values()]
+
+
+def delete_through(storage: Storage, seq: int) -> None:
+    """Delete the segments up to `seq` (after a snapshot at seq + 1 superseded them)."""
     for seg in list_segments(storage):
-        if seg.seq <= cat.head_seq:
+        if seg.seq <= seq:
             storage.delete(seg.key)

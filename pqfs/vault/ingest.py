@@ -67,6 +67,7 @@ def plan(
     written, if the catalog cannot be appended to or a destination cannot be added. Names that
     are not UTF-8 come as os.fsdecode gives them (surrogate escapes) and are stored so."""
     check_appendable(v.storage)  # a tampered catalog is refused before any work
+    v.signer()  # and a host that could not sign what it adds (version 2)
     known = {e.path: e for e in v.catalog().files()} if v.unlocked else {}
     skipped: list[Skip] = []
 

@@ -8,6 +8,7 @@ crash in between leaves garbage for `gc`, never an entry whose object is gone.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from pqfs.errors import NotFound, PqfsError, VaultError
 from pqfs.format.encoding import b64encode
@@ -86,18 +87,53 @@ def verify(v: Vault, path: str = "") -> Iterator[tuple[Entry, PqfsError | None]]
             yield e, err
 
 
-def gc(v: Vault) -> tuple[int, int]:
-    """Delete objects no catalog entry references; compact the catalog. (count, bytes)."""
-    cat = v.catalog(reload=True)
+class MassDeletion(VaultError):
+    """gc would delete most of the vault: refused without `force`."""
+
+
+def unreferenced(v: Vault, cat: Catalog) -> tuple[list[tuple[str, int]], int]:
+    """(the objects no entry of `cat` names, with their sizes; how many objects there are)."""
     live = {object_key(e.object) for e in cat.files()}
-    count = freed = 0
-    for key, size in v.storage.list(OBJECTS):
-        if key not in live:
-            v.storage.delete(key)
-            count += 1
-            freed += size
+    stored = v.storage.list(OBJECTS)
+    return [(k, s) for k, s in stored if k not in live], len(stored)
+
+
+@dataclass
+class Collected:
+    """What gc deleted (or, on a dry run, would delete): object keys with their sizes."""
+
+    doomed: list[tuple[str, int]]
+    total: int  # objects in the vault
+    mass: bool  # most of the vault: refused without force
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _key, size in self.doomed)
+
+
+def gc(v: Vault, force: bool = False, dry_run: bool = False) -> Collected:
+    """Delete the objects no catalog entry references, and compact the catalog (with
+    `dry_run`, only say what would be deleted; nothing changes).
+
+    Only a verified catalog decides (a version-2 vault: what the owner and its writers
+    signed; a forged segment's ops are ignored, so no object is unreferenced by them), and
+    deleting most of a vault at once needs `force` (bounds.gc_mass_*)."""
+    cat = v.catalog(reload=True)
+    doomed, total = unreferenced(v, cat)
+    b = bounds.BOUNDS
+    mass = len(doomed) >= b.gc_mass_objects and len(doomed) > b.gc_mass_fraction * total
+    out = Collected(doomed, total, mass)
+    if dry_run:
+        return out
+    if mass and not force:
+        raise MassDeletion(
+            f"gc would delete {len(doomed)} of the vault's {total} objects; refusing to delete "
+            "most of a vault (see them with --dry-run; if that is right, run gc --force)"
+        )
+    for key, _size in doomed:
+        v.storage.delete(key)
     _compact(v, cat)
-    return count, freed
+    return out
 
 
 def maybe_compact(v: Vault) -> None:
@@ -106,6 +142,28 @@ def maybe_compact(v: Vault) -> None:
         _compact(v, cat)
 
 
-def _compact(v: Vault, cat: Catalog) -> None:
-    cat_mod.compact(v.storage, v.recipients, cat)
+def compact_now(v: Vault, cat: Catalog) -> None:
+    """Compact the catalog `cat` (loaded just before) now, until it is done: another writer's
+    append meanwhile is a reason to reload and try again, not to give up."""
+    for _ in range(bounds.BOUNDS.append_attempts):
+        if _compact(v, cat, too_large_is_fine=False):
+            return
+        cat = v.catalog(reload=True)
+    raise VaultError("could not compact the catalog (too many concurrent writers)")
+
+
+def _compact(v: Vault, cat: Catalog, too_large_is_fine: bool = True) -> bool:
+    """Replace the chain by one snapshot (signed by the owner in a version-2 vault), then delete
+    the segments it supersedes, the ignored ones among them. A tree too large for one segment
+    keeps its chain (each delta is small); a tail that moved meanwhile (another writer) keeps
+    it too, to be compacted another time."""
+    try:
+        written = v.append(cat_mod.snapshot_ops(cat), snapshot=True, expect_prev=cat.head_digest)
+    except cat_mod.SegmentTooLarge:
+        if not too_large_is_fine:
+            raise
+        written = None
+    if written is not None:
+        cat_mod.delete_through(v.storage, cat.head_seq)
     v.forget_catalog()  # its head is a segment compaction may have deleted
+    return written is not None

@@ -11,7 +11,6 @@ PqfsError subclasses with secret-free one-line messages.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -45,7 +44,6 @@ from pqfs.format.keys import (
     X25519Identity,
     identity_file_text,
     parse_identity_file,
-    parse_recipient,
     unwrap,
 )
 from pqfs.format.stream import CHUNK
@@ -55,17 +53,19 @@ from pqfs.storage import open_storage
 from pqfs.storage.base import Storage, StorageOptions
 from pqfs.storage.local import FileSource, LocalStorage
 from pqfs.vault import catalog as cat_mod
+from pqfs.vault import config as config_mod
+from pqfs.vault import trust
 from pqfs.vault.catalog import IS_A_DIRECTORY, Catalog, normpath, shown
+from pqfs.vault.config import CURRENT, FORMAT_NAME, VaultConfig
 from pqfs.vault.keycache import KeyCache
 from pqfs.vault.objects import OBJECTS, copy_rewrapped, write_object
 from pqfs.vault.schema import Entry, MalformedOp, check_op, path_problem
+from pqfs.vault.signing import SigningKey
 
 log = logging.getLogger("pqfs.vault")
 
 CONFIG = "pqfs.json"
 IDENTITY = "identity.age"
-FORMAT_NAME = "pqfs-vault"
-FORMAT_VERSION = 1
 
 SCRYPT_MIN_LOG_N = 18  # age's own default work factor: never weaker than plain `age -p`
 SCRYPT_SAMPLES = 3
@@ -93,22 +93,25 @@ def _scrypt_seconds(log_n: int) -> float:
 
 
 class Vault:
-    def __init__(self, storage: Storage, config: dict[str, object]) -> None:
+    def __init__(self, storage: Storage, config: VaultConfig) -> None:
         self.storage = storage
         self.config = config
-        backend = config.get("kem_backend")
-        if isinstance(backend, str):
-            kem.set_default_backend(backend)
-        self.recipients: list[Recipient] = [
-            parse_recipient(str(r))
-            for r in config.get("recipients", [])  # type: ignore[attr-defined]
-        ]
+        if config.kem_backend is not None:
+            kem.set_default_backend(config.kem_backend)
+        self.recipients: list[Recipient] = config.recipient_objects()
         self._identities: list[HybridIdentity | X25519Identity] = []
+        self._owner_key: SigningKey | None = None  # derived from the identity (version 2)
+        self._writer_key: SigningKey | None = None  # an ingest host's (use_writer_key)
         self._catalog: Catalog | None = None
         # Where the catalog's warnings go (ops ignored on load), each once: the CLI prints them.
         self.on_warning: Callable[[str], None] = log.warning
         self._warned: set[str] = set()
         self.key_cache = KeyCache()
+
+    @property
+    def location(self) -> str:
+        """Where the vault is, as this host's trust state names it (trust.py)."""
+        return self.storage.describe()
 
     # ------------------------------------------------------------------ lifecycle ----
 
@@ -127,47 +130,45 @@ class Vault:
             raise VaultError(f"{location} is already a pqfs vault")
         if not storage.empty():
             raise VaultError(f"{location} exists and is not empty")
-        idents: list[HybridIdentity | X25519Identity] = [HybridIdentity.generate()]
+        hybrid = HybridIdentity.generate()
+        idents: list[HybridIdentity | X25519Identity] = [hybrid]
         if classic:
             idents.append(X25519Identity.generate())
         recipients = [i.recipient() for i in idents] + list(extra_recipients)
-        config: dict[str, object] = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "recipients": [r.encode() for r in recipients],
-        }
+        owner = SigningKey.owner_of(hybrid)
+        config = VaultConfig(
+            CURRENT, [r.encode() for r in recipients], owner=owner.verify_key, generation=1
+        )
+        v = cls(storage, config)
+        v._identities, v._owner_key = idents, owner
         try:
-            cls._write_new(storage, idents, recipients, config, passphrase, log_n)
+            v._write_new(passphrase, log_n)
         except BaseException:
             # Nothing half-made is left behind: remove whatever this init wrote.
             for key, _size in storage.list(""):
                 storage.delete(key)
             raise
-        v = cls(storage, config)
-        v._identities = idents
+        trust.check_config(v.location, config.vault_id, config.generation, None)
         return v
 
-    @staticmethod
-    def _write_new(
-        storage: Storage,
-        idents: Sequence[HybridIdentity | X25519Identity],
-        recipients: Sequence[Recipient],
-        config: dict[str, object],
-        passphrase: bytes | bytearray,
-        log_n: int | None,
-    ) -> None:
+    def _write_new(self, passphrase: bytes | bytearray, log_n: int | None) -> None:
+        storage = self.storage
         if isinstance(storage, LocalStorage):
             storage.make_private()  # before the identity lands in it
-        text = identity_file_text(idents).encode()
+        text = identity_file_text(self._identities).encode()
         storage.put_bytes(
             IDENTITY, _encrypt_bytes(text, [ScryptRecipient(passphrase, log_n or tune_scrypt())])
         )
-        cat_mod.append(storage, recipients, [], snapshot=True)
+        cat_mod.append(storage, self.recipients, [], snapshot=True, signer=self.signer())
         # The config is written last: a vault without it is an interrupted init, not a vault.
-        storage.put_bytes(CONFIG, (json.dumps(config, indent=2) + "\n").encode(), exclusive=True)
+        storage.put_bytes(CONFIG, self.config.to_bytes(self._owner_key), exclusive=True)
 
     @classmethod
-    def open(cls, location: str, options: StorageOptions | None = None) -> Vault:
+    def open(
+        cls, location: str, options: StorageOptions | None = None, vault_id: str | None = None
+    ) -> Vault:
+        """Open the vault at `location`. A version-2 config must verify, be signed by the key
+        pinned on this host (or `vault_id`), and be no older than one seen here (trust.py)."""
         storage = open_storage(location, options)
         try:
             raw = storage.read_bytes(CONFIG)
@@ -175,17 +176,33 @@ class Vault:
             raise VaultError(f"no pqfs vault at {location}") from None
         except IsADirectoryError:
             raise VaultError(f"{location} is damaged: {CONFIG} is a directory") from None
-        try:
-            config = json.loads(raw)
-            if config.get("format") != FORMAT_NAME:
-                raise ValueError
-        except (ValueError, AttributeError):
-            raise VaultError(f"{location}: {CONFIG} is not a pqfs vault config") from None
-        if config.get("version") != FORMAT_VERSION:
-            raise VaultError(
-                f"{location}: unsupported vault format version {config.get('version')}"
+        config = config_mod.parse(raw, location)
+        v = cls(storage, config)
+        if config.signed:
+            trust.check_config(v.location, config.vault_id, config.generation, vault_id)
+        elif vault_id or trust.load(v.location).vault_id:
+            raise trust.KeyChanged(
+                f"{location} is a version 1 vault now, but it was a version 2 vault with a "
+                "signing key: its config was replaced by an unsigned one (downgraded)"
             )
-        return cls(storage, config)
+        return v
+
+    def write_config(self, config: VaultConfig) -> None:
+        """Replace pqfs.json by `config`, the next generation, signed by the owner."""
+        if self._owner_key is None:
+            raise Locked("changing the vault config needs the vault identity")
+        config.generation = self.config.generation + 1
+        self.adopt_config(config, self._owner_key)
+
+    def adopt_config(self, config: VaultConfig, owner: SigningKey) -> None:
+        """Write `config` signed by `owner` (its owner), and sign with that key from now on."""
+        self.storage.put_bytes(CONFIG, config.to_bytes(owner))
+        self.config = config
+        self.recipients = config.recipient_objects()
+        if owner is not self._owner_key and self._owner_key is not None:
+            self._owner_key.wipe()
+        self._owner_key = owner
+        trust.check_config(self.location, config.vault_id, config.generation, None)
 
     # ------------------------------------------------------------------ identities ----
 
@@ -210,15 +227,63 @@ class Vault:
                 n = reader.read_chunks_into(0, reader.chunks, memoryview(plain))
             except PqfsError as e:
                 raise VaultError(f"the vault identity file is damaged ({e})") from None
-            self._identities = parse_identity_file(memoryview(plain)[:n])
+            idents = parse_identity_file(memoryview(plain)[:n])
         finally:
             wipe(plain)
+        self._take(idents, must_own=True)
 
     def unlock_with(self, identities: Sequence[HybridIdentity | X25519Identity]) -> None:
         mine = {r.encode() for r in self.recipients}
         if not any(i.recipient().encode() in mine for i in identities):
             raise NoIdentityMatch("the identity file holds no identity of this vault")
-        self._identities = list(identities)
+        self._take(list(identities), must_own=False)
+
+    def _take(self, idents: list[HybridIdentity | X25519Identity], must_own: bool) -> None:
+        """Hold `idents`. In a version-2 vault, the one that derives the config's owner key
+        makes this host the owner (it signs); the vault's own identity (`must_own`, from
+        identity.age) must be it, or the config was replaced. Any other identity of a
+        recipient only reads, trusting the config by the pin (trust.py)."""
+        if self.config.signed:
+            assert self.config.owner is not None
+            for i in idents:
+                if isinstance(i, HybridIdentity):
+                    key = SigningKey.owner_of(i)
+                    if key.id == self.config.owner.id:
+                        self._owner_key = key
+                        break
+                    key.wipe()
+            if self._owner_key is None and must_own:
+                raise trust.KeyChanged(
+                    "pqfs.json is not signed by this vault's identity (the config was replaced, "
+                    "or this identity is of another vault)"
+                )
+        self._identities = idents
+
+    def use_writer_key(self, key: SigningKey) -> None:
+        """Sign what this host appends with a writer key (an ingest host without the identity);
+        refused unless the vault's signed config authorizes it."""
+        if not self.config.signed:
+            raise VaultError("a version 1 vault has no writers (run: pqfs upgrade VAULT)")
+        found = self.config.signer(key.id)
+        if found is None or found[0] == "owner":
+            raise VaultError(
+                f"writer key {key.id} is not authorized in this vault (the owner runs: pqfs "
+                "writer add VAULT NAME KEY); it was never added, or was revoked"
+            )
+        self._writer_key = key
+
+    def signer(self) -> cat_mod.Signer | None:
+        """Who signs this host's segments: the owner (unlocked), else a writer key; None in a
+        version-1 vault."""
+        if not self.config.signed:
+            return None
+        key = self._owner_key or self._writer_key
+        if key is None:
+            raise VaultError(
+                "appending to a version 2 vault needs a signature: unlock it (passphrase or "
+                "--identity) or give this host's writer key (--writer-key FILE)"
+            )
+        return cat_mod.Signer(key, self.config.vault_id, self.config.generation)
 
     @property
     def identities(self) -> Sequence[Identity]:
@@ -234,6 +299,10 @@ class Vault:
         for i in self._identities:
             i.wipe()
         self._identities = []
+        for k in (self._owner_key, self._writer_key):
+            if k is not None:
+                k.wipe()
+        self._owner_key = self._writer_key = None
         self.key_cache.clear()
         self._catalog = None
 
@@ -252,12 +321,19 @@ class Vault:
 
     def catalog(self, reload: bool = False) -> Catalog:
         if self._catalog is None or reload:
-            self._catalog = cat_mod.load(self.storage, self.identities)
+            self._catalog = self.read_catalog()
             for w in self._catalog.warnings:
                 if w not in self._warned:
                     self._warned.add(w)
                     self.on_warning(w)
         return self._catalog
+
+    def read_catalog(self) -> Catalog:
+        """The catalog as the store has it now, its signatures checked (version 2) and refused
+        if older than what this host has seen (trust.Rollback); the newest is then pinned."""
+        cat = cat_mod.load(self.storage, self.identities, self.config)
+        trust.check_catalog(self.location, cat.head_seq, cat.digests)
+        return cat
 
     def commit(self, ops: Sequence[dict[str, object]]) -> None:
         """Append `ops` as one segment. Each is checked first: never write an op that readers
@@ -268,8 +344,36 @@ class Vault:
             except MalformedOp as e:
                 raise VaultError(f"refusing to record a malformed catalog op: {e}") from None
         if ops:
-            cat_mod.append(self.storage, self.recipients, ops)
+            self.append(ops)
             self._catalog = None
+
+    def append(
+        self,
+        ops: Sequence[dict[str, object]],
+        snapshot: bool = False,
+        expect_prev: str | None = None,
+    ) -> cat_mod.Written | None:
+        """Append one segment, signed as this host may (signer), never after a tail older
+        than what this host has seen; the segment written is pinned as seen."""
+        location = self.location
+        if snapshot and self.config.signed and self._owner_key is None:
+            raise Locked("writing a catalog snapshot needs the vault identity")
+
+        def check_tail(seq: int, digest: str) -> None:
+            trust.check_tail(location, seq, digest)
+
+        written = cat_mod.append(
+            self.storage,
+            self.recipients,
+            ops,
+            snapshot=snapshot,
+            expect_prev=expect_prev,
+            signer=self.signer(),
+            check_tail=check_tail,
+        )
+        if written is not None:
+            trust.pin_written(location, written.seq, written.digest)
+        return written
 
     def forget_catalog(self) -> None:
         """The next catalog() loads the catalog again (after a compaction rewrote its chain)."""
@@ -394,13 +498,18 @@ class Vault:
         segs = cat_mod.list_segments(self.storage)
         info: dict[str, object] = {
             "location": self.storage.describe(),
-            "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+            "format": f"{FORMAT_NAME} v{self.config.version}",
+            "signed": self.config.signed,  # config and catalog (version 2); else not authenticated
             "recipients": [r.encode() for r in self.recipients],
             "post_quantum": all(r.post_quantum for r in self.recipients),
             "objects": len(objs),
             "stored_bytes": sum(s for _, s in objs),
             "catalog_segments": len(segs),
         }
+        if self.config.signed:
+            info["vault_id"] = self.config.vault_id
+            info["config_generation"] = self.config.generation
+            info["writers"] = [f"{w.name} {w.key.id}" for w in self.config.writers]
         if self.unlocked:
             cat = self.catalog()
             files = cat.files()
