@@ -19,9 +19,12 @@ from pqfs.cli.args import (
     vault_arg,
 )
 from pqfs.cli.messages import info, warn
-from pqfs.cli.unlock import VAULT_ID_LINE
+from pqfs.cli.progress import Progress, human
+from pqfs.cli.unlock import VAULT_ID_LINE, passphrase
 from pqfs.errors import PqfsError
+from pqfs.runtime.zeroize import wipe
 from pqfs.storage import open_storage
+from pqfs.vault import rekey as rekey_mod
 from pqfs.vault import trust, upgrade, writers
 from pqfs.vault.catalog import shown
 
@@ -125,6 +128,42 @@ def parse_trust(sub: Subparsers) -> None:
     unlock_options(sp)
 
 
+# ------------------------------------------------------------------ rekey ----
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    v = open_vault(args, unlock=False)
+    pw = passphrase(args.passphrase_file, prompt="Vault passphrase")
+    try:
+        v.unlock(pw)
+        in_progress = bool(rekey_mod.split(v.held_identities())[1])
+        total = sum(e.size for e in v.catalog().files()) if not in_progress else 0
+        progress = Progress(total, "rekey")
+        try:
+            done = rekey_mod.rekey(v, pw, progress.update)
+        finally:
+            progress.finish()
+    finally:
+        wipe(pw)
+    again = " (an interrupted rekey, finished)" if done.resumed else ""
+    info(
+        f"rekeyed {shown(args.vault)}{again}: {done.files} file(s) rewrapped to the new identity, "
+        f"{human(done.payload_bytes)} of content copied unchanged, {done.deleted} old object(s) "
+        "and segment(s) deleted"
+    )
+    info(f"  vault id: {v.config.vault_id} (hosts that pinned the old one follow the rotation)")
+    info("  the old identity no longer opens anything: export the new one (pqfs identity)")
+    return 0
+
+
+def parse_rekey(sub: Subparsers) -> None:
+    sp = subcommand(
+        sub, "rekey", cmd_rekey, "give the vault a new identity (no content re-encrypted)"
+    )
+    vault_arg(sp)
+    sp.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+
+
 # ------------------------------------------------------------------ upgrade ----
 
 
@@ -146,4 +185,4 @@ def parse_upgrade(sub: Subparsers) -> None:
     unlock_options(sp)
 
 
-PARSERS = (parse_writer, parse_trust, parse_upgrade)
+PARSERS = (parse_writer, parse_trust, parse_rekey, parse_upgrade)

@@ -160,6 +160,8 @@ class VaultFS:
     def _build_tree(self, old: Tree | None) -> tuple[Tree, list[str]]:
         """On a thread (`offload`): load the catalog and build its tree (a new object, which no other
         thread sees until it is swapped in), and what changed from `old`."""
+        if old is not None:
+            self.vault.refresh_config()  # the catalog changed: the config may have too
         tree = Tree(self.vault.read_catalog(), self._salt)
         return tree, [] if old is None else changed_paths(old, tree)
 

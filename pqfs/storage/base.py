@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 TMP_PREFIX = ".tmp-"
 KiB, MiB = 1 << 10, 1 << 20
+COPY_BUFFER = 4 * MiB  # copy_with_header's reads: large enough that a copy streams at disk speed
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,28 @@ class Storage(ABC):
     def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
         with self.writer(key, exclusive) as f:
             f.write(data)
+
+    def copy_with_header(
+        self, key: str, header: bytes, src_key: str, payload_from: int, src_size: int
+    ) -> None:
+        """A new object `key` (create-if-absent): `header`, then bytes [payload_from, src_size)
+        of `src_key` unchanged (a rewrapped age file: same payload, new header). Here the bytes
+        pass through this host; S3 copies them server-side."""
+        src = self.open_source(src_key)
+        buf = bytearray(COPY_BUFFER)
+        mv = memoryview(buf)
+        try:
+            with self.writer(key, exclusive=True) as f:
+                f.write(header)
+                pos = payload_from
+                while pos < src_size:
+                    n = src.preadinto(pos, mv[: min(len(buf), src_size - pos)])
+                    if n <= 0:
+                        raise FileNotFoundError(f"{src_key} shrank while it was copied")
+                    f.write(mv[:n])
+                    pos += n
+        finally:
+            src.close()
 
     @abstractmethod
     def list(self, prefix: str) -> list[tuple[str, int]]:

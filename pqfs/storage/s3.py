@@ -72,6 +72,36 @@ class S3Storage(S3Requests, Storage):
             up.abort()
             raise
 
+    def copy_with_header(
+        self, key: str, header: bytes, src_key: str, payload_from: int, src_size: int
+    ) -> None:
+        """The new header and the payload's first bytes travel (the first part of a multipart
+        upload: S3 wants every part but the last of `part_size`); the rest of the payload is
+        copied by the server (UploadPartCopy of byte ranges). A small object is one GET and
+        one PUT."""
+        part = self.bounds.part_size
+        if len(header) + src_size - payload_from <= part:
+            super().copy_with_header(key, header, src_key, payload_from, src_size)
+            return
+        head = bytearray(part)
+        head[: len(header)] = header
+        first_end = payload_from + part - len(header)
+        n, _size = self.get_range(src_key, payload_from, memoryview(head)[len(header) :])
+        if n != part - len(header):
+            raise FileNotFoundError(f"{src_key} shrank while it was copied")
+        up = Upload(self, key, exclusive=True)
+        try:
+            up.write(head)
+            pos = first_end
+            while pos < src_size:
+                end = min(src_size, pos + part)
+                up.copy_part(self._key(src_key), pos, end)
+                pos = end
+            up.finish()
+        except BaseException:
+            up.abort()
+            raise
+
     def list(self, prefix: str) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
         token: str | None = None

@@ -202,6 +202,8 @@ class S3Requests:
         self.counters = {
             "s3_gets": 0,
             "s3_get_bytes": 0,
+            "s3_put_bytes": 0,  # bytes uploaded (PUTs and parts)
+            "s3_copy_bytes": 0,  # bytes the server copied (UploadPartCopy: rekey, share)
             "s3_requests": 0,
             "s3_retries": 0,
             "s3_failures": 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,7 +37,37 @@ class Upload:
             self._send(part)
         return len(data)
 
+    def copy_part(self, full_src_key: str, start: int, end: int) -> None:
+        """The next part: bytes [start, end) of another object of the bucket, copied by the
+        server (UploadPartCopy). Everything written so far must fill whole parts."""
+        assert not self._buf, "a copied part follows whole parts only"
+        s = self.storage
+        self._submit(
+            f"COPY {full_src_key} [{start}, {end}) to {self.key}",
+            lambda upload_id, number: s._client.upload_part_copy(
+                Bucket=s.bucket,
+                Key=self.full_key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": s.bucket, "Key": full_src_key},
+                CopySourceRange=f"bytes={start}-{end - 1}",
+            )["CopyPartResult"],
+        )
+        s._count("s3_copy_bytes", end - start)
+
     def _send(self, part: bytes) -> None:
+        s = self.storage
+        s._count("s3_put_bytes", len(part))
+        self._submit(
+            f"PUT {self.key} part {len(self._parts) + 1}",
+            lambda upload_id, number: s._client.upload_part(
+                Bucket=s.bucket, Key=self.full_key, UploadId=upload_id, PartNumber=number, Body=part
+            ),
+        )
+
+    def _submit(self, what: str, request: Callable[[str, int], Any]) -> None:
+        """Send the next part (`request(upload id, part number)` answers with its ETag) on the
+        pool, creating the upload first if need be."""
         s = self.storage
         if self._upload_id is None:
             # The create runs on the pool, not on this thread: a Ctrl-C landing as its answer
@@ -59,16 +90,7 @@ class Upload:
         assert self._pool is not None
 
         def put() -> dict[str, Any]:
-            r = s._call(
-                f"PUT {self.key} part {number}",
-                lambda: s._client.upload_part(
-                    Bucket=s.bucket,
-                    Key=self.full_key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=part,
-                ),
-            )
+            r = s._call(what, lambda: request(upload_id, number))
             return {"PartNumber": number, "ETag": r["ETag"]}
 
         self._parts.append(self._pool.submit(put))
@@ -81,6 +103,7 @@ class Upload:
         cond: dict[str, Any] = {"IfNoneMatch": "*"} if self.exclusive else {}
         if self._upload_id is None:
             body = bytes(self._buf)
+            s._count("s3_put_bytes", len(body))
             s._call(
                 f"PUT {self.key}",
                 lambda: s._client.put_object(Bucket=s.bucket, Key=self.full_key, Body=body, **cond),

@@ -371,6 +371,16 @@ class _Unverified(Exception):
     """A segment signed by no one the config authorizes: ignored whole (why: the message)."""
 
 
+def open_segment(raw: bytes, identities: Sequence[Identity]) -> bytes:
+    """A segment's plaintext (document and signature line); PqfsError if it does not open."""
+    return _opened(raw, identities)
+
+
+def tail_digest(storage: Storage) -> str:
+    """SHA-256 of the stored bytes of the newest segment ("" if there is none)."""
+    return _tail(storage)[1]
+
+
 def _opened(raw: bytes, identities: Sequence[Identity]) -> bytes:
     reader = open_age(BytesSource(raw), identities)
     if reader.size > MAX_SEGMENT_BYTES + SIGNATURE_LINE:

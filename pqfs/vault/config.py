@@ -26,6 +26,7 @@ FORMAT_NAME = "pqfs-vault"
 VERSIONS = (1, 2)
 CURRENT = 2
 CONFIG_PURPOSE = b"pqfs.v2 vault config"
+ROTATION_PURPOSE = b"pqfs.v2 owner rotation"
 WRITER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_WRITERS = (
     256  # each is ~2.6 KiB of config that every command reads: a bound, not a limit users meet
@@ -45,6 +46,15 @@ class Writer:
 
 
 @dataclass
+class Rotation:
+    """A former owner key, and its signature over the id of the key that came after it
+    (`pqfs rekey`): a host that pinned it follows the chain to the current owner."""
+
+    key: VerifyKey
+    signature: bytes
+
+
+@dataclass
 class VaultConfig:
     version: int
     recipients: list[str]
@@ -53,6 +63,7 @@ class VaultConfig:
     writers: list[Writer] = field(default_factory=list)
     kem_backend: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer pqfs, kept and signed
+    rotations: list[Rotation] = field(default_factory=list)  # former owners, oldest first
 
     @property
     def signed(self) -> bool:
@@ -64,6 +75,19 @@ class VaultConfig:
         if self.owner is None:
             raise VaultError("a version 1 vault has no vault id (run: pqfs upgrade VAULT)")
         return self.owner.id
+
+    def succeeds(self, pinned_id: str) -> bool:
+        """Whether the owner key pinned as `pinned_id` handed the vault on, rotation by
+        rotation, to this config's owner (each former key signed the id of the next)."""
+        chain = [r.key for r in self.rotations]
+        ids = [k.id for k in chain]
+        if pinned_id not in ids or self.owner is None:
+            return False
+        following = [*ids[1:], self.owner.id]
+        for r, nxt in list(zip(self.rotations, following, strict=True))[ids.index(pinned_id) :]:
+            if not r.key.verify(ROTATION_PURPOSE, nxt.encode(), r.signature):
+                return False
+        return True
 
     def recipient_objects(self) -> list[Recipient]:
         return [parse_recipient(r) for r in self.recipients]
@@ -94,6 +118,11 @@ class VaultConfig:
                     "writers": [{"name": w.name, "key": w.key.encode()} for w in self.writers],
                 }
             )
+            if self.rotations:
+                doc["rotations"] = [
+                    {"key": r.key.encode(), "signature": b64encode(r.signature)}
+                    for r in self.rotations
+                ]
         return doc
 
     def to_bytes(self, owner: SigningKey | None = None) -> bytes:
@@ -163,7 +192,7 @@ def parse(raw: bytes, where: str) -> VaultConfig:
 
 UNSIGNED = ("signature", "kem_backend")
 _KNOWN = {"format", "version", "recipients", "kem_backend", "vault_id", "owner", "generation",
-          "writers", "signature"}  # fmt: skip
+          "writers", "rotations", "signature"}  # fmt: skip
 
 
 def _parse_signed(cfg: VaultConfig, doc: dict[str, Any]) -> VaultConfig:
@@ -190,7 +219,11 @@ def _parse_signed(cfg: VaultConfig, doc: dict[str, Any]) -> VaultConfig:
         if not isinstance(name, str) or not WRITER_NAME.fullmatch(name):
             raise ValueError(f"a writer name is malformed: {name!r}")
         writers.append(Writer(name, key))
-    cfg.owner, cfg.generation, cfg.writers = owner, generation, writers
+    rotations = [
+        Rotation(VerifyKey.decode(r["key"]), b64decode(r["signature"], "rotation signature"))
+        for r in doc.get("rotations", [])
+    ]
+    cfg.owner, cfg.generation, cfg.writers, cfg.rotations = owner, generation, writers, rotations
     cfg.extra = {k: v for k, v in body.items() if k not in _KNOWN}
     return cfg
 

@@ -20,7 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from pqfs.errors import VaultError
@@ -94,27 +94,32 @@ def _store(pin: Pin) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-def check_config(location: str, vault_id: str, generation: int, expected_id: str | None) -> None:
+def check_config(
+    location: str,
+    vault_id: str,
+    generation: int,
+    expected_id: str | None,
+    succeeds: Callable[[str], bool] = lambda _id: False,
+) -> None:
     """Refuse a config signed by another key than the pinned one (or `expected_id`, from
-    --vault-id), or older than one seen here; then pin it."""
+    --vault-id), unless that key handed the vault on to this one (`succeeds`: a rekey's
+    signed rotation), or older than one seen here; then pin it."""
     with _locked(location):
         pin = load(location)
         want = expected_id or pin.vault_id
-        if want and want != vault_id:
+        if want and want != vault_id and not succeeds(want):
             how = "given with --vault-id" if expected_id else "pinned on this host"
             raise KeyChanged(
                 f"the vault's signing key changed: its config is signed by {vault_id}, not by "
                 f"{want} ({how}): pqfs.json was replaced"
             )
-        if pin.vault_id == vault_id and generation < pin.generation:
+        if pin.vault_id and generation < pin.generation:
             raise _rollback(
                 location,
                 f"the vault config went back from generation {pin.generation} to {generation}",
             )
         if pin.vault_id != vault_id or generation > pin.generation:
-            if pin.vault_id != vault_id:
-                pin = Pin(location, vault_id)
-            pin.generation = generation
+            pin.vault_id, pin.generation = vault_id, generation
             _store(pin)
 
 

@@ -103,6 +103,7 @@ class Vault:
         self._owner_key: SigningKey | None = None  # derived from the identity (version 2)
         self._writer_key: SigningKey | None = None  # an ingest host's (use_writer_key)
         self._catalog: Catalog | None = None
+        self._config_raw = b""  # pqfs.json as read: refresh_config reads it again only if changed
         # Where the catalog's warnings go (ops ignored on load), each once: the CLI prints them.
         self.on_warning: Callable[[str], None] = log.warning
         self._warned: set[str] = set()
@@ -161,7 +162,8 @@ class Vault:
         )
         cat_mod.append(storage, self.recipients, [], snapshot=True, signer=self.signer())
         # The config is written last: a vault without it is an interrupted init, not a vault.
-        storage.put_bytes(CONFIG, self.config.to_bytes(self._owner_key), exclusive=True)
+        self._config_raw = self.config.to_bytes(self._owner_key)
+        storage.put_bytes(CONFIG, self._config_raw, exclusive=True)
 
     @classmethod
     def open(
@@ -178,8 +180,11 @@ class Vault:
             raise VaultError(f"{location} is damaged: {CONFIG} is a directory") from None
         config = config_mod.parse(raw, location)
         v = cls(storage, config)
+        v._config_raw = raw
         if config.signed:
-            trust.check_config(v.location, config.vault_id, config.generation, vault_id)
+            trust.check_config(
+                v.location, config.vault_id, config.generation, vault_id, config.succeeds
+            )
         elif vault_id or trust.load(v.location).vault_id:
             raise trust.KeyChanged(
                 f"{location} is a version 1 vault now, but it was a version 2 vault with a "
@@ -196,13 +201,42 @@ class Vault:
 
     def adopt_config(self, config: VaultConfig, owner: SigningKey) -> None:
         """Write `config` signed by `owner` (its owner), and sign with that key from now on."""
-        self.storage.put_bytes(CONFIG, config.to_bytes(owner))
-        self.config = config
+        raw = config.to_bytes(owner)
+        self.storage.put_bytes(CONFIG, raw)
+        self.config, self._config_raw = config, raw
         self.recipients = config.recipient_objects()
         if owner is not self._owner_key and self._owner_key is not None:
             self._owner_key.wipe()
         self._owner_key = owner
-        trust.check_config(self.location, config.vault_id, config.generation, None)
+        trust.check_config(self.location, config.vault_id, config.generation, None, config.succeeds)
+
+    def sign_rotation(self, next_owner_id: str) -> bytes:
+        """The owner's signature handing the vault on to the owner key `next_owner_id`."""
+        if self._owner_key is None:
+            raise Locked("handing the vault on needs the vault identity")
+        return self._owner_key.sign(config_mod.ROTATION_PURPOSE, next_owner_id.encode())
+
+    def held_identities(self) -> list[HybridIdentity | X25519Identity]:
+        return list(self.identities)  # type: ignore[arg-type]
+
+    def write_identities(
+        self, idents: Sequence[HybridIdentity | X25519Identity], passphrase: bytes | bytearray
+    ) -> None:
+        """identity.age := `idents`, encrypted with `passphrase` (rekey); they are held."""
+        text = bytearray(identity_file_text(idents).encode())
+        try:
+            blob = _encrypt_bytes(bytes(text), [ScryptRecipient(passphrase, tune_scrypt())])
+        finally:
+            wipe(text)
+        self.storage.put_bytes(IDENTITY, blob)
+        self._identities = list(idents)
+
+    def forget_identities(self, gone: Sequence[HybridIdentity | X25519Identity]) -> None:
+        """Wipe identities no longer of this vault (the old ones, after a rekey)."""
+        for i in gone:
+            i.wipe()
+        self._identities = [i for i in self._identities if all(i is not g for g in gone)]
+        self.key_cache.clear()
 
     # ------------------------------------------------------------------ identities ----
 
@@ -327,6 +361,32 @@ class Vault:
                     self._warned.add(w)
                     self.on_warning(w)
         return self._catalog
+
+    def refresh_config(self) -> None:
+        """Take up a pqfs.json the owner changed since it was read (a writer added or revoked),
+        checked as at open. A rekey (another owner) is a VaultError: the identity this host
+        holds opens nothing new, so it must unlock again."""
+        raw = self.storage.read_bytes(CONFIG)
+        if raw == self._config_raw:
+            return
+        config = config_mod.parse(raw, self.location)
+        if config.signed != self.config.signed:
+            raise VaultError(
+                f"the vault's format changed to version {config.version} (pqfs upgrade): "
+                "unmount and mount it again"
+            )
+        if not config.signed:
+            return
+        trust.check_config(self.location, config.vault_id, config.generation, None, config.succeeds)
+        old, new = self.config.owner, config.owner
+        if old is not None and new is not None and old.id != new.id:
+            raise VaultError(
+                f"the vault was rekeyed (its vault id is now {config.vault_id}): the "
+                "identity unlocked here opens none of its new objects; unmount and mount "
+                "it again with the new identity"
+            )
+        self.config, self._config_raw = config, raw
+        self.recipients = config.recipient_objects()
 
     def read_catalog(self) -> Catalog:
         """The catalog as the store has it now, its signatures checked (version 2) and refused
