@@ -413,6 +413,37 @@ def parse_share(sub: Subparsers) -> None:
     unlock_options(sp)
 
 
+def cmd_unshare(args: argparse.Namespace) -> int:
+    gone = recipients(args.recipient)
+    v = open_vault(args, unlock=True)
+    done = maintenance.unshare(v, args.path, gone, reencrypt=args.reencrypt)
+    for r in done.unrecorded:
+        warn(f"{r[:16]}... was not recorded as a share of this file; any stanza for it is gone")
+    name = shown(done.entry.path)
+    if done.reencrypted:
+        info(f"{name}: {len(gone)} recipient(s) removed; content encrypted again under a new key")
+    else:
+        info(
+            f"{name}: {len(gone)} recipient(s) removed; the content was not re-encrypted, so "
+            "whoever read its file key before can still decrypt it from the store (to stop "
+            "that too: --reencrypt)"
+        )
+    return 0
+
+
+def parse_unshare(sub: Subparsers) -> None:
+    sp = subcommand(sub, "unshare", cmd_unshare, "take recipients' access to one file away")
+    vault_arg(sp)
+    sp.add_argument("path", metavar="PATH")
+    sp.add_argument("-r", "--recipient", action="append", metavar="R", required=True)
+    sp.add_argument(
+        "--reencrypt",
+        action="store_true",
+        help="a new object under a new file key, so that not even a key they kept opens it",
+    )
+    unlock_options(sp)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     v = open_vault(args, unlock=True)
     done = maintenance.gc(v, force=args.force, dry_run=args.dry_run)
@@ -476,6 +507,7 @@ PARSERS = (
     parse_info,
     parse_passwd,
     parse_share,
+    parse_unshare,
     parse_gc,
     parse_identity,
 )

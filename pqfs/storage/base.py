@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -34,6 +35,7 @@ class S3Bounds:
     open_fetch: int = 192 * KiB  # opening GET: header, nonce, a first 128 KiB read (3 cache blocks)
     head_reads: int = 4  # reads served from the opening GET before its memory is released
     part_size: int = 8 * MiB  # multipart upload part (S3's minimum is 5 MiB)
+    delete_batch: int = 1000  # keys per DeleteObjects request (S3's maximum)
     uploads_in_flight: int = 3  # parts uploading at once while the next one is encrypted
     presigned_keys: int = 4096  # objects whose GET URL is kept (least recently used dropped)
     presign_ttl: int = 3600  # seconds a presigned GET URL is valid for the server
@@ -155,13 +157,20 @@ class Storage(ABC):
             f.write(data)
 
     def copy_with_header(
-        self, key: str, header: bytes, src_key: str, payload_from: int, src_size: int
+        self,
+        key: str,
+        header: bytes,
+        src_key: str,
+        payload_from: int,
+        src_size: int,
+        opened: ObjectSource | None = None,
     ) -> None:
-        """A new object `key` (create-if-absent): `header`, then bytes [payload_from, src_size)
-        of `src_key` unchanged (a rewrapped age file: same payload, new header). Here the bytes
+        """A new object `key` (create-if-absent: FileExistsError if it exists): `header`, then
+        bytes [payload_from, src_size) of `src_key` unchanged (a rewrapped age file: same
+        payload, new header), read through `opened` if the caller has it open. Here the bytes
         pass through this host; S3 copies them server-side."""
-        src = self.open_source(src_key)
-        buf = bytearray(COPY_BUFFER)
+        src = opened or self.open_source(src_key)
+        buf = bytearray(min(COPY_BUFFER, max(1, src_size - payload_from)))
         mv = memoryview(buf)
         try:
             with self.writer(key, exclusive=True) as f:
@@ -174,7 +183,13 @@ class Storage(ABC):
                     f.write(mv[:n])
                     pos += n
         finally:
-            src.close()
+            if opened is None:
+                src.close()
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete `keys` (those already gone are no error)."""
+        for key in keys:
+            self.delete(key)
 
     @abstractmethod
     def list(self, prefix: str) -> list[tuple[str, int]]:

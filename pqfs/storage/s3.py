@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO, cast
 
-from pqfs.storage.base import TMP_PREFIX, Storage, StorageProfile, bounds_of
-from pqfs.storage.s3requests import S3Requests
+from pqfs.storage.base import TMP_PREFIX, ObjectSource, Storage, StorageProfile, bounds_of
+from pqfs.storage.s3requests import RemoteError, S3Requests
 from pqfs.storage.s3source import S3Source
 from pqfs.storage.s3upload import Upload
 
@@ -73,7 +73,13 @@ class S3Storage(S3Requests, Storage):
             raise
 
     def copy_with_header(
-        self, key: str, header: bytes, src_key: str, payload_from: int, src_size: int
+        self,
+        key: str,
+        header: bytes,
+        src_key: str,
+        payload_from: int,
+        src_size: int,
+        opened: ObjectSource | None = None,
     ) -> None:
         """The new header and the payload's first bytes travel (the first part of a multipart
         upload: S3 wants every part but the last of `part_size`); the rest of the payload is
@@ -81,7 +87,7 @@ class S3Storage(S3Requests, Storage):
         one PUT."""
         part = self.bounds.part_size
         if len(header) + src_size - payload_from <= part:
-            super().copy_with_header(key, header, src_key, payload_from, src_size)
+            super().copy_with_header(key, header, src_key, payload_from, src_size, opened)
             return
         head = bytearray(part)
         head[: len(header)] = header
@@ -132,6 +138,23 @@ class S3Storage(S3Requests, Storage):
                 f"DELETE {key}",
                 lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(key)),
             )
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """DeleteObjects, `delete_batch` keys a request (a rekey or gc deletes thousands)."""
+        step = self.bounds.delete_batch
+        for i in range(0, len(keys), step):
+            batch = [{"Key": self._key(k)} for k in keys[i : i + step]]
+            r = self._call(
+                f"DELETE {len(batch)} objects",
+                lambda batch=batch: self._client.delete_objects(  # type: ignore[misc]
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
+            failed = [e for e in r.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if failed:
+                raise RemoteError(
+                    f"S3 refused to delete {len(failed)} object(s): {failed[0].get('Code')}"
+                )
 
     def exists(self, key: str) -> bool:
         try:

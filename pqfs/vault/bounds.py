@@ -27,6 +27,9 @@ class VaultBounds:
     # losing most of a vault at once is what a forged or damaged catalog would cause.
     gc_mass_fraction: float = 0.5
     gc_mass_objects: int = 10
+    # Objects `pqfs rekey` copies at once: on S3 each is a few round trips (its header, its
+    # copy), which overlap; a local disk gains little past the cores.
+    rekey_parallel: int = 8
 
 
 BOUNDS = VaultBounds()

@@ -7,44 +7,128 @@ crash in between leaves garbage for `gc`, never an entry whose object is gone.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from pqfs.errors import NotFound, PqfsError, VaultError
 from pqfs.format.encoding import b64encode
-from pqfs.format.keys import Recipient, unwrap
-from pqfs.runtime.memory import wipe
+from pqfs.format.header import Header
+from pqfs.format.keys import Recipient, parse_recipient
 from pqfs.vault import bounds
 from pqfs.vault import catalog as cat_mod
-from pqfs.vault.catalog import Catalog, del_op, normpath, put_op
-from pqfs.vault.objects import OBJECTS, checked_header, copy_rewrapped, object_key, open_reader
+from pqfs.vault.catalog import Catalog, del_op, normpath, put_op, shown
+from pqfs.vault.objects import (
+    OBJECTS,
+    PlaintextStream,
+    checked_header,
+    object_key,
+    open_reader,
+    write_object,
+)
 from pqfs.vault.schema import Entry
 from pqfs.vault.vault import Vault
 
 
 def share(v: Vault, path: str, recipients: Sequence[Recipient]) -> Entry:
-    """Give more recipients access to one file without re-encrypting its content."""
+    """Give more recipients access to one file without re-encrypting its content: its object
+    gets a header with stanzas for them too (the payload copied unchanged, server-side on S3),
+    and its entry records them (`shared`), so that unshare and rekey know them."""
+    e = _file(v, path)
+    header = _header(v, e)
+    fk = v.file_key(e, header)
+    new = Header.build(list(header.stanzas) + [r.wrap(fk) for r in recipients], fk)
+    shared = tuple(dict.fromkeys([*e.shared, *(r.encode() for r in recipients)]))
+    return _replace(v, e, new, header, shared)
+
+
+@dataclass
+class Unshared:
+    entry: Entry
+    reencrypted: bool
+    unrecorded: list[str]  # recipients asked for that the entry did not record as shared
+
+
+def unshare(
+    v: Vault, path: str, recipients: Sequence[Recipient], reencrypt: bool = False
+) -> Unshared:
+    """Take recipients' access to one file away: its object is rebuilt with stanzas for the
+    vault's recipients and the remaining shares only (any stanza the entry does not record
+    goes too). Without `reencrypt` the file key and payload stay: whoever unwrapped the key
+    before can still decrypt the object if they can read the store. With it, a new object
+    under a new file key (the content decrypted and encrypted again)."""
+    e = _file(v, path)
+    gone = {r.encode() for r in recipients}
+    mine = {r.encode() for r in v.recipients}
+    if gone & mine:
+        raise VaultError(
+            "that is a vault recipient: every file is wrapped to it (to change the vault's own "
+            "key, run pqfs rekey VAULT)"
+        )
+    keep = tuple(r for r in e.shared if r not in gone)
+    unrecorded = sorted(gone - set(e.shared))
+    targets = [*v.recipients, *(parse_recipient(r) for r in keep)]
+    if reencrypt:
+        with open_reader(v, e) as reader:
+            plain = cast(BinaryIO, PlaintextStream(reader))
+            object_id, header, size = write_object(v, plain, targets[len(v.recipients) :])
+        if size != e.size:
+            raise VaultError(f"{e.path}: content size changed while it was encrypted again")
+        moved = Entry(
+            e.path, "file", e.mode, e.mtime_ns, size, object_id, header.length,
+            b64encode(header.mac), keep,
+        )  # fmt: skip
+        _commit_replacement(v, e, moved)
+        return Unshared(moved, True, unrecorded)
+    header = _header(v, e)
+    fk = v.file_key(e, header)
+    new = Header.build([r.wrap(fk) for r in targets], fk)
+    return Unshared(_replace(v, e, new, header, keep), False, unrecorded)
+
+
+def _file(v: Vault, path: str) -> Entry:
     e = v.entry(path)
     if e.type != "file":
-        raise VaultError(f"not a file: {e.path}")
+        raise VaultError(f"not a file: {shown(e.path) or '/'}")
+    return e
+
+
+def _header(v: Vault, e: Entry) -> Header:
     src = v.storage.open_source(object_key(e.object))
     try:
-        header = checked_header(e, src)
-        fk = unwrap(header, v.identities)
-        try:
-            object_id, new = copy_rewrapped(v.storage, src, header, fk, recipients)
-        finally:
-            wipe(fk)
+        return checked_header(e, src)
     finally:
         src.close()
-    new_entry = Entry(
-        e.path, "file", e.mode, e.mtime_ns, e.size, object_id, new.length, b64encode(new.mac)
-    )
+
+
+def _replace(v: Vault, e: Entry, new: Header, old: Header, shared: tuple[str, ...]) -> Entry:
+    """A copy of `e`'s object with header `new` (payload unchanged), recorded in its place."""
+    object_id = os.urandom(16).hex()
+    src_key = object_key(e.object)
+    size = _stored_size(v, src_key)
+    v.storage.copy_with_header(object_key(object_id), new.encode(), src_key, old.length, size)
+    moved = Entry(
+        e.path, "file", e.mode, e.mtime_ns, e.size, object_id, new.length, b64encode(new.mac),
+        shared,
+    )  # fmt: skip
+    _commit_replacement(v, e, moved)
+    return moved
+
+
+def _stored_size(v: Vault, key: str) -> int:
+    src = v.storage.open_source(key)
+    try:
+        return src.size
+    finally:
+        src.close()
+
+
+def _commit_replacement(v: Vault, old: Entry, new: Entry) -> None:
     # Catalog first, then the old object: a crash in between leaves garbage, never a dangling
     # entry.
-    v.commit([put_op(new_entry)])
-    v.storage.delete(object_key(e.object))
-    return new_entry
+    v.commit([put_op(new)])
+    v.storage.delete(object_key(old.object))
 
 
 def import_age(v: Vault, src: str, dest: str) -> Entry:

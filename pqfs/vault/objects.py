@@ -9,9 +9,10 @@ on these. Nothing here reads the catalog: a caller passes the entry.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pqfs.errors import PayloadError, VaultError
 from pqfs.format.agefile import AgeReader, RangeSource, encrypt_stream, read_header
@@ -21,6 +22,9 @@ from pqfs.format.keys import Recipient
 from pqfs.runtime.files import fd_pwriter
 from pqfs.storage.base import Storage
 from pqfs.vault.schema import Entry
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 OBJECTS = "objects/"
 
@@ -59,6 +63,31 @@ def write_object(
             src, f.write, [*v.recipients, *recipients], progress, pwrite=pw
         )
     return object_id, header, size
+
+
+class PlaintextStream(io.RawIOBase):
+    """An AgeReader's plaintext as a stream (to encrypt it again: unshare --reencrypt); every
+    chunk authenticated before a byte of it is returned."""
+
+    def __init__(self, reader: AgeReader) -> None:
+        super().__init__()
+        self._pieces = reader.iter_range(0, reader.size)
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: WriteableBuffer) -> int:
+        out = memoryview(b).cast("B")
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return 0
+            self._left = piece
+        n = min(len(out), len(self._left))
+        out[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
 
 
 def copy_rewrapped(

@@ -30,10 +30,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pqfs.errors import NoIdentityMatch, PqfsError, VaultError
+from pqfs.format.agefile import read_header
 from pqfs.format.encoding import b64encode
 from pqfs.format.header import Header
-from pqfs.format.keys import HybridIdentity, Identity, Recipient, X25519Identity, unwrap
+from pqfs.format.keys import (
+    HybridIdentity,
+    Identity,
+    Recipient,
+    X25519Identity,
+    parse_recipient,
+    unwrap,
+)
 from pqfs.runtime.memory import wipe
+from pqfs.runtime.pools import DaemonExecutor
 from pqfs.vault import bounds
 from pqfs.vault import catalog as cat_mod
 from pqfs.vault.catalog import Catalog
@@ -85,14 +94,16 @@ def rekey(v: Vault, passphrase: bytes | bytearray, progress: Progress | None = N
     recipients = [i.recipient() for i in new] + [
         r for r in v.config.recipient_objects() if r.encode() in extra
     ]
+    made: set[str] = set()  # objects this run copied: wrapped to the new identity alone
     if v.config.owner is not None and v.config.owner.id != new_owner.id:
         cat = v.catalog(reload=True)  # under the old config: verified as it stands
         copies = _copy_all(v, cat, new, old, recipients, done, report)  # 2
+        made = {e.object for e in copies.values()}
         _snapshot(v, cat, copies, recipients, new_owner)  # 3
         _switch_config(v, new_owner, recipients)  # 4
     else:
         new_owner.wipe()
-    _settle(v, new, old, recipients, done, report)  # 5
+    _settle(v, new, old, recipients, done, report, made)  # 5
     done.deleted = _sweep(v)  # 6
     v.write_identities(new, passphrase)  # 7
     v.forget_identities(old)
@@ -135,32 +146,33 @@ def _copy(
     payload bytes copied (0 if a previous run made the copy)."""
     new_id = _new_id(new, e.object)
     key = object_key(new_id)
-    src = v.storage.open_source(object_key(e.object))
+    src_key = object_key(e.object)
+    src = v.storage.open_source(src_key)
     try:
         header = checked_header(e, src)
         fk = unwrap(header, both)
+        targets = [*recipients, *(parse_recipient(r) for r in e.shared)]  # its shares stay
         try:
-            fresh = Header.build([r.wrap(fk) for r in recipients], fk)
+            fresh = Header.build([r.wrap(fk) for r in targets], fk)
         finally:
             wipe(fk)
         size = src.size
+        try:
+            v.storage.copy_with_header(key, fresh.encode(), src_key, header.length, size, src)
+            copied = size - header.length
+        except FileExistsError:  # a previous run's copy: take its header's binding
+            copied = 0
+            dst = v.storage.open_source(key)
+            try:
+                fresh = read_header(dst, hint=max(fresh.length, 64))
+            finally:
+                dst.close()
     finally:
         src.close()
-    copied = 0
-    if not v.storage.exists(key):
-        v.storage.copy_with_header(key, fresh.encode(), object_key(e.object), header.length, size)
-        copied = size - header.length
-    else:  # a previous run's copy: its header is a fresh one too, take its binding
-        dst = v.storage.open_source(key)
-        try:
-            from pqfs.format.agefile import read_header
-
-            fresh = read_header(dst, hint=max(fresh.length, 64))
-        finally:
-            dst.close()
     moved = Entry(
-        e.path, "file", e.mode, e.mtime_ns, e.size, new_id, fresh.length, b64encode(fresh.mac)
-    )
+        e.path, "file", e.mode, e.mtime_ns, e.size, new_id, fresh.length, b64encode(fresh.mac),
+        e.shared,
+    )  # fmt: skip
     return moved, copied
 
 
@@ -173,14 +185,33 @@ def _copy_all(
     done: Rekeyed,
     report: Progress,
 ) -> dict[str, Entry]:
-    both = [*new, *old]
-    out = {}
-    for e in sorted(cat.files(), key=lambda x: x.path):
-        moved, copied = _copy(v, e, new, both, recipients)
-        out[e.path] = moved
-        done.files += 1
-        done.payload_bytes += copied
-        report(e.size)
+    return _copy_many(
+        v, sorted(cat.files(), key=lambda x: x.path), new, [*new, *old], recipients, done, report
+    )
+
+
+def _copy_many(
+    v: Vault,
+    entries: list[Entry],
+    new: Idents,
+    both: Sequence[Identity],
+    recipients: Sequence[Recipient],
+    done: Rekeyed,
+    report: Progress,
+) -> dict[str, Entry]:
+    """_copy of each entry, `rekey_parallel` at once; {path: the entry of its copy}."""
+    out: dict[str, Entry] = {}
+    pool = DaemonExecutor(bounds.BOUNDS.rekey_parallel, "pqfs-rekey")
+    try:
+        jobs = [(e, pool.submit(_copy, v, e, new, both, recipients)) for e in entries]
+        for e, job in jobs:
+            moved, copied = job.result()
+            out[e.path] = moved
+            done.files += 1
+            done.payload_bytes += copied
+            report(e.size)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 
@@ -229,25 +260,24 @@ def _settle(
     recipients: Sequence[Recipient],
     done: Rekeyed,
     report: Progress,
+    made: set[str],
 ) -> None:
     """Step 5: repeat until the catalog is one snapshot naming only objects wrapped to the new
-    identity alone (the first pass of a fresh rekey finds nothing to do)."""
+    identity alone (the first pass of a fresh rekey finds nothing to do: `made` are the
+    objects this run copied, known to be)."""
     both = [*new, *old]
     for _ in range(bounds.BOUNDS.append_attempts):
         v.forget_catalog()
         cat = cat_mod.load(v.storage, both, v.config)
-        todo = [e for e in cat.files() if not _opens_with_only(v, e, new, old)]
+        todo = [
+            e for e in cat.files() if e.object not in made and not _opens_with_only(v, e, new, old)
+        ]
         segs = cat_mod.list_segments(v.storage)
         tail_is_snapshot = bool(segs) and segs[-1].kind == "snap" and not cat.unverified
         if not todo and tail_is_snapshot and _segments_open_with(v, segs[-1:], new):
             return
-        copies = {}
-        for e in todo:
-            moved, copied = _copy(v, e, new, both, recipients)
-            copies[e.path] = moved
-            done.files += 1
-            done.payload_bytes += copied
-            report(e.size)
+        copies = _copy_many(v, todo, new, both, recipients, done, report)
+        made.update(e.object for e in copies.values())
         ops = [cat_mod.put_op(copies.get(e.path, e)) for e in cat.entries.values()]
         if v.append(ops, snapshot=True, expect_prev=cat.head_digest) is not None:
             cat_mod.delete_through(v.storage, cat.head_seq)
@@ -268,17 +298,10 @@ def _sweep(v: Vault) -> int:
     anything a crash left): it is signed by the new owner and opens with the new identity."""
     cat = v.catalog(reload=True)
     live = {object_key(e.object) for e in cat.files()}
-    n = 0
-    for key, _size in v.storage.list(OBJECTS):
-        if key not in live:
-            v.storage.delete(key)
-            n += 1
-    head = cat_mod.list_segments(v.storage)
-    snaps = [s for s in head if s.kind == "snap"]
-    if snaps:
-        for s in head:
-            if s.seq < snaps[-1].seq:
-                v.storage.delete(s.key)
-                n += 1
+    doomed = [key for key, _size in v.storage.list(OBJECTS) if key not in live]
+    segs = cat_mod.list_segments(v.storage)
+    snaps = [s.seq for s in segs if s.kind == "snap"]
+    doomed += [s.key for s in segs if snaps and s.seq < snaps[-1]]
+    v.storage.delete_many(doomed)
     v.forget_catalog()
-    return n
+    return len(doomed)

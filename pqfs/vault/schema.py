@@ -47,6 +47,9 @@ class Entry:
     object: str = ""  # content object id (files)
     hlen: int = 0  # header length of the content object
     mac: str = ""  # header MAC (base64): binds this entry to exactly one object
+    # Recipients the file was shared with (`pqfs share`), besides the vault's: what unshare
+    # and rekey wrap the file key to again.
+    shared: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -54,6 +57,10 @@ class Entry:
         if self.type == "dir":
             for k in ("size", "object", "hlen", "mac"):
                 d.pop(k)
+        if self.shared and self.type == "file":
+            d["shared"] = list(self.shared)
+        else:
+            d.pop("shared")
         return d
 
 
@@ -144,7 +151,22 @@ def put_entry(op: dict[str, Any]) -> Entry:
     mac = _str(op, "mac")
     if not _MAC.fullmatch(mac):
         raise MalformedOp(f"mac is not the canonical base64 of a {MAC_SIZE}-byte MAC")
-    return Entry(path, "file", mode, mtime_ns, size, obj, hlen, mac)
+    return Entry(path, "file", mode, mtime_ns, size, obj, hlen, mac, _shared(op))
+
+
+MAX_SHARED = 64  # recipients one file is shared with: a bound on what a forged op makes us hold
+_RECIPIENT = re.compile(r"age1[0-9a-z]{1,4000}")
+
+
+def _shared(op: dict[str, Any]) -> tuple[str, ...]:
+    v = op.get("shared", [])
+    if (
+        not isinstance(v, list)
+        or len(v) > MAX_SHARED
+        or not all(isinstance(r, str) and _RECIPIENT.fullmatch(r) for r in v)
+    ):
+        raise MalformedOp(f"shared is not a list of at most {MAX_SHARED} age recipients")
+    return tuple(v)
 
 
 def check_op(op: object) -> None:

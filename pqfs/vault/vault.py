@@ -225,11 +225,23 @@ class Vault:
         """identity.age := `idents`, encrypted with `passphrase` (rekey); they are held."""
         text = bytearray(identity_file_text(idents).encode())
         try:
-            blob = _encrypt_bytes(bytes(text), [ScryptRecipient(passphrase, tune_scrypt())])
+            blob = _encrypt_bytes(bytes(text), [ScryptRecipient(passphrase, self._work_factor())])
         finally:
             wipe(text)
         self.storage.put_bytes(IDENTITY, blob)
         self._identities = list(idents)
+
+    def _work_factor(self) -> int:
+        """The scrypt work factor identity.age has now (what its owner chose or pqfs tuned):
+        kept when it is written again, rather than measured again."""
+        try:
+            header = read_header(BytesSource(self.storage.read_bytes(IDENTITY)))
+            args = header.stanzas[0].args
+            if args[0] == "scrypt" and len(args) == 3 and args[2].isdigit():
+                return int(args[2])
+        except (FileNotFoundError, PqfsError, IndexError):
+            pass
+        return tune_scrypt()
 
     def forget_identities(self, gone: Sequence[HybridIdentity | X25519Identity]) -> None:
         """Wipe identities no longer of this vault (the old ones, after a rekey)."""
@@ -483,6 +495,7 @@ class Vault:
             object_id,
             header.length,
             b64encode(header.mac),
+            tuple(dict.fromkeys(r.encode() for r in recipients)),  # shared with (add -r)
         )
 
     def dir_entry(self, src_path: str, dest: str) -> Entry:
