@@ -8,7 +8,9 @@ key) is refused with `Rollback`, naming what went back; `pqfs trust VAULT --rese
 on purpose (a vault restored from a backup).
 
 One JSON file per vault location in the state directory: $PQFS_STATE_DIR, else systemd's
-$STATE_DIRECTORY, else $XDG_STATE_HOME/pqfs, else ~/.local/state/pqfs. Updates are under an
+$STATE_DIRECTORY, else /var/lib/pqfs for root (what the system unit's StateDirectory= is, so
+the CLI and the unit's mount share their pins), else $XDG_STATE_HOME/pqfs or
+~/.local/state/pqfs (a user unit's StateDirectory=). Updates are under an
 exclusive lock and only ever move forward, so two commands on one host never lose a pin.
 Nothing secret is in it (a location, a key id, numbers and a digest).
 """
@@ -48,6 +50,8 @@ def state_dir() -> str:
     env = os.environ.get("PQFS_STATE_DIR") or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     if env:
         return env
+    if os.geteuid() == 0:
+        return "/var/lib/pqfs"
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
