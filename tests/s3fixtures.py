@@ -76,3 +76,12 @@ def fault_proxy(s3: SeaweedS3, request: pytest.FixtureRequest) -> Iterator[Fault
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def s3_vault_location(s3_bucket: str, seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://BUCKET/vault` in this test's bucket, with this process's environment set to reach
+    the server (for tests that drive the vault API in-process rather than through `pqfs`)."""
+    for k, val in seaweed.env().items():
+        monkeypatch.setenv(k, val)
+    return f"s3://{s3_bucket}/vault"

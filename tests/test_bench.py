@@ -101,3 +101,21 @@ def test_quiet_host_spinners_stop_when_the_benchmark_is_killed() -> None:
     while left := _spinners(proc.pid):
         assert time.monotonic() < deadline, f"spinners outlived the benchmark: {left}"
         time.sleep(0.1)
+
+
+def test_bench_trust_runs_and_reports(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "bench_trust.py")),
+            *("--files", "40", "--films", "1", "--rounds", "1", "--dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,  # a bound for a hung run, not a figure: the machine may be busy
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"hybrid signature: sign \d+ us, verify \d+ us", out), out
+    assert re.search(r"bytes per delta, signed - unsigned: \d+", out), out
+    assert re.search(r"rekey local: [\d.]+ s vs re-encrypt [\d.]+ s = [\d.]+x", out), out
+    assert list(tmp_path.iterdir()) == [], "work directory left behind"

@@ -185,12 +185,8 @@ def test_a_running_mount_says_it_must_be_remounted_after_a_rekey(
     assert "unmount and mount it again with the new identity" in log.read_text()
 
 
-def test_rekey_on_s3_copies_the_payload_server_side(
-    s3_bucket: str, seaweed: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for k, val in seaweed.env().items():
-        monkeypatch.setenv(k, val)
-    loc = f"s3://{s3_bucket}/vault"
+def test_rekey_on_s3_copies_the_payload_server_side(s3_vault_location: str, tmp_path: Path) -> None:
+    loc = s3_vault_location
     v = Vault.create(loc, PASSPHRASE, log_n=10, options=StorageOptions())
     rng = random.Random(3)
     files = {"film.mkv": rng.randbytes(20 * MiB + 123), "song.flac": rng.randbytes(70_000)}

