@@ -61,8 +61,8 @@ def test_a_failed_start_names_the_cause_as_ls_does(tmp_path: Path, cli_env: dict
     vault = _make_vault(tmp_path, cli_env, {"a.bin": 100})
     seg = sorted((vault / "catalog").iterdir())[-1]
     raw = bytearray(seg.read_bytes())
-    raw[raw.index(b"\n-> ") + 5] ^= 0x20  # a stanza argument of the segment's header
-    seg.write_bytes(raw)
+    raw[raw.index(b"\n--- ") + 6] ^= 0x01  # the header's MAC (a stanza changed would be a
+    seg.write_bytes(raw)  # segment for other keys: ignored, and a rollback on this host)
     ls = run_pqfs("ls", str(vault), env=cli_env, check=False)
     assert ls.returncode == 1
     line = ls.stderr.decode()

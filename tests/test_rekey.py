@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pqfs.errors import NoIdentityMatch
+from pqfs.errors import NoIdentityMatch, PqfsError
 from pqfs.format.agefile import BytesSource, read_header
 from pqfs.format.keys import (
     HybridIdentity,
@@ -28,6 +28,7 @@ from pqfs.format.keys import (
     unwrap,
 )
 from pqfs.storage.base import StorageOptions
+from pqfs.vault import catalog as cat_mod
 from pqfs.vault import rekey, writers
 from pqfs.vault.catalog import put_op
 from pqfs.vault.objects import OBJECTS, object_key, open_reader
@@ -209,3 +210,49 @@ def test_rekey_on_s3_copies_the_payload_server_side(s3_vault_location: str, tmp_
     assert copied >= 20 * MiB - part, counters
     assert sent < part + 200_000 + 4 * 16384, counters  # + headers, the new snapshot, config
     assert_rekeyed(v, files, old)
+
+
+def test_a_writer_that_appends_during_a_rekey_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's segment lands between the new snapshot and the new config (signed under
+    the old vault id, its object wrapped to the old recipients): the rekey takes it up."""
+    v = Vault.create(str(tmp_path / "v"), PASSPHRASE, log_n=10)
+    files = fill(v, tmp_path, 3)
+    key = writers.add(v, "ingest")
+    old = old_identities(v)
+    host = Vault.open(v.location)
+    host.use_writer_key(key)
+    switch = rekey._switch_config
+
+    def writer_meanwhile(*args: Any) -> None:
+        src = tmp_path / "late.flac"
+        src.write_bytes(b"added while the rekey ran")
+        host.commit([put_op(host.add_file(str(src), "lib/late.flac"))])
+        files["lib/late.flac"] = src.read_bytes()
+        switch(*args)
+
+    monkeypatch.setattr(rekey, "_switch_config", writer_meanwhile)
+    w = opened(v)
+    rekey.rekey(w, PASSPHRASE)
+    assert_rekeyed(v, files, old)
+
+
+def test_a_writer_holding_the_old_config_is_told_to_run_again(tmp_path: Path) -> None:
+    v = Vault.create(str(tmp_path / "v"), PASSPHRASE, log_n=10)
+    files = fill(v, tmp_path, 2)
+    key = writers.add(v, "ingest")
+    host = Vault.open(v.location)
+    host.use_writer_key(key)
+    src = tmp_path / "late.flac"
+    src.write_bytes(b"encrypted to the old recipients")
+    entry = host.add_file(str(src), "lib/late.flac")
+    rekey.rekey(opened(v), PASSPHRASE)
+    with pytest.raises(PqfsError, match=r"the vault was rekeyed .* run the command again"):
+        host.commit([put_op(entry)])
+    # A segment that got in anyway (encrypted to the old recipients) cannot brick the vault.
+    signer = cat_mod.Signer(key, host.config.vault_id, host.config.generation)
+    cat_mod.append(host.storage, host.recipients, [put_op(entry)], signer=signer)
+    cat = opened(v).catalog()
+    assert sorted(e.path for e in cat.files()) == sorted(files)
+    assert any("does not open with this vault's identity" in w for w in cat.warnings)

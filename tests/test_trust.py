@@ -550,3 +550,136 @@ def test_on_s3_forgeries_and_rollbacks_are_refused(s3_vault_location: str, tmp_p
     fresh.storage.delete(cat_mod.list_segments(fresh.storage)[-1].key)
     with pytest.raises(trust.Rollback, match="went back from segment"):
         fresh.catalog(reload=True)
+
+
+# ------------------------------------------------------------------ review findings ----
+
+
+def test_an_old_vault_id_does_not_win_back_a_host_that_followed_a_rekey(
+    owner: Vault, tmp_path: Path
+) -> None:
+    """After a rekey A -> B, whoever holds A's key (the reason for the rekey) writes a config
+    signed by A; a host pinned to B refuses it even when told A (an old writer key file)."""
+    from pqfs.vault import rekey
+
+    old_id = owner.config.vault_id
+    hybrid = next(i for i in owner.held_identities() if isinstance(i, HybridIdentity))
+    stolen = SigningKey.owner_of(HybridIdentity(bytes(hybrid._seed)))
+    rekey.rekey(owner, PASSPHRASE)
+    Vault.open(owner.location)  # this host follows the rotation: pinned to B
+    forged = VaultConfig(
+        2, [HybridIdentity.generate().recipient().encode()], owner=stolen.verify_key, generation=99
+    )
+    owner.storage.put_bytes(CONFIG, forged.to_bytes(stolen))
+    for given in (None, old_id):
+        with pytest.raises(trust.KeyChanged, match="signing key changed"):
+            Vault.open(owner.location, vault_id=given)
+
+
+def test_a_writer_cannot_record_shares_replace_files_or_block_the_vault(
+    owner: Vault, tmp_path: Path, pw: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    key = writers.add(owner, "ingest")
+    host = attacker(owner)
+    host.use_writer_key(key)
+    signer = cat_mod.Signer(key, owner.config.vault_id, owner.config.generation)
+    real = owner.catalog(reload=True).get("media/film.mkv")
+    assert real is not None
+    theirs = HybridIdentity.generate().recipient().encode()
+    alias = {**put_op(real), "path": "x/alias.mkv", "shared": [theirs]}  # share the owner's file
+    replace = forged_object(owner, tmp_path, b"replaced")
+    replace["path"] = "media/film.mkv"
+    cat_mod.append(host.storage, host.recipients, [alias, replace], signer=signer)
+    cat = owner.catalog(reload=True)
+    assert cat.get("x/alias.mkv") is not None and cat.get("x/alias.mkv").shared == ()  # type: ignore[union-attr]
+    assert cat.get("media/film.mkv") == real  # not replaced
+    assert any("a writer may not replace a file" in w for w in cat.warnings)
+    # A writer's segment that lies about its generation or position is ignored, not fatal.
+    bogus = {"pqfs_catalog": 2, "kind": "delta", "generation": 10**6, "ops": []}
+    segs = cat_mod.list_segments(owner.storage)
+    seq = segs[-1].seq + 1
+    prev = hashlib.sha256(owner.storage.read_bytes(segs[-1].key)).hexdigest()
+    body = json.dumps({**bogus, "seq": seq, "prev": prev}).encode()
+    raw_segment(owner, {"kind": "delta"}, plain=cat_mod.seal(body, key, owner.config.vault_id))
+    rc, out, err = cli(capfd, "ls", "-R", root_of(owner), "--passphrase-file", pw)
+    assert rc == 0 and "film.mkv" in out and f"catalog segment {seq} ignored" in err
+    rc, _, err = cli(capfd, "writer", "rm", root_of(owner), "ingest", "--passphrase-file", pw)
+    assert rc == 0, err
+
+
+def test_a_malformed_config_is_one_clear_error(owner: Vault) -> None:
+    root = root_of(owner)
+    for text in ("[" * 100_000, json.dumps({"format": "pqfs-vault", "version": 2, "recipients": [],
+                                             "owner": 3_000_000_000, "signature": "AA"})):  # fmt: skip
+        (root / CONFIG).write_text(text)
+        with pytest.raises(ConfigError):
+            Vault.open(str(root))
+
+
+def test_a_forged_config_seen_first_is_not_what_the_host_pins(
+    owner: Vault, pw: Path, capfd: pytest.CaptureFixture[str], state_dir: Path
+) -> None:
+    root = root_of(owner)
+    real = (root / CONFIG).read_bytes()
+    theirs = SigningKey.generate()
+    forged = VaultConfig(2, owner.config.recipients, owner=theirs.verify_key, generation=1)
+    (root / CONFIG).write_bytes(forged.to_bytes(theirs))
+    shutil.rmtree(state_dir)  # a host that never saw the vault
+    rc, _, err = cli(capfd, "ls", root, "--passphrase-file", pw)
+    assert rc == 1 and "not signed by this vault's identity" in err
+    (root / CONFIG).write_bytes(real)
+    rc, out, _ = cli(capfd, "ls", "-R", root, "--passphrase-file", pw)
+    assert rc == 0 and "film.mkv" in out  # no --reset needed: the forgery was never pinned
+
+
+def test_writer_add_refuses_an_existing_key_file_before_it_changes_the_config(
+    owner: Vault, tmp_path: Path, pw: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "taken.key"
+    existing.write_text("mine")
+    before = (root_of(owner) / CONFIG).read_bytes()
+    rc, _, err = cli(
+        capfd, "writer", "add", root_of(owner), "ingest", "-o", existing, "--passphrase-file", pw
+    )
+    assert rc == 1 and "exists; refusing to overwrite" in err
+    assert (root_of(owner) / CONFIG).read_bytes() == before and existing.read_text() == "mine"
+
+
+def test_upgrade_with_a_backup_identity_is_refused(tmp_path: Path) -> None:
+    backup = HybridIdentity.generate()
+    v = Vault.create(str(tmp_path / "old"), PASSPHRASE, [backup.recipient()], log_n=10)
+    for key, _ in v.storage.list("catalog/"):
+        v.storage.delete(key)
+    cat_mod.append(v.storage, v.recipients, [], snapshot=True)
+    doc = {"format": "pqfs-vault", "version": 1, "recipients": v.config.recipients}
+    v.storage.put_bytes(CONFIG, json.dumps(doc).encode())
+    trust.reset(v.location)
+    old = Vault.open(v.location)
+    old.unlock_with([backup])
+    with pytest.raises(PqfsError, match="the vault's own post-quantum identity"):
+        upgrade.upgrade(old)
+
+
+def test_a_twin_segment_is_taken_back_by_the_writer_that_finds_it(owner: Vault) -> None:
+    """A snapshot and a delta of one number can both be created (the key names the kind):
+    the appender that finds the other after writing deletes its own and goes after it."""
+    inner = owner.storage
+    tail = cat_mod.list_segments(inner)[-1].seq
+
+    class Racing:
+        raced = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(inner, name)
+
+        def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
+            inner.put_bytes(key, data, exclusive)
+            twin = key.replace(".delta.", ".snap.")
+            if not self.raced:  # the compaction that raced us, once
+                self.raced = True
+                inner.put_bytes(twin, inner.read_bytes(cat_mod.list_segments(inner)[0].key))
+
+    written = cat_mod.append(Racing(), owner.recipients, [], signer=owner.signer())  # type: ignore[arg-type]
+    assert written is not None and written.seq == tail + 2
+    kinds = {(s.seq, s.kind) for s in cat_mod.list_segments(inner)}
+    assert (tail + 1, "delta") not in kinds and (tail + 2, "delta") in kinds

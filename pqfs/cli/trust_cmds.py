@@ -27,24 +27,37 @@ from pqfs.storage import open_storage
 from pqfs.vault import rekey as rekey_mod
 from pqfs.vault import trust, upgrade, writers
 from pqfs.vault.catalog import shown
+from pqfs.vault.signing import SigningKey
 
 # ------------------------------------------------------------------ writer ----
 
 
 def cmd_writer_add(args: argparse.Namespace) -> int:
-    if os.path.lexists(args.output):
-        raise PqfsError(f"{args.output} exists; refusing to overwrite a writer key")
     v = open_vault(args, unlock=True)
-    key = writers.add(v, args.name)
+    writers.check_new(v, args.name)
+    key = SigningKey.generate()
+    # The key file first (never over an existing file), then the config that authorizes it:
+    # a failure in between leaves an unauthorized key file, never an authorized lost key.
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise PqfsError(f"{args.output} exists; refusing to overwrite a writer key") from None
     try:
         when = datetime.now(UTC).strftime("%Y-%m-%d")
-        text = (
+        head = (
             f"# pqfs writer key {args.name!r}, created {when}: keep it secret, on its host only\n"
-            f"{VAULT_ID_LINE.decode()}{v.config.vault_id}\n{key.encode()}\n"
         )
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.write(fd, (head + f"{VAULT_ID_LINE.decode()}{v.config.vault_id}\n").encode())
+        os.write(fd, key.encode().encode() + b"\n")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        writers.authorize(v, args.name, key.verify_key)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(args.output)
+        raise
     finally:
         key.wipe()
     info(f"added writer {args.name} ({key.id}) to {shown(args.vault)}; its key is in {args.output}")

@@ -21,6 +21,8 @@ _B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 def b64decode(text: str | bytes, what: str = "base64 value") -> bytes:
     """Decode unpadded base64, rejecting padding, stray characters and non-canonical encodings."""
+    if not isinstance(text, (str, bytes)):
+        raise FormatError(f"malformed {what}")  # (bytes(n) of a number would allocate n bytes)
     raw = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
     if not raw.isascii() or any(c not in _B64_ALPHABET for c in raw) or len(raw) % 4 == 1:
         raise FormatError(f"malformed {what}")

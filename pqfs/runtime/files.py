@@ -3,6 +3,7 @@ and written whole at an offset."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -104,3 +105,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): flush the whole filesystem holding `fd` (Python 3.11 has no os.syncfs)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

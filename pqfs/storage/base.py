@@ -147,10 +147,15 @@ class Storage(ABC):
 
     @abstractmethod
     def writer(
-        self, key: str, exclusive: bool = False
+        self, key: str, exclusive: bool = False, durable: bool = True
     ) -> contextlib.AbstractContextManager[BinaryIO]:
         """Stream a new object; it appears at `key` only when the block exits without error.
-        With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent)."""
+        With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent). Without
+        `durable`, the block may end before the bytes are on stable storage: for a batch of
+        objects that make_durable() flushes before anything names them (ingest)."""
+
+    def make_durable(self) -> None:  # noqa: B027 - most backends make every write durable
+        """Everything written with durable=False is on stable storage when this returns."""
 
     def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
         with self.writer(key, exclusive) as f:

@@ -63,7 +63,8 @@ class S3Storage(S3Requests, Storage):
         return data
 
     @contextlib.contextmanager
-    def writer(self, key: str, exclusive: bool = False) -> Iterator[BinaryIO]:
+    def writer(self, key: str, exclusive: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
+        """(An S3 object is durable once its PUT or its upload's COMPLETE is answered.)"""
         up = Upload(self, key, exclusive)
         try:
             yield cast(BinaryIO, up)

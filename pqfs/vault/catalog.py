@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pqfs.errors import CatalogDamaged, FormatError, PqfsError, VaultError
+from pqfs.errors import CatalogDamaged, FormatError, NoIdentityMatch, PqfsError, VaultError
 from pqfs.format.agefile import BytesSource, encrypt_stream, open_age
 from pqfs.format.encoding import b64decode, b64encode
 from pqfs.format.header import MAX_HEADER
@@ -272,9 +272,10 @@ class Catalog:
         else:
             raise MalformedOp('op is neither "put" nor "del"')
 
-    def apply_segment(self, seq: int, doc: dict[str, Any], may_delete: bool = True) -> None:
+    def apply_segment(self, seq: int, doc: dict[str, Any], writer: bool = False) -> None:
         """Apply the ops of segment `seq`; the ones to ignore make one line in `warnings`.
-        A writer's segment (`may_delete` False) may only put: its deletes are malformed."""
+        A writer's segment (`writer`) may only add (FORMAT.md §4.6): its deletes are
+        malformed, a put over an existing file conflicts, and its shares are not recorded."""
         ops = doc.get("ops")
         if not isinstance(ops, list):
             what = "missing" if "ops" not in doc else "not a list"
@@ -284,9 +285,7 @@ class Catalog:
         first = ""
         for i, op in enumerate(ops, 1):
             try:
-                if not may_delete and isinstance(op, dict) and op.get("op") == "del":
-                    raise MalformedOp("a writer may not delete (only the owner does)")
-                self.apply(op)
+                self.apply(_as_writer(op, self) if writer else op)
             except (MalformedOp, ConflictingOp) as e:
                 if isinstance(e, MalformedOp):
                     malformed += 1
@@ -328,6 +327,22 @@ class Catalog:
             if parent in self.entries:
                 return
             path = parent
+
+
+def _as_writer(op: object, cat: Catalog) -> object:
+    """`op` as a writer may make it: no delete, no replacing a file, no shares."""
+    if not isinstance(op, dict):
+        return op
+    if op.get("op") == "del":
+        raise MalformedOp("a writer may not delete (only the owner does)")
+    if op.get("op") == "put":
+        path = op.get("path")
+        old = cat.entries.get(path) if isinstance(path, str) else None
+        if old is not None and old.type == "file":
+            raise ConflictingOp(f"{shown(old.path)}: a writer may not replace a file")
+        if "shared" in op:
+            op = {k: v for k, v in op.items() if k != "shared"}
+    return op
 
 
 def put_op(e: Entry) -> dict[str, Any]:
@@ -391,9 +406,10 @@ def _opened(raw: bytes, identities: Sequence[Identity]) -> bytes:
 SIGNATURE_LINE = 33 + 4500  # key id, a space, the base64 of a 3373-byte hybrid signature
 
 
-def _verified(plain: bytes, config: VaultConfig, kind: str) -> tuple[bytes, str]:
-    """(the document, who signed it) of a version-2 segment's plaintext; _Unverified unless
-    its signature is of a key the config authorizes (a snapshot: the owner's)."""
+def _verified(plain: bytes, config: VaultConfig, kind: str) -> tuple[bytes, str, int]:
+    """(the document, who signed it, the generation it must be older than) of a version-2
+    segment's plaintext; _Unverified unless its signature is of a key the config authorizes
+    (a snapshot: the owner's) over this vault's id (or a former one's, for a writer)."""
     doc, lf, trailer = plain.partition(b"\n")
     if not lf:
         raise _Unverified("it is not signed")
@@ -408,9 +424,13 @@ def _verified(plain: bytes, config: VaultConfig, kind: str) -> tuple[bytes, str]
         sig = b64decode(sig_text, "signature")
     except FormatError:
         raise _Unverified("its signature is malformed") from None
-    if not key.verify(SEGMENT_PURPOSE, segment_statement(config.vault_id, doc), sig):
-        raise _Unverified("its signature does not verify")
-    return doc, who
+    # The owner signs for this vault id only; a writer's segment may be bound to a former one
+    # (written before a rekey), if its generation is older than that rekey (checked below).
+    ids = config.binding_ids() if who != "owner" else config.binding_ids()[:1]
+    for vault_id, before in ids:
+        if key.verify(SEGMENT_PURPOSE, segment_statement(vault_id, doc), sig):
+            return doc, who, before
+    raise _Unverified("its signature does not verify")
 
 
 def _decode_segment(
@@ -419,13 +439,39 @@ def _decode_segment(
     """(document, signer: "owner", a writer's name, or "" in a version-1 vault) of a segment
     with its header checked; FormatError (a message to follow the segment's name) if it
     cannot be used, which breaks the chain (unlike a bad op); _Unverified if it is signed by
-    no one authorized."""
-    plain = _opened(raw, identities)
-    who = ""
-    version = FORMAT
-    if config is not None and config.signed:
-        plain, who = _verified(plain, config, seg.kind)
-        version = SIGNED_FORMAT
+    no one authorized: in a version-2 vault also one that does not open with the identity
+    (it cannot be verified: a writer's under keys since rotated away, or a forgery), and a
+    writer's that is not what it claims (another position, a newer config), since a writer
+    host may be compromised and must not be able to make the vault unreadable."""
+    signed = config is not None and config.signed
+    try:
+        plain = _opened(raw, identities)
+    except NoIdentityMatch:
+        # A well-formed age file for other keys (a writer's, encrypted to the recipients of
+        # before a rekey; or anyone's): nothing in it can be verified, so nothing is used.
+        # Anything else that does not open (a bad header, MAC or chunk) is damage.
+        if signed:
+            raise _Unverified("it does not open with this vault's identity") from None
+        raise
+    if config is None or not config.signed:
+        return _checked_doc(plain, seg, FORMAT, None), ""
+    plain, who, before = _verified(plain, config, seg.kind)
+    try:
+        doc = _checked_doc(plain, seg, SIGNED_FORMAT, config)
+        if doc["generation"] >= before:
+            raise FormatError("bound to a former vault id, written after its rekey")
+        return doc, who
+    except (FormatError, Rollback) as e:
+        if who == "owner":
+            raise
+        raise _Unverified(f"signed by writer {who}, but {e}") from None
+
+
+def _checked_doc(
+    plain: bytes, seg: Segment, version: int, config: VaultConfig | None
+) -> dict[str, Any]:
+    """The document of a segment's plaintext, its header checked against its key (and its
+    generation against `config`, in a version-2 vault)."""
     if len(plain) > MAX_SEGMENT_BYTES:
         raise FormatError(f"larger than {MAX_SEGMENT_BYTES >> 20} MiB")
     try:
@@ -438,7 +484,7 @@ def _decode_segment(
         raise FormatError("wrong header (replaced or moved)")
     if doc.get("kind") != seg.kind:
         raise FormatError("wrong kind")
-    if config is not None and config.signed:
+    if config is not None:
         gen = doc.get("generation")
         if type(gen) is not int or gen < 1:
             raise FormatError("no config generation")
@@ -447,7 +493,7 @@ def _decode_segment(
                 f"catalog segment {seg.seq} was written under config generation {gen}, but "
                 f"pqfs.json is generation {config.generation}: the config was rolled back"
             )
-    return doc, who
+    return doc
 
 
 def _read_segment(
@@ -514,6 +560,12 @@ def load(
             )
         got = cache.pop(seg.seq, None)
         raw, doc, who = got if got is not None else _read_segment(storage, identities, seg, config)
+        if doc is not None and prev_digest is not None and doc.get("prev") != prev_digest:
+            if who in ("owner", ""):
+                raise CatalogDamaged(
+                    f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}"
+                )
+            doc, who = None, f"signed by writer {who}, but it does not follow segment {seg.seq - 1}"
         if doc is None:
             cat.unverified.append(seg.seq)
             cat.warnings.append(
@@ -521,11 +573,7 @@ def load(
                 "pqfs gc removes it)"
             )
         else:
-            if prev_digest is not None and doc.get("prev") != prev_digest:
-                raise CatalogDamaged(
-                    f"catalog segment {seg.seq} does not follow segment {seg.seq - 1}"
-                )
-            cat.apply_segment(seg.seq, doc, may_delete=who in ("owner", ""))
+            cat.apply_segment(seg.seq, doc, writer=who not in ("owner", ""))
         if seg.kind == "delta":
             cat.deltas_since_snapshot += 1
         prev_digest = hashlib.sha256(raw).hexdigest()
@@ -637,12 +685,24 @@ def append(
             )
         last = tail
         stored = _segment_bytes(recipients, seq + 1, kind, digest, ops, signer)
+        key = f"{PREFIX}{seq + 1:016d}.{kind}.age"
         try:
-            storage.put_bytes(f"{PREFIX}{seq + 1:016d}.{kind}.age", stored, exclusive=True)
-            return Written(seq + 1, hashlib.sha256(stored).hexdigest())
+            storage.put_bytes(key, stored, exclusive=True)
         except FileExistsError:
             continue
+        if _twin(storage, seq + 1, kind):
+            # Create-if-absent is per key, and the key names the kind: a snapshot and a delta
+            # of one number can both be created. Whoever finds the other after writing takes
+            # its own back and tries again, so a reader never sees two for long.
+            storage.delete(key)
+            continue
+        return Written(seq + 1, hashlib.sha256(stored).hexdigest())
     raise VaultError("could not append to the catalog (too many concurrent writers)")
+
+
+def _twin(storage: Storage, seq: int, kind: str) -> bool:
+    """Whether segment `seq` also exists as the other kind."""
+    return any(s.seq == seq and s.kind != kind for s in list_segments(storage))
 
 
 def _segment_bytes(

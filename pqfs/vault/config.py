@@ -52,6 +52,7 @@ class Rotation:
 
     key: VerifyKey
     signature: bytes
+    generation: int  # the config generation that took over from it
 
 
 @dataclass
@@ -92,6 +93,11 @@ class VaultConfig:
     def recipient_objects(self) -> list[Recipient]:
         return [parse_recipient(r) for r in self.recipients]
 
+    def binding_ids(self) -> list[tuple[str, int]]:
+        """(vault id, generation before which it bound segments): the current one, then each
+        former owner's (a writer's segment signed before a rekey stays valid)."""
+        return [(self.vault_id, 1 << 62)] + [(r.key.id, r.generation) for r in self.rotations]
+
     def signer(self, key_id: str) -> tuple[str, VerifyKey] | None:
         """("owner" or the writer's name, its key) for a key id this config authorizes."""
         if self.owner is not None and key_id == self.owner.id:
@@ -120,7 +126,11 @@ class VaultConfig:
             )
             if self.rotations:
                 doc["rotations"] = [
-                    {"key": r.key.encode(), "signature": b64encode(r.signature)}
+                    {
+                        "key": r.key.encode(),
+                        "signature": b64encode(r.signature),
+                        "generation": r.generation,
+                    }
                     for r in self.rotations
                 ]
         return doc
@@ -164,13 +174,18 @@ def _plain(value: object, depth: int = 0) -> bool:
     return False
 
 
+MAX_CONFIG_BYTES = 4 << 20  # 256 writers and as many rotations are ~1.4 MiB: a bound on input
+
+
 def parse(raw: bytes, where: str) -> VaultConfig:
     """The config in `raw`; a version-2 one only if its owner's signature verifies."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: pqfs.json is larger than any config ({len(raw)} bytes)")
     try:
         doc = json.loads(raw, object_pairs_hook=_no_duplicates)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ConfigError(f"{where}: pqfs.json is not a pqfs vault config") from None
     version = doc.get("version")
     if type(version) is not int or version not in VERSIONS:
@@ -195,33 +210,56 @@ _KNOWN = {"format", "version", "recipients", "kem_backend", "vault_id", "owner",
           "writers", "rotations", "signature"}  # fmt: skip
 
 
+def _text(d: object, key: str) -> str:
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, str):
+        raise ValueError(f"{key} is not a string")
+    return v
+
+
+def _whole(d: object, key: str) -> int:
+    v = d.get(key) if isinstance(d, dict) else None
+    if type(v) is not int or v < 1:
+        raise ValueError(f"{key} is not a positive whole number")
+    return v
+
+
+def _list(d: dict[str, Any], key: str) -> list[Any]:
+    v = d.get(key, [])
+    if not isinstance(v, list):
+        raise ValueError(f"{key} is not a list")
+    return v
+
+
 def _parse_signed(cfg: VaultConfig, doc: dict[str, Any]) -> VaultConfig:
-    signature = (
-        b64decode(doc["signature"], "signature") if isinstance(doc.get("signature"), str) else b""
-    )
-    if not signature:
+    """Every value is type-checked before it is decoded: this runs before the signature is
+    known to be good, on whatever the store holds."""
+    if "signature" not in doc:
         raise ValueError("it is not signed")
+    signature = b64decode(_text(doc, "signature"), "signature")
     body = {k: v for k, v in doc.items() if k not in UNSIGNED}
     if not _plain(body):
         raise ValueError("a value that has no canonical form")
-    owner = VerifyKey.decode(doc["owner"])
+    owner = VerifyKey.decode(_text(doc, "owner"))
     if not owner.verify(CONFIG_PURPOSE, canonical(body), signature):
         raise ValueError("its signature does not verify")
     # Signed by the key it names: from here on, whatever it holds is the owner's word.
     if doc.get("vault_id") != owner.id:
         raise ValueError("its vault id is not its owner key's")
-    generation = doc.get("generation")
-    if type(generation) is not int or generation < 1:
-        raise ValueError("generation is not a positive whole number")
+    generation = _whole(doc, "generation")
     writers = []
-    for w in doc.get("writers", []):
-        name, key = w["name"], VerifyKey.decode(w["key"])
-        if not isinstance(name, str) or not WRITER_NAME.fullmatch(name):
+    for w in _list(doc, "writers"):
+        name, key = _text(w, "name"), VerifyKey.decode(_text(w, "key"))
+        if not WRITER_NAME.fullmatch(name):
             raise ValueError(f"a writer name is malformed: {name!r}")
         writers.append(Writer(name, key))
     rotations = [
-        Rotation(VerifyKey.decode(r["key"]), b64decode(r["signature"], "rotation signature"))
-        for r in doc.get("rotations", [])
+        Rotation(
+            VerifyKey.decode(_text(r, "key")),
+            b64decode(_text(r, "signature"), "rotation signature"),
+            _whole(r, "generation"),
+        )
+        for r in _list(doc, "rotations")
     ]
     cfg.owner, cfg.generation, cfg.writers, cfg.rotations = owner, generation, writers, rotations
     cfg.extra = {k: v for k, v in body.items() if k not in _KNOWN}

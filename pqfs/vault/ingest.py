@@ -159,7 +159,12 @@ def _check_dests(v: Vault, base: str, files: list[_File], dirs: list[str]) -> No
 class Batch:
     """Catalog ops committed in batches: a commit once `commit_every_files` ops are held or
     `commit_every_seconds` have passed (bounds.py), checked at `maybe_commit`. As a context manager it
-    commits what it holds when the block exits, whatever the exit (an error, Ctrl-C)."""
+    commits what it holds when the block exits, whatever the exit (an error, Ctrl-C).
+
+    The objects its ops name were written without waiting for the disk (durable=False): a
+    commit first makes them all durable at once (storage.make_durable, one syncfs), then
+    appends the segment, so that a crash at any point leaves every object the catalog names
+    whole (one that no segment names yet is garbage for gc)."""
 
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
@@ -173,8 +178,14 @@ class Batch:
         now = time.monotonic()
         b = bounds.BOUNDS
         if len(self.ops) >= b.commit_every_files or now - self.last_commit > b.commit_every_seconds:
+            self._commit()
+            self.last_commit = now
+
+    def _commit(self) -> None:
+        if self.ops:
+            self.vault.storage.make_durable()
             self.vault.commit(self.ops)
-            self.ops, self.last_commit = [], now
+        self.ops = []
 
     def __enter__(self) -> Batch:
         return self
@@ -185,8 +196,7 @@ class Batch:
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.vault.commit(self.ops)
-        self.ops = []
+        self._commit()
 
 
 class Ingest:
@@ -213,7 +223,8 @@ class Ingest:
                     continue
                 report(f.dest, 0)
                 read = functools.partial(report, f.dest)
-                batch.add(put_op(v.add_file(f.src, f.dest, self.recipients, read)))
+                entry = v.add_file(f.src, f.dest, self.recipients, read, durable=False)
+                batch.add(put_op(entry))
                 result.added += 1
                 batch.maybe_commit()
         return result

@@ -53,11 +53,13 @@ def write_object(
     src: BinaryIO,
     recipients: Sequence[Recipient] = (),
     progress: Callable[[int], None] | None = None,
+    durable: bool = True,
 ) -> tuple[str, Header, int]:
     """Encrypt a stream into a new content object, to the vault's recipients and `recipients`;
-    returns (object id, header, size)."""
+    returns (object id, header, size). Without `durable` the caller makes the batch durable
+    (storage.make_durable) before a catalog segment names the object."""
     object_id = os.urandom(16).hex()
-    with v.storage.writer(object_key(object_id), exclusive=True) as f:
+    with v.storage.writer(object_key(object_id), exclusive=True, durable=durable) as f:
         pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
         header, size = encrypt_stream(
             src, f.write, [*v.recipients, *recipients], progress, pwrite=pw

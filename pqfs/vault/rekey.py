@@ -151,22 +151,18 @@ def _copy(
     try:
         header = checked_header(e, src)
         fk = unwrap(header, both)
-        targets = [*recipients, *(parse_recipient(r) for r in e.shared)]  # its shares stay
         try:
+            targets = [*recipients, *(parse_recipient(r) for r in e.shared)]  # its shares stay
             fresh = Header.build([r.wrap(fk) for r in targets], fk)
+            size = src.size
+            try:
+                v.storage.copy_with_header(key, fresh.encode(), src_key, header.length, size, src)
+                copied = size - header.length
+            except FileExistsError:  # a previous run's copy: check it, then take its binding
+                copied = 0
+                fresh = _earlier_copy(v, e, key, fk, size, new)
         finally:
             wipe(fk)
-        size = src.size
-        try:
-            v.storage.copy_with_header(key, fresh.encode(), src_key, header.length, size, src)
-            copied = size - header.length
-        except FileExistsError:  # a previous run's copy: take its header's binding
-            copied = 0
-            dst = v.storage.open_source(key)
-            try:
-                fresh = read_header(dst, hint=max(fresh.length, 64))
-            finally:
-                dst.close()
     finally:
         src.close()
     moved = Entry(
@@ -174,6 +170,25 @@ def _copy(
         e.shared,
     )  # fmt: skip
     return moved, copied
+
+
+def _earlier_copy(v: Vault, e: Entry, key: str, fk: bytearray, size: int, new: Idents) -> Header:
+    """The header of the copy an interrupted run made at `key`, VaultError unless it is one:
+    wrapped to the new identity, under the same file key (its MAC verified), of the same size
+    (copies are written whole or not at all, so the payload is the source's)."""
+    dst = v.storage.open_source(key)
+    try:
+        header = read_header(dst)
+        theirs = unwrap(header, new)  # verifies the header MAC with the key it unwraps
+        try:
+            same = hmac.compare_digest(bytes(theirs), bytes(fk)) and dst.size == size
+        finally:
+            wipe(theirs)
+    finally:
+        dst.close()
+    if not same:
+        raise VaultError(f"{e.path}: {key} is not a copy of its object; delete it and run again")
+    return header
 
 
 def _copy_all(
@@ -248,7 +263,7 @@ def _switch_config(v: Vault, owner: SigningKey, recipients: Sequence[Recipient])
         writers=list(old.writers),
         kem_backend=old.kem_backend,
         extra=dict(old.extra),
-        rotations=[*old.rotations, Rotation(old.owner, endorsement)],
+        rotations=[*old.rotations, Rotation(old.owner, endorsement, old.generation + 1)],
     )
     v.adopt_config(config, owner)
 

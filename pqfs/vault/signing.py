@@ -98,8 +98,9 @@ class SigningKey:
         seed_m = _hkdf(self._secret, b"pqfs.v2 ml-dsa-65")
         seed_e = _hkdf(self._secret, b"pqfs.v2 ed25519")
         try:
-            self._mldsa = mldsa.MLDSA65PrivateKey.from_seed_bytes(bytes(seed_m))
-            self._ed = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(seed_e))
+            # The bytearrays themselves (wiped below), never a bytes copy that could not be.
+            self._mldsa = mldsa.MLDSA65PrivateKey.from_seed_bytes(seed_m)
+            self._ed = ed25519.Ed25519PrivateKey.from_private_bytes(seed_e)
         finally:
             wipe(seed_m)
             wipe(seed_e)

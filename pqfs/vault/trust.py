@@ -68,11 +68,17 @@ def load(location: str) -> Pin:
         with open(_path(location), "rb") as f:
             doc = json.load(f)
         pin = Pin(**{k: doc[k] for k in ("location", "vault_id", "generation", "seq", "digest")})
+        types = (str, str, int, int, str)
+        if not all(type(getattr(pin, f)) is t for f, t in zip(FIELDS, types, strict=True)):
+            raise TypeError
     except FileNotFoundError:
         return Pin(location)
     except (ValueError, KeyError, TypeError):
         raise VaultError(f"the local state of this vault is damaged: {_path(location)}") from None
     return pin
+
+
+FIELDS = ("location", "vault_id", "generation", "seq", "digest")
 
 
 @contextlib.contextmanager
@@ -104,24 +110,38 @@ def check_config(
     generation: int,
     expected_id: str | None,
     succeeds: Callable[[str], bool] = lambda _id: False,
+    first_use: bool = False,
 ) -> None:
-    """Refuse a config signed by another key than the pinned one (or `expected_id`, from
-    --vault-id), unless that key handed the vault on to this one (`succeeds`: a rekey's
-    signed rotation), or older than one seen here; then pin it."""
+    """Refuse a config signed by another key than the pinned one, unless the pinned key
+    handed the vault on to it (`succeeds`: a rekey's signed rotation), and likewise for
+    `expected_id` (--vault-id, a writer key file's id); refuse one older than seen here. Then
+    move the pin forward. A host with no pin pins only with `first_use` (the caller has
+    checked the key another way: the identity derives it, or `expected_id` named it), so
+    that a forged config seen first is never what a host trusts from then on."""
     with _locked(location):
         pin = load(location)
-        want = expected_id or pin.vault_id
-        if want and want != vault_id and not succeeds(want):
-            how = "given with --vault-id" if expected_id else "pinned on this host"
-            raise KeyChanged(
-                f"the vault's signing key changed: its config is signed by {vault_id}, not by "
-                f"{want} ({how}): pqfs.json was replaced"
-            )
+        for want, how in (
+            (pin.vault_id, "pinned on this host"),
+            (expected_id, "given with --vault-id"),
+        ):
+            if want and want != vault_id and not succeeds(want):
+                e = KeyChanged(
+                    f"the vault's signing key changed: its config is signed by {vault_id}, not "
+                    f"by {want} ({how}): pqfs.json was replaced"
+                )
+                if how.startswith("pinned"):
+                    e.hint = (
+                        "if another vault was created there on purpose, run: pqfs trust "
+                        f"{location} --reset"
+                    )
+                raise e
         if pin.vault_id and generation < pin.generation:
             raise _rollback(
                 location,
                 f"the vault config went back from generation {pin.generation} to {generation}",
             )
+        if not pin.vault_id and not (first_use or expected_id):
+            return
         if pin.vault_id != vault_id or generation > pin.generation:
             pin.vault_id, pin.generation = vault_id, generation
             _store(pin)

@@ -27,12 +27,20 @@ def upgrade(v: Vault) -> bool:
         raise Locked("upgrading a vault needs its identity")
     changed = False
     if not v.config.signed:
-        hybrid = [i for i in v.identities if isinstance(i, HybridIdentity)]
-        if not hybrid:
+        # The vault's own identity (pqfs init puts its recipient first), not another that
+        # opens it (a backup recipient's given with --identity): the owner key is derived from
+        # it, and identity.age must go on deriving the same one.
+        own = [
+            i
+            for i in v.identities
+            if isinstance(i, HybridIdentity) and i.recipient().encode() == v.config.recipients[0]
+        ]
+        if not own:
             raise VaultError(
-                "the vault has no post-quantum identity to derive its signing key from"
+                "upgrade needs the vault's own post-quantum identity (unlock it with the "
+                "passphrase)"
             )
-        owner = SigningKey.owner_of(hybrid[0])
+        owner = SigningKey.owner_of(own[0])
         old = v.config
         config = VaultConfig(
             CURRENT,

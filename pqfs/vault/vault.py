@@ -104,6 +104,7 @@ class Vault:
         self._writer_key: SigningKey | None = None  # an ingest host's (use_writer_key)
         self._catalog: Catalog | None = None
         self._config_raw = b""  # pqfs.json as read: refresh_config reads it again only if changed
+        self._expected_id: str | None = None  # --vault-id (or a writer key's): what it must be
         # Where the catalog's warnings go (ops ignored on load), each once: the CLI prints them.
         self.on_warning: Callable[[str], None] = log.warning
         self._warned: set[str] = set()
@@ -149,7 +150,8 @@ class Vault:
             for key, _size in storage.list(""):
                 storage.delete(key)
             raise
-        trust.check_config(v.location, config.vault_id, config.generation, None)
+        trust.reset(v.location)  # a new vault here: whatever this host knew of the old one goes
+        trust.check_config(v.location, config.vault_id, config.generation, None, first_use=True)
         return v
 
     def _write_new(self, passphrase: bytes | bytearray, log_n: int | None) -> None:
@@ -181,6 +183,7 @@ class Vault:
         config = config_mod.parse(raw, location)
         v = cls(storage, config)
         v._config_raw = raw
+        v._expected_id = vault_id
         if config.signed:
             trust.check_config(
                 v.location, config.vault_id, config.generation, vault_id, config.succeeds
@@ -208,7 +211,17 @@ class Vault:
         if owner is not self._owner_key and self._owner_key is not None:
             self._owner_key.wipe()
         self._owner_key = owner
-        trust.check_config(self.location, config.vault_id, config.generation, None, config.succeeds)
+        self._pin(first_use=True)
+
+    def _pin(self, first_use: bool) -> None:
+        """Check the config against this host's pin (trust.check_config) and move it forward;
+        with `first_use`, pin a vault this host never saw (its key was checked another way, or
+        this is the use that trusts it: see Vault.open)."""
+        c = self.config
+        if c.signed:
+            trust.check_config(
+                self.location, c.vault_id, c.generation, self._expected_id, c.succeeds, first_use
+            )
 
     def sign_rotation(self, next_owner_id: str) -> bytes:
         """The owner's signature handing the vault on to the owner key `next_owner_id`."""
@@ -304,6 +317,8 @@ class Vault:
                     "or this identity is of another vault)"
                 )
         self._identities = idents
+        if self._owner_key is not None:
+            self._pin(first_use=True)  # the identity vouched for the config's key
 
     def use_writer_key(self, key: SigningKey) -> None:
         """Sign what this host appends with a writer key (an ingest host without the identity);
@@ -389,13 +404,16 @@ class Vault:
             )
         if not config.signed:
             return
-        trust.check_config(self.location, config.vault_id, config.generation, None, config.succeeds)
+        trust.check_config(
+            self.location, config.vault_id, config.generation, self._expected_id, config.succeeds
+        )
         old, new = self.config.owner, config.owner
         if old is not None and new is not None and old.id != new.id:
             raise VaultError(
-                f"the vault was rekeyed (its vault id is now {config.vault_id}): the "
-                "identity unlocked here opens none of its new objects; unmount and mount "
-                "it again with the new identity"
+                f"the vault was rekeyed (its vault id is now {config.vault_id}) since this "
+                "process opened it: run the command again (files it wrote since were "
+                "encrypted to the old keys); a mount: unmount and mount it again with the new "
+                "identity"
             )
         self.config, self._config_raw = config, raw
         self.recipients = config.recipient_objects()
@@ -403,6 +421,7 @@ class Vault:
     def read_catalog(self) -> Catalog:
         """The catalog as the store has it now, its signatures checked (version 2) and refused
         if older than what this host has seen (trust.Rollback); the newest is then pinned."""
+        self._pin(first_use=True)  # a vault first used here: trusted from now on (FORMAT §5.3)
         cat = cat_mod.load(self.storage, self.identities, self.config)
         trust.check_catalog(self.location, cat.head_seq, cat.digests)
         return cat
@@ -430,6 +449,9 @@ class Vault:
         location = self.location
         if snapshot and self.config.signed and self._owner_key is None:
             raise Locked("writing a catalog snapshot needs the vault identity")
+        if self._owner_key is None and self._writer_key is not None:
+            self.refresh_config()  # a writer appends under the config as it is now (rekey)
+        self._pin(first_use=True)
 
         def check_tail(seq: int, digest: str) -> None:
             trust.check_tail(location, seq, digest)
@@ -478,14 +500,17 @@ class Vault:
         dest: str,
         recipients: Sequence[Recipient] = (),
         progress: Callable[[int], None] | None = None,
+        durable: bool = True,
     ) -> Entry:
+        """The entry of `src_path` encrypted into a new object (not yet committed); without
+        `durable`, see objects.write_object."""
         dest = normpath(dest)
         if not dest:
             raise VaultError("destination path is empty")
         # Never open() blocking: a FIFO would wait for a writer forever (open_regular).
         with os.fdopen(open_regular(src_path), "rb") as f:
             st = os.fstat(f.fileno())
-            object_id, header, size = write_object(self, f, recipients, progress)
+            object_id, header, size = write_object(self, f, recipients, progress, durable)
         return Entry(
             dest,
             "file",

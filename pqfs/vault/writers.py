@@ -14,23 +14,33 @@ import copy
 from pqfs.errors import Locked, VaultError
 from pqfs.vault import maintenance
 from pqfs.vault.config import MAX_WRITERS, Writer, check_writer_name
-from pqfs.vault.signing import SigningKey
+from pqfs.vault.signing import SigningKey, VerifyKey
 from pqfs.vault.vault import Vault
 
 
 def add(v: Vault, name: str) -> SigningKey:
     """A new writer key, authorized under `name` in the vault's signed config."""
+    key = SigningKey.generate()
+    authorize(v, name, key.verify_key)
+    return key
+
+
+def check_new(v: Vault, name: str) -> None:
+    """VaultError unless a writer `name` could be added (before its key is made)."""
     _owner_only(v)
     check_writer_name(name)
     if any(w.name == name for w in v.config.writers):
         raise VaultError(f"the vault already has a writer named {name} (pqfs writer rm it first)")
     if len(v.config.writers) >= MAX_WRITERS:
         raise VaultError(f"the vault has {MAX_WRITERS} writers already; revoke one first")
-    key = SigningKey.generate()
+
+
+def authorize(v: Vault, name: str, key: VerifyKey) -> None:
+    """Name `key` as writer `name` in the vault's signed config."""
+    check_new(v, name)
     config = copy.copy(v.config)
-    config.writers = [*v.config.writers, Writer(name, key.verify_key)]
+    config.writers = [*v.config.writers, Writer(name, key)]
     v.write_config(config)
-    return key
 
 
 def remove(v: Vault, name: str) -> Writer:
