@@ -67,6 +67,8 @@ def test_errno_of(exc: BaseException, code: int) -> None:
 class FakeOptions:
     direct_io = True
     attr_timeout = 1.0
+    max_read = 1 << 20
+    large_blksize_from = 64 << 20
 
 
 class FakeCore:

@@ -427,3 +427,30 @@ def test_unlock_with_an_identity_file(
         assert "holds no identity of this vault" in proc.stderr.decode()
         run_pqfs("unlock", str(mp), "--identity", str(key), env=cli_env)
         assert f.read_bytes() == (src / "music" / "album" / "cover.jpg").read_bytes()
+
+
+@pytest.mark.fuse
+def test_copies_read_in_the_largest_requests_the_mount_takes(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """A film's st_blksize is max_read (1 MiB): `cp` then asks for 1 MiB a request, not 128
+    KiB; a small file keeps 128 KiB (what a buffered reader reads at each seek)."""
+    src = tmp_path / "film.mkv"
+    src.write_bytes(os.urandom(8 << 20))
+    vault = tmp_path / "vault"
+    run_pqfs("init", str(vault), env=cli_env)
+    run_pqfs("add", str(vault), str(src), "film.mkv", env=cli_env)
+    small = tmp_path / "song.flac"
+    small.write_bytes(b"x" * 1000)
+    run_pqfs("add", str(vault), str(small), "song.flac", env=cli_env)
+    with mounted(vault, tmp_path / "mnt", cli_env, "--large-blksize-from", "8M") as mp:
+        assert (mp / "film.mkv").stat().st_blksize == 1 << 20
+        assert (mp / "song.flac").stat().st_blksize == 128 << 10
+        before = mount_stats(mp, cli_env)
+        subprocess.run(["cp", str(mp / "film.mkv"), str(tmp_path / "copy.mkv")], check=True)
+        after = mount_stats(mp, cli_env)
+    assert sha_file(tmp_path / "copy.mkv") == sha_file(src)
+    reads = after["reads"] - before["reads"]
+    assert after["bytes_read"] - before["bytes_read"] == 8 << 20
+    assert reads <= 10, reads  # 8 of 1 MiB (and the read that finds the end); 64 at 128 KiB
+    assert after["decrypted_per_byte_read"] is not None

@@ -485,3 +485,27 @@ def test_bounds_are_checked_when_the_options_are_made(
     with pytest.raises(PqfsError) as e:
         MountOptions(**{**storage_bounds, **settings})  # type: ignore[arg-type]
     assert str(e.value) == message
+
+
+async def test_readahead_follows_a_seeking_reader(tmp_path: Path, vault: Vault) -> None:
+    """A player seeks, reads a little, seeks again: what readahead decrypts stays near what
+    is read (the window after a jump is about the read, and grows only as it is used), the
+    bytes are right, and prefetch scheduled before a jump is dropped, no buffer kept."""
+    rng = random.Random(11)
+    data = rng.randbytes(48 * 1024 * 1024)
+    _add(vault, tmp_path, "film.mkv", data)
+    async with running(vault) as fs:
+        fh = await fs.open(ino_of(fs, "film.mkv"), os.O_RDONLY)
+        for _ in range(25):  # a seek, then a few frames' worth of sequential 128 KiB reads
+            off = rng.randrange(0, len(data) - (4 << 20)) // CHUNK * CHUNK
+            for k in range(rng.randrange(2, 10)):
+                at = off + k * 128 * 1024
+                assert bytes(await fs.read(fh, at, 128 * 1024)) == data[at : at + 128 * 1024]
+                await trio.sleep(0.002)  # decoding the frames
+        await trio.sleep(0.2)  # let whatever prefetch is still queued run or be dropped
+        s = fs.stats()
+        assert s["decrypted_per_byte_read"] <= 1.5, s
+        fs.release(fh)
+        # Released: every buffer is the cache's (none held by a dropped job), and within it.
+        assert len(fs.cache.buffers()) <= fs.cache.capacity
+        assert fs.reader.prefetching == 0 and not fs.reader.inflight

@@ -86,6 +86,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         stall_detail=args.stall_detail,
         on_change=args.on_change or (),
         catalog_poll=args.refresh,
+        large_blksize_from=args.large_blksize_from,
     )
     mp = os.path.abspath(args.mountpoint)
 
@@ -158,6 +159,15 @@ def parse_mount(sub: Subparsers) -> None:
         help="after answering a read, and while a disk read is in flight, poll this long "
         "before sleeping: spares the wake-up of an idle CPU (20-40 us in a VM) on random "
         f"reads, for that much CPU time (default: {IDLE_POLL_US}; 0: never)",
+    )
+    sp.add_argument(
+        "--large-blksize-from",
+        type=parse_size,
+        default=MountOptions.large_blksize_from,
+        metavar="SIZE",
+        help="files at least this large report a 1 MiB block size, so that cp reads them in "
+        "1 MiB requests; smaller ones 128 KiB, what buffered readers then read at each seek "
+        f"(default: {size_text(MountOptions.large_blksize_from)})",
     )
     sp.add_argument(
         "--stall-detail",
@@ -290,6 +300,7 @@ STAT_LINES = [
     ("read latency p99", "read_p99_ms", "{} ms"),
     ("bytes read", "bytes_read", "human"),
     ("bytes decrypted", "bytes_decrypted", "human"),
+    ("decrypted per byte read", "decrypted_per_byte_read", "{}"),
     ("chunk cache hit rate", "cache_hit_rate", "pct"),
     ("chunk cache", "cache_bytes", "human"),
     ("chunk cache budget", "cache_budget", "human"),

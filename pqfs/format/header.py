@@ -17,7 +17,7 @@ from pqfs.format.encoding import b64decode, b64encode
 VERSION_LINE = b"age-encryption.org/v1\n"
 VERSION_PREFIX = b"age-encryption.org/"
 MAX_HEADER = 1 << 20  # far above any real header (one hybrid stanza is ~1.6 KiB)
-_VCHAR = frozenset(range(0x21, 0x7F))
+_VCHAR = bytes(range(0x21, 0x7F))  # translate() deletes these: what is left is not VCHAR
 _B64CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
@@ -83,7 +83,7 @@ def header_mac(file_key: bytes | bytearray, mac_input: bytes) -> bytes:
 
 
 def _check_arg(a: bytes) -> str:
-    if not a or any(c not in _VCHAR for c in a):
+    if not a or a.translate(None, _VCHAR):  # C speed: a 1,500-byte share checked per open
         raise FormatError("malformed stanza argument in age header")
     return a.decode("ascii")
 

@@ -42,6 +42,7 @@ from pqfs.mount.tree import Attr
 from pqfs.mount.vfs import VaultFS
 
 log = logging.getLogger("pqfs.mount")
+SMALL_BLKSIZE = 128 * 1024  # st_blksize below MountOptions.large_blksize_from
 
 _ERRNO: list[tuple[type[PqfsError], int]] = [
     (NotFound, errno.ENOENT),
@@ -115,7 +116,9 @@ class Operations(pyfuse3.Operations):
         e.st_gid = self.fs.gid
         e.st_rdev = 0
         e.st_size = a.size
-        e.st_blksize = 128 * 1024
+        # cp and buffered readers read st_blksize at a time (MountOptions.large_blksize_from)
+        opts = self.fs.options
+        e.st_blksize = opts.max_read if a.size >= opts.large_blksize_from else SMALL_BLKSIZE
         e.st_blocks = -(-a.size // 512)
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = a.mtime_ns
         return e

@@ -34,6 +34,7 @@ class Counters:
         self.bytes_read = 0
         self.bytes_decrypted = 0
         self.prefetch_chunks = 0
+        self.prefetch_dropped = 0  # chunks of prefetch dropped: their handle jumped first
         self.auth_failures = 0
         self.read_errors = 0  # backend failures (unreachable store, missing object)
         self.opens = 0

@@ -82,6 +82,8 @@ class OpenFile:
     streak: int = 0
     window: int = 0
     ahead: int = -1  # highest chunk scheduled for prefetch
+    grow_at: int = 0  # the window doubles once the reader reaches this chunk (it used it all)
+    jumps: int = 0  # one more at every jump: prefetch scheduled before it is dropped
     # Backend offset up to which will_need() was sent. Written by worker threads (the prefetch
     # jobs' decrypt) without a lock: a lost update only sends a hint for a range again, and no
     # range past the jobs' own chunks is left unhinted.

@@ -9,7 +9,11 @@ Invariants (trio thread only):
     cache), and the windows of all streams together within half the cache, so that one stream's
     prefetched chunks are not evicted by another's before they are read;
   * a chunk that is cached, or claimed by a job (`inflight`), is not scheduled again; the job
-    checks once more when it starts, since a reader may have claimed it in between.
+    checks once more when it starts, since a reader may have claimed it in between;
+  * the window follows the reader: after a jump it is the size of the read, and it doubles
+    only once the reader has reached the end of what was prefetched (it used it), so a seek
+    never throws away more than the reader had just consumed; prefetch a handle scheduled
+    before a jump is dropped (`OpenFile.jumps`) unless a worker is already decrypting it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
+from pqfs.format.stream import CHUNK
 from pqfs.mount.chunkcache import ChunkCache
 from pqfs.mount.openfile import OpenFile, Run, runs
 from pqfs.mount.options import MountOptions
@@ -29,8 +34,9 @@ class Prefetcher(Protocol):
     inflight: dict[tuple[str, int], trio.Event]  # chunks being decrypted, and their events
     prefetching: int  # chunks in prefetch jobs not yet finished
 
-    async def prefetch(self, f: OpenFile, aead: Any, run: Run) -> None:
-        """Decrypt `run` on a worker, in the background, into the cache."""
+    async def prefetch(self, f: OpenFile, aead: Any, run: Run, jumps: int) -> None:
+        """Decrypt `run` on a worker, in the background, into the cache, unless `f` jumped
+        since (`f.jumps` is no longer `jumps`)."""
 
 
 class Readahead:
@@ -53,8 +59,9 @@ class Readahead:
         else:
             f.streak = 0
             f.last_end = end
-            f.window = opts.prefetch_start
-            f.ahead = last
+            f.window = max(1, -(-(end - off) // CHUNK))  # about the read: grown as it is used
+            f.ahead = f.grow_at = last
+            f.jumps += 1
             self.streams.discard(f.fh)
             return
         if f.streak < 2 or self.nursery is None:
@@ -64,7 +71,8 @@ class Readahead:
         # prefetched chunks are not evicted by another's before they are read.
         fair = self.cache.capacity // (2 * len(self.streams))
         limit = max(opts.prefetch_start, min(opts.prefetch_max, fair))
-        f.window = max(opts.prefetch_start, min(limit, f.window * 2))
+        if last >= f.grow_at:
+            f.window = max(1, min(limit, f.window * 2))
         target = min(f.chunks - 1, last + f.window)
         start = max(f.ahead, last) + 1
         oid = f.entry.object
@@ -83,6 +91,6 @@ class Readahead:
             # wait and send whole jobs (on S3 one job is one GET, and small GETs cost the
             # server and this daemon twice the CPU per byte).
             return
-        f.ahead = todo[-1]
+        f.ahead = f.grow_at = todo[-1]
         for run in runs(todo, opts.job_chunks):
-            self.nursery.start_soon(self._reader.prefetch, f, aead, run)
+            self.nursery.start_soon(self._reader.prefetch, f, aead, run, f.jumps)

@@ -388,9 +388,10 @@ class ChunkReader:
                 ev.set()
             self._maybe_close(f)
 
-    async def prefetch(self, f: OpenFile, aead: Any, run: Run) -> None:
-        """Readahead's job (readahead.py): `run` decrypted on a worker, in the background."""
-        await self._job(f, aead, run, None, [], prefetch=True)
+    async def prefetch(self, f: OpenFile, aead: Any, run: Run, jumps: int) -> None:
+        """Readahead's job (readahead.py): `run` decrypted on a worker, in the background;
+        dropped if `f` jumps before a worker takes it (the reader went elsewhere)."""
+        await self._job(f, aead, run, None, [], prefetch=True, jumps=jumps)
 
     async def _job(
         self,
@@ -401,8 +402,10 @@ class ChunkReader:
         errors: list[BaseException],
         *,
         prefetch: bool = False,
+        jumps: int | None = None,
     ) -> None:
-        """Decrypt chunks `run` on a worker thread into the cache (and `dest`)."""
+        """Decrypt chunks `run` on a worker thread into the cache (and `dest`); a prefetch
+        (`jumps`: the handle's count when it was scheduled) only if `f` has not jumped since."""
         first, count = run.first, run.count
         if prefetch:
             # Between start_soon and now a reader may have begun reading the first of these
@@ -424,6 +427,7 @@ class ChunkReader:
                     dest,
                     generation=self.cache.generation,
                     prefetch=prefetch,
+                    jumps=jumps,
                 )
                 assert f.limiter is not None
                 await trio.lowlevel.checkpoint_if_cancelled()  # pool.run's wait is shielded
@@ -432,12 +436,18 @@ class ChunkReader:
                 except trio.WouldBlock:
                     await f.limiter.acquire()
                 try:
-                    n = await self.pool.run(job, urgent=not prefetch)
+                    n = (
+                        0
+                        if jumps not in (None, f.jumps)
+                        else await self.pool.run(job, urgent=not prefetch)
+                    )
                 finally:
                     f.limiter.release()
             self.counters.bytes_decrypted += n
-            if prefetch:
+            if prefetch and n:
                 self.counters.prefetch_chunks += count
+            elif prefetch:
+                self.counters.prefetch_dropped += count
         except (PqfsError, OSError) as e:
             if prefetch:  # the read that needs the chunk will decrypt it again and report it
                 log.debug("prefetch of %s chunks %d+%d failed: %s", f.entry.path, first, count, e)
@@ -489,11 +499,15 @@ class ChunkReader:
         prefetch: bool = False,
         read: memoryview | None = None,
         lent: list[memoryview] | None = None,
+        jumps: int | None = None,
     ) -> int:
         """Worker thread: one backend read, `count` chunk decryptions into lent cache buffers.
         With `read` (the chunks' ciphertext, already read) it runs on the loop, or on the open's
         thread. `lent`: buffers already lent by the cache; this call takes them over (the list
-        is emptied). `generation`: the cache's, read before the buffers were lent."""
+        is emptied). `generation`: the cache's, read before the buffers were lent. `jumps`: a
+        prefetch's handle count; if the handle jumped while the job queued, nothing is done."""
+        if jumps is not None and jumps != f.jumps:
+            return 0  # (read from another thread: a stale value only costs one job's work)
         ct: memoryview | None = None
         if self._reuse_ct and read is None:
             ct = getattr(self._tls, "ct", None)

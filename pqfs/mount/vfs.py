@@ -360,6 +360,11 @@ class VaultFS:
             "opens": c.opens,
             "bytes_read": c.bytes_read,
             "bytes_decrypted": c.bytes_decrypted,
+            # what readahead costs: 1.0 is every decrypted byte read once; a seek that throws
+            # away its prefetch shows here
+            "decrypted_per_byte_read": round(c.bytes_decrypted / c.bytes_read, 3)
+            if c.bytes_read
+            else None,
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
             "cache_hit_rate": round(cache.hits / looked, 4) if looked else None,
@@ -367,6 +372,7 @@ class VaultFS:
             "cache_budget": self.options.cache_size,
             "cache_evictions": cache.evictions,
             "prefetch_chunks": c.prefetch_chunks,
+            "prefetch_dropped": c.prefetch_dropped,
             "prefetch_hits": cache.prefetch_hits,
             "key_entries": len(self.keys),
             "key_hits": self.keys.hits,

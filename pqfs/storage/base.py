@@ -169,16 +169,17 @@ class Storage(ABC):
         payload_from: int,
         src_size: int,
         opened: ObjectSource | None = None,
+        durable: bool = True,
     ) -> None:
         """A new object `key` (create-if-absent: FileExistsError if it exists): `header`, then
         bytes [payload_from, src_size) of `src_key` unchanged (a rewrapped age file: same
-        payload, new header), read through `opened` if the caller has it open. Here the bytes
-        pass through this host; S3 copies them server-side."""
+        payload, new header), read through `opened` if the caller has it open; `durable` as
+        for writer(). Here the bytes pass through this host; S3 copies them server-side."""
         src = opened or self.open_source(src_key)
         buf = bytearray(min(COPY_BUFFER, max(1, src_size - payload_from)))
         mv = memoryview(buf)
         try:
-            with self.writer(key, exclusive=True) as f:
+            with self.writer(key, exclusive=True, durable=durable) as f:
                 f.write(header)
                 pos = payload_from
                 while pos < src_size:

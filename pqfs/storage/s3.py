@@ -81,6 +81,7 @@ class S3Storage(S3Requests, Storage):
         payload_from: int,
         src_size: int,
         opened: ObjectSource | None = None,
+        durable: bool = True,
     ) -> None:
         """The new header and the payload's first bytes travel (the first part of a multipart
         upload: S3 wants every part but the last of `part_size`); the rest of the payload is
@@ -88,7 +89,7 @@ class S3Storage(S3Requests, Storage):
         one PUT."""
         part = self.bounds.part_size
         if len(header) + src_size - payload_from <= part:
-            super().copy_with_header(key, header, src_key, payload_from, src_size, opened)
+            super().copy_with_header(key, header, src_key, payload_from, src_size, opened, durable)
             return
         head = bytearray(part)
         head[: len(header)] = header

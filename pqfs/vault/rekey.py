@@ -156,7 +156,9 @@ def _copy(
             fresh = Header.build([r.wrap(fk) for r in targets], fk)
             size = src.size
             try:
-                v.storage.copy_with_header(key, fresh.encode(), src_key, header.length, size, src)
+                v.storage.copy_with_header(
+                    key, fresh.encode(), src_key, header.length, size, src, durable=False
+                )
                 copied = size - header.length
             except FileExistsError:  # a previous run's copy: check it, then take its binding
                 copied = 0
@@ -201,7 +203,7 @@ def _copy_all(
     report: Progress,
 ) -> dict[str, Entry]:
     return _copy_many(
-        v, sorted(cat.files(), key=lambda x: x.path), new, [*new, *old], recipients, done, report
+        v, sorted(cat.files(), key=lambda x: x.path), new, [*old, *new], recipients, done, report
     )
 
 
@@ -227,6 +229,7 @@ def _copy_many(
             report(e.size)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    v.storage.make_durable()  # the copies, at once, before the snapshot that names them
     return out
 
 
@@ -280,7 +283,7 @@ def _settle(
     """Step 5: repeat until the catalog is one snapshot naming only objects wrapped to the new
     identity alone (the first pass of a fresh rekey finds nothing to do: `made` are the
     objects this run copied, known to be)."""
-    both = [*new, *old]
+    both = [*old, *new]  # what it copies is wrapped to the old identity: tried first
     for _ in range(bounds.BOUNDS.append_attempts):
         v.forget_catalog()
         cat = cat_mod.load(v.storage, both, v.config)
