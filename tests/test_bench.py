@@ -119,3 +119,22 @@ def test_bench_trust_runs_and_reports(tmp_path: Path) -> None:
     assert re.search(r"bytes per delta, signed - unsigned: \d+", out), out
     assert re.search(r"rekey local: [\d.]+ s vs re-encrypt [\d.]+ s = [\d.]+x", out), out
     assert list(tmp_path.iterdir()) == [], "work directory left behind"
+
+
+@pytest.mark.fuse
+def test_bench_library_runs_and_reports(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "bench_library.py")),
+            *("--files", "60", "--rounds", "1", "--systems", "pqfs", "--dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a bound for a hung run, not a figure: the machine may be busy
+    )
+    assert proc.returncode == 0, proc.stderr
+    for figure in ("ingest_files_s", "scan1_files_s", "scan4_files_s", "cp_MiB_s", "mount_s"):
+        assert re.search(rf"^{figure} +[\d.e+]+", proc.stdout, re.M), proc.stdout
+    assert list(tmp_path.iterdir()) == [], "work directory left behind"

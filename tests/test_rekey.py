@@ -123,7 +123,25 @@ def test_rekey_killed_at_random_points_is_finished_by_a_second_run(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     v = Vault.create(str(tmp_path / "v"), PASSPHRASE, log_n=10)
-    files = fill(v, tmp_path, 40, size=200_000)
+    killed_and_finished(v, fill(v, tmp_path, 40, size=200_000), cli_env)
+
+
+@pytest.mark.slow
+def test_on_s3_a_rekey_killed_at_random_points_is_finished_by_a_second_run(
+    s3_vault_location: str, seaweed: Any, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    v = Vault.create(s3_vault_location, PASSPHRASE, log_n=10)
+    files = fill(v, tmp_path, 30, size=200_000)
+    src = tmp_path / "film.mkv"  # one object past a part: its payload copied by the server
+    src.write_bytes(random.Random(9).randbytes(9 * MiB))
+    v.commit([put_op(v.add_file(str(src), "film.mkv"))])
+    files["film.mkv"] = src.read_bytes()
+    killed_and_finished(v, files, {**cli_env, **seaweed.env()})
+
+
+def killed_and_finished(v: Vault, files: dict[str, bytes], cli_env: dict[str, str]) -> None:
+    """`pqfs rekey` killed (SIGKILL) ever later until a run finishes by itself: at every
+    point the owner reads every file; at the end nothing opens with the old identity."""
     old = old_identities(v)
     rng = random.Random(17)
     delay, kills, finished = 0.05, 0, False

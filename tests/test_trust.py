@@ -544,8 +544,26 @@ def test_on_s3_forgeries_and_rollbacks_are_refused(s3_vault_location: str, tmp_p
     with pytest.raises(ConfigError, match="signature does not verify"):
         Vault.open(loc)
     fresh.storage.put_bytes(CONFIG, raw)
-    # The newest segment deleted.
+    # A revoked writer's key signs on: nothing it signs is read.
+    key = writers.add(fresh, "ingest")
+    writers.remove(fresh, "ingest")
+    stolen = cat_mod.Signer(key, fresh.config.vault_id, fresh.config.generation)
+    cat_mod.append(thief.storage, fresh.recipients, [op], signer=stolen)
+    cat = fresh.catalog(reload=True)
+    assert sorted(e.path for e in cat.files()) == REAL and cat.unverified
+    # A signed segment moved to another position.
+    maintenance.gc(fresh)
     add(fresh, tmp_path, "media/later.txt", b"later")
+    segs = cat_mod.list_segments(fresh.storage)
+    moved, original = (fresh.storage.read_bytes(s.key) for s in segs[-2:])
+    fresh.storage.delete(segs[-1].key)
+    fresh.storage.put_bytes(segs[-1].key, moved)
+    trust.reset(fresh.location)
+    with pytest.raises(PqfsError, match="replaced or moved"):
+        fresh.catalog(reload=True)
+    fresh.storage.put_bytes(segs[-1].key, original)
+    # The newest segment deleted, on a host that saw it.
+    add(fresh, tmp_path, "media/latest.txt", b"latest")
     fresh.catalog(reload=True)
     fresh.storage.delete(cat_mod.list_segments(fresh.storage)[-1].key)
     with pytest.raises(trust.Rollback, match="went back from segment"):
