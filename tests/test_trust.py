@@ -416,16 +416,22 @@ def test_gc_shows_what_it_would_delete_and_refuses_most_of_a_vault(
 # ------------------------------------------------------------------ version 1 and upgrade ----
 
 
-def make_v1(tmp_path: Path) -> Vault:
-    """A version-1 vault with two files, as pqfs 0.1 wrote it: unsigned config and catalog."""
-    v = Vault.create(str(tmp_path / "old"), PASSPHRASE, classic=True, log_n=10)
+def as_version_1(v: Vault) -> Vault:
+    """`v`, new and empty, rewritten as pqfs 0.1 wrote vaults (unsigned config and catalog),
+    opened again by a host that forgot it."""
     for key, _ in v.storage.list("catalog/"):
         v.storage.delete(key)
     cat_mod.append(v.storage, v.recipients, [], snapshot=True)
     doc = {"format": "pqfs-vault", "version": 1, "recipients": v.config.recipients}
     v.storage.put_bytes(CONFIG, json.dumps(doc).encode())
     trust.reset(v.location)
-    old = Vault.open(v.location)
+    return Vault.open(v.location)
+
+
+def make_v1(tmp_path: Path) -> Vault:
+    """A version-1 vault with two files, as pqfs 0.1 wrote it: unsigned config and catalog."""
+    v = Vault.create(str(tmp_path / "old"), PASSPHRASE, classic=True, log_n=10)
+    old = as_version_1(v)
     old.unlock(PASSPHRASE)
     for name in ("film.mkv", "song.flac"):
         add(old, tmp_path, f"media/{name}", os.urandom(70000))
@@ -666,13 +672,7 @@ def test_writer_add_refuses_an_existing_key_file_before_it_changes_the_config(
 def test_upgrade_with_a_backup_identity_is_refused(tmp_path: Path) -> None:
     backup = HybridIdentity.generate()
     v = Vault.create(str(tmp_path / "old"), PASSPHRASE, [backup.recipient()], log_n=10)
-    for key, _ in v.storage.list("catalog/"):
-        v.storage.delete(key)
-    cat_mod.append(v.storage, v.recipients, [], snapshot=True)
-    doc = {"format": "pqfs-vault", "version": 1, "recipients": v.config.recipients}
-    v.storage.put_bytes(CONFIG, json.dumps(doc).encode())
-    trust.reset(v.location)
-    old = Vault.open(v.location)
+    old = as_version_1(v)
     old.unlock_with([backup])
     with pytest.raises(PqfsError, match="the vault's own post-quantum identity"):
         upgrade.upgrade(old)
