@@ -64,6 +64,19 @@ def _microseconds(text: str) -> int:
     return value
 
 
+MAX_OPEN_AHEAD = 1024  # each file opened ahead holds a descriptor until taken
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= MAX_OPEN_AHEAD:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_OPEN_AHEAD}: {text}")
+    return value
+
+
 # ------------------------------------------------------------------ mount, umount ----
 
 
@@ -87,6 +100,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         on_change=args.on_change or (),
         catalog_poll=args.refresh,
         large_blksize_from=args.large_blksize_from,
+        open_ahead=args.open_ahead,
     )
     mp = os.path.abspath(args.mountpoint)
 
@@ -168,6 +182,15 @@ def parse_mount(sub: Subparsers) -> None:
         help="files at least this large report a 1 MiB block size, so that cp reads them in "
         "1 MiB requests; smaller ones 128 KiB, what buffered readers then read at each seek "
         f"(default: {size_text(MountOptions.large_blksize_from)})",
+    )
+    sp.add_argument(
+        "--open-ahead",
+        type=_count,
+        default=MountOptions.open_ahead,
+        metavar="N",
+        help="while files of a directory are opened one after another (a media server's "
+        "library scan), open the next N in the background, so that each open waits for "
+        f"nothing (default: {MountOptions.open_ahead}; 0: never; off with --key-ttl 0)",
     )
     sp.add_argument(
         "--stall-detail",

@@ -38,6 +38,9 @@ class Counters:
         self.auth_failures = 0
         self.read_errors = 0  # backend failures (unreachable store, missing object)
         self.opens = 0
+        self.opened_ahead = 0  # files opened in the background for a scan (openahead.py)
+        self.opened_ahead_used = 0  # of which a reader's open took
+        self.opened_ahead_wasted = 0  # of which were closed unused (time, bound, lock, change)
 
 
 class Latency:

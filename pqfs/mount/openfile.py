@@ -38,7 +38,6 @@ from pqfs.errors import (
 )
 from pqfs.format.agefile import pread
 from pqfs.format.header import Header
-from pqfs.format.keys import unwrap
 from pqfs.format.stream import (
     CHUNK,
     CT_CHUNK,
@@ -261,7 +260,7 @@ class Opener:
 
     def unwrap(self, f: OpenFile) -> Any:
         """Unwrap the file key (worker thread), cache it, and return the payload AEAD."""
-        fk = unwrap(f.header, self.vault.identities)  # raises Locked
+        fk = self.vault.unwrap_key(f.entry.object, f.header)  # raises Locked
         try:
             entry = self.keys.put(f.key_id, fk, payload_aead(fk, f.nonce))
         finally:

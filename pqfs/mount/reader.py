@@ -38,6 +38,7 @@ from pqfs.format.stream import CHUNK, CT_CHUNK, decrypt_read_chunks
 from pqfs.mount.chunkcache import ChunkCache
 from pqfs.mount.idlepoll import IdlePoll, Unseen
 from pqfs.mount.metrics import Counters, Latency
+from pqfs.mount.openahead import OpenAhead
 from pqfs.mount.openfile import Dest, Opener, OpenFile, Run, run_bounded, runs
 from pqfs.mount.options import MountOptions
 from pqfs.mount.readahead import Readahead
@@ -92,27 +93,39 @@ class ChunkReader:
         self._tls = threading.local()
         self._reuse_ct = vault.storage.profile().reuse_read_buffers
         self._open_threads = trio.CapacityLimiter(options.open_threads)
+        self._open_bound = vault.storage.timeout * options.open_timeouts
+        self.ahead = OpenAhead(
+            self.opener,
+            options,
+            counters=self.counters,
+            unseen=unseen,
+            generation=lambda: self.generation,
+            timeout=self._open_bound,
+        )
 
     # ------------------------------------------------------------------ open files ----
 
     async def open(self, node: Node) -> int:
-        """Open the object of a file's node (checked, its key unwrapped: Opener); its handle."""
+        """Open the object of a file's node (checked, its key unwrapped: Opener); its handle.
+        A file opened ahead (openahead.py) is taken as it is: no thread, no wait."""
         gen = self.generation
-        bound = self.vault.storage.timeout * self.options.open_timeouts
         opener = self.opener
-        try:
-            with self.unseen.wait():  # as VaultFS.offload() does
-                f = await run_bounded(
-                    functools.partial(opener.open_object, node),
-                    bound,
-                    opener.close_unopened,
-                    self._open_threads,
-                )
-        except Exception as err:
-            raise opener.failed(node.entry, err, relocked=gen != self.generation) from None
-        if gen != self.generation:
-            opener.close_unopened(f)
-            raise Locked("the vault was locked while the file was being opened")
+        await self.ahead.wait(node)
+        f = self.ahead.take(node) if gen == self.generation else None
+        if f is None:
+            try:
+                with self.unseen.wait():  # as VaultFS.offload() does
+                    f = await run_bounded(
+                        functools.partial(opener.open_object, node),
+                        self._open_bound,
+                        opener.close_unopened,
+                        self._open_threads,
+                    )
+            except Exception as err:
+                raise opener.failed(node.entry, err, relocked=gen != self.generation) from None
+            if gen != self.generation:
+                opener.close_unopened(f)
+                raise Locked("the vault was locked while the file was being opened")
         f.fh = self._next_fh
         f.limiter = trio.Semaphore(self.options.jobs_per_file)
         self._next_fh += 1
@@ -145,6 +158,7 @@ class ChunkReader:
         """A lock begins (VaultFS.lock): work begun before it sees the generation change, and
         the keys held by open files (key_ttl 0) are wiped."""
         self.generation += 1
+        self.ahead.lock()
         for f in self.files.values():
             if f.own_key is not None:
                 f.own_key.wipe()
@@ -152,6 +166,7 @@ class ChunkReader:
 
     def close(self) -> None:
         """Unmount: close every open file (no job is left: the mount's nursery has ended)."""
+        self.ahead.lock()
         for f in list(self.files.values()):
             f.released = True
             self._maybe_close(f)

@@ -121,6 +121,10 @@ class Tree:
             raise NotFound(f"no inode {ino}")
         return node
 
+    def parent(self, node: Node) -> Node:
+        """The directory that holds `node` (the root holds itself)."""
+        return self.nodes[self._by_path[node.entry.path.rpartition("/")[0]]]
+
     def _dir(self, ino: int) -> tuple[Node, dict[str, int]]:
         node = self.node(ino)
         if node.children is None:

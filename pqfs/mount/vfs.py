@@ -133,7 +133,7 @@ class VaultFS:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Load the tree and start the background tasks (key expiry, catalog polling)."""
-        self._nursery = self.readahead.nursery = nursery
+        self._nursery = self.readahead.nursery = self.reader.ahead.nursery = nursery
         self.sources.open_direct()  # after the daemon has forked
         self.gc.install()
         if self.vault.unlocked:
@@ -325,6 +325,9 @@ class VaultFS:
             raise IsADirectory(f"is a directory: {node.entry.path}")
         fh = await self.reader.open(node)
         self.opened_inodes.add(ino)
+        tree = self.tree
+        if tree is not None:  # (a lock may have come during the open)
+            self.reader.ahead.note_open(tree, node)
         return fh
 
     # ------------------------------------------------------------------ idle poll ----
@@ -358,6 +361,9 @@ class VaultFS:
             "read_p50_ms": None if p50 is None else round(p50 * 1000, 3),
             "read_p99_ms": None if p99 is None else round(p99 * 1000, 3),
             "opens": c.opens,
+            "opened_ahead": c.opened_ahead,
+            "opened_ahead_used": c.opened_ahead_used,
+            "opened_ahead_wasted": c.opened_ahead_wasted,
             "bytes_read": c.bytes_read,
             "bytes_decrypted": c.bytes_decrypted,
             # what readahead costs: 1.0 is every decrypted byte read once; a seek that throws
@@ -377,6 +383,7 @@ class VaultFS:
             "key_entries": len(self.keys),
             "key_hits": self.keys.hits,
             "key_misses": self.keys.misses,
+            "keys_derived": self.vault.keys_derived,  # of the misses: no KEM (FORMAT.md §2.2)
             "key_ttl_s": self.options.key_ttl,
             "auth_failures": c.auth_failures,
             "read_errors": c.read_errors,

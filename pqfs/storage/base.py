@@ -94,6 +94,10 @@ class StorageProfile:
     jobs_per_file: int = pools.WORKERS + 2  # workers one file may hold: a slow one holds no more
     job_chunks: int = 32  # chunks per backend read: decrypting starts soon, per-job costs vanish
     reuse_read_buffers: bool = True  # a ciphertext buffer per worker: worth it for cheap preads
+    # Open-ahead (the mount's openahead.py): on a local disk one thread opening 4 files per hop
+    # keeps ahead of a scanner; a remote store's opens each wait on a GET, so several at once.
+    open_ahead_threads: int = 1
+    open_ahead_batch: int = 4
 
 
 class ObjectSource(RangeSource, Protocol):

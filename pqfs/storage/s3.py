@@ -41,6 +41,9 @@ class S3Storage(S3Requests, Storage):
             jobs_per_file=b.connections // 2,  # a slow object never holds every worker
             job_chunks=b.job_chunks,
             reuse_read_buffers=False,  # allocated per request: the threads are many, mostly idle
+            # a scan of 200 small files, 1 thread: 1.24-1.44x the files/s of no open-ahead
+            open_ahead_threads=4,
+            open_ahead_batch=1,
         )
 
     def open_source(self, key: str) -> S3Source:

@@ -20,6 +20,7 @@ from pqfs.format.encoding import b64encode
 from pqfs.format.header import Header
 from pqfs.format.keys import Recipient
 from pqfs.runtime.files import fd_pwriter
+from pqfs.runtime.memory import wipe
 from pqfs.storage.base import Storage
 from pqfs.vault.schema import Entry
 
@@ -43,6 +44,8 @@ class VaultLike(Protocol):
 
     def file_key(self, e: Entry, header: Header) -> bytearray: ...
 
+    def new_file_key(self, object_id: str) -> bytearray | None: ...
+
 
 def object_key(object_id: str) -> str:
     return f"{OBJECTS}{object_id[:2]}/{object_id}.age"
@@ -59,11 +62,16 @@ def write_object(
     returns (object id, header, size). Without `durable` the caller makes the batch durable
     (storage.make_durable) before a catalog segment names the object."""
     object_id = os.urandom(16).hex()
-    with v.storage.writer(object_key(object_id), exclusive=True, durable=durable) as f:
-        pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
-        header, size = encrypt_stream(
-            src, f.write, [*v.recipients, *recipients], progress, pwrite=pw
-        )
+    fk = v.new_file_key(object_id)  # derived where the identity is held (FORMAT.md §2.2)
+    try:
+        with v.storage.writer(object_key(object_id), exclusive=True, durable=durable) as f:
+            pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
+            header, size = encrypt_stream(
+                src, f.write, [*v.recipients, *recipients], progress, pwrite=pw, file_key=fk
+            )
+    finally:
+        if fk is not None:
+            wipe(fk)  # (encrypt_stream wipes it too, once it has used it)
     return object_id, header, size
 
 

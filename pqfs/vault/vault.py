@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -57,6 +58,7 @@ from pqfs.vault import config as config_mod
 from pqfs.vault import trust
 from pqfs.vault.catalog import IS_A_DIRECTORY, Catalog, normpath, shown
 from pqfs.vault.config import CURRENT, FORMAT_NAME, VaultConfig
+from pqfs.vault.filekeys import DerivedKeys
 from pqfs.vault.keycache import KeyCache
 from pqfs.vault.objects import OBJECTS, copy_rewrapped, write_object
 from pqfs.vault.schema import Entry, MalformedOp, check_op, path_problem
@@ -109,6 +111,11 @@ class Vault:
         self.on_warning: Callable[[str], None] = log.warning
         self._warned: set[str] = set()
         self.key_cache = KeyCache()
+        # The held identity's derived file keys (filekeys.py), made on first use: by the
+        # opens' threads too, hence the lock.
+        self._derived: DerivedKeys | None = None
+        self._derived_lock = threading.Lock()
+        self.keys_derived = 0  # file keys derived rather than unwrapped (stats; not exact)
 
     @property
     def location(self) -> str:
@@ -261,6 +268,7 @@ class Vault:
         for i in gone:
             i.wipe()
         self._identities = [i for i in self._identities if all(i is not g for g in gone)]
+        self._wipe_derived()
         self.key_cache.clear()
 
     # ------------------------------------------------------------------ identities ----
@@ -364,6 +372,7 @@ class Vault:
             if k is not None:
                 k.wipe()
         self._owner_key = self._writer_key = None
+        self._wipe_derived()
         self.key_cache.clear()
         self._catalog = None
 
@@ -578,12 +587,46 @@ class Vault:
 
     # ------------------------------------------------------------------ keys ----
 
+    def _derived_keys(self) -> DerivedKeys | None:
+        """The derived file keys of the first hybrid identity held, None if none is held."""
+        first = next((i for i in self._identities if isinstance(i, HybridIdentity)), None)
+        with self._derived_lock:
+            d = self._derived
+            if d is not None and d.identity is not first:  # identities changed (rekey)
+                d.wipe()
+                d = self._derived = None
+            if d is None and first is not None:
+                d = self._derived = DerivedKeys(first)
+            return d
+
+    def _wipe_derived(self) -> None:
+        with self._derived_lock:
+            if self._derived is not None:
+                self._derived.wipe()
+                self._derived = None
+
+    def new_file_key(self, object_id: str) -> bytearray | None:
+        """The file key for a new object (FORMAT.md §2.2): derived when this host holds the
+        identity, else None (the format's random key: an ingest host with a writer key)."""
+        d = self._derived_keys()
+        return None if d is None else d.for_object(object_id)
+
+    def unwrap_key(self, object_id: str, header: Header) -> bytearray:
+        """An object's file key, MAC verified: the derived one if it opens the header, else
+        unwrapped from a stanza (FormatError / NoIdentityMatch / HeaderMacError, Locked)."""
+        d = self._derived_keys()
+        fk = None if d is None else d.opening(object_id, header)
+        if fk is not None:
+            self.keys_derived += 1
+            return fk
+        return unwrap(header, self.identities)
+
     def file_key(self, e: Entry, header: Header) -> bytearray:
-        """The file key of an entry's object, from the key cache or by unwrapping."""
+        """The file key of an entry's object, from the key cache, derived or unwrapped."""
         hit = self.key_cache.get((e.object, e.mac))
         if hit is not None:
             return hit.file_key
-        fk = unwrap(header, self.identities)
+        fk = self.unwrap_key(e.object, header)
         try:
             return self.key_cache.put((e.object, e.mac), fk).file_key
         finally:
