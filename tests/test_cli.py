@@ -352,7 +352,7 @@ def test_share_and_gc(pq_vault: Vault, tmp_path: Path, cli_env: dict[str, str]) 
         src.close()
     assert len(objects(root)) == 3  # share replaced a's object; the superseded one remains
 
-    err = pqfs("gc", root, env=cli_env).stderr.decode()
+    err = pqfs("gc", root, "--grace", "0", env=cli_env).stderr.decode()
     assert "deleted 1 unreferenced object(s)" in err
     assert len(objects(root)) == 2
     segs = sorted(p.name for p in (root / "catalog").iterdir())

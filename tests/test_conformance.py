@@ -63,6 +63,11 @@ def test_storage_objects_round_trip(backend: Backend) -> None:
     assert st.read_bytes("a/two") == b"22"
     assert sorted(st.list("a/")) == [("a/one", 1), ("a/two", 2)]
     assert sorted(st.list("")) == [("a/one", 1), ("a/two", 2), ("b/three", 0)]
+    # when each was written (gc's grace period): now, give or take clock skew and a slow CI
+    now = time.time()
+    dated = sorted(st.list_dated(""))
+    assert [(k, s) for k, s, _ in dated] == [("a/one", 1), ("a/two", 2), ("b/three", 0)]
+    assert all(now - 600 < t < now + 600 for _, _, t in dated)
     st.put_bytes("a/one", b"replaced")
     assert st.read_bytes("a/one") == b"replaced"
     st.delete("a/one")
@@ -164,7 +169,11 @@ def test_commands(backend: Backend, media: Path, tmp_path: Path) -> None:
     assert run_pqfs("cat", loc, "lib/films/short.mp4", env=env, check=False).returncode != 0
     assert len(backend.storage("v").list("objects/")) == 3  # rm deleted the object
     backend.put_raw("v", "objects/ff/" + "ff" * 16 + ".age", b"orphan")
-    gc = run_pqfs("gc", loc, env=env).stderr.decode()
+    gc = run_pqfs("gc", loc, env=env).stderr.decode()  # just written: another add's, maybe
+    assert "deleted 0 unreferenced object(s)" in gc
+    assert "kept 1 unreferenced object(s) written in the last 24 h" in gc
+    assert any(k.startswith("objects/ff/") for k, _ in backend.storage("v").list("objects/"))
+    gc = run_pqfs("gc", loc, "--grace", "0", env=env).stderr.decode()
     assert "deleted 1 unreferenced object(s)" in gc
     info = run_pqfs("info", loc, env=env).stdout.decode()
     assert f"location: {loc}" in info and "files: 3" in info

@@ -146,7 +146,7 @@ def test_a_forged_delta_is_ignored_and_nothing_of_it_served(
     rc, out, err = cli(capfd, "verify", root, "--passphrase-file", pw)
     assert rc == 1 and f"catalog segment(s) {seq} are signed by no one the vault authorizes" in err
     # gc deletes the injected object, never a real one, and its compaction drops the segment.
-    rc, _, err = cli(capfd, "gc", root, "--passphrase-file", pw)
+    rc, _, err = cli(capfd, "gc", root, "--grace", "0", "--passphrase-file", pw)
     assert rc == 0 and "deleted 1 unreferenced object(s)" in err
     assert listing(owner) == REAL
     assert not (root / object_key(op["object"])).exists()
@@ -165,7 +165,7 @@ def test_a_forged_snapshot_hides_nothing_and_gc_deletes_nothing(
     assert rc == 0 and "film.mkv" in out and "song.flac" in out
     rc, _, err = cli(capfd, "verify", root, "--passphrase-file", pw)
     assert rc == 1 and "verified 2 file(s)" in err
-    rc, _, err = cli(capfd, "gc", root, "--passphrase-file", pw)
+    rc, _, err = cli(capfd, "gc", root, "--grace", "0", "--passphrase-file", pw)
     assert rc == 0 and "deleted 0 unreferenced object(s)" in err
     assert sorted(k for k, _ in owner.storage.list("objects/")) == objects_before
     assert listing(owner) == REAL
@@ -402,15 +402,41 @@ def test_gc_shows_what_it_would_delete_and_refuses_most_of_a_vault(
 ) -> None:
     root = root_of(owner)
     strays = [forged_object(owner, tmp_path, b"stray %d" % i)["object"] for i in range(12)]
-    rc, out, err = cli(capfd, "gc", root, "--dry-run", "--passphrase-file", pw)
+    rc, out, err = cli(capfd, "gc", root, "--dry-run", "--grace", "0", "--passphrase-file", pw)
     assert rc == 0 and "would delete 12 unreferenced object(s)" in err
     assert sorted(line.split()[0] for line in out.splitlines()) == sorted(map(object_key, strays))
-    rc, _, err = cli(capfd, "gc", root, "--passphrase-file", pw)
+    rc, _, err = cli(capfd, "gc", root, "--grace", "0", "--passphrase-file", pw)
     assert rc == 1 and "gc would delete 12 of the vault's 14 objects" in err
     assert len(owner.storage.list("objects/")) == 14
-    rc, _, err = cli(capfd, "gc", root, "--force", "--passphrase-file", pw)
+    rc, _, err = cli(capfd, "gc", root, "--force", "--grace", "0", "--passphrase-file", pw)
     assert rc == 0 and "deleted 12 unreferenced object(s)" in err
     assert listing(owner) == REAL
+
+
+def test_gc_keeps_unreferenced_objects_within_the_grace_period(
+    owner: Vault, tmp_path: Path, pw: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Another host's add writes its object before the segment naming it: gc must not delete
+    such an object meanwhile. It keeps unreferenced objects younger than --grace (24 h)."""
+    root = root_of(owner)
+    stray = object_key(forged_object(owner, tmp_path, b"an upload in flight")["object"])
+    for grace in ([], ["--grace", "1h"]):
+        rc, _, err = cli(capfd, "gc", root, *grace, "--passphrase-file", pw)
+        assert rc == 0 and "deleted 0 unreferenced object(s)" in err
+        span = "24 h" if not grace else "1 h"
+        assert f"kept 1 unreferenced object(s) written in the last {span}" in err
+    assert owner.storage.exists(stray)
+    old = time.time() - 2 * 3600
+    os.utime(Path(owner.storage.describe()) / stray, (old, old))
+    rc, _, err = cli(capfd, "gc", root, "--grace", "1h", "--passphrase-file", pw)
+    assert rc == 0 and "deleted 1 unreferenced object(s)" in err and "kept" not in err
+    assert not owner.storage.exists(stray) and listing(owner) == REAL
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as bad:  # argparse's exit, as from the shell
+        main(["gc", str(root), "--grace", "soon", "--passphrase-file", str(pw)])
+    err = capfd.readouterr().err
+    assert bad.value.code == 2 and "not a duration: 'soon'" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ version 1 and upgrade ----
@@ -489,7 +515,7 @@ def test_an_upgrade_interrupted_after_the_config_is_finished_by_a_second_run(
 def test_gc_of_an_unsigned_vault_still_works(tmp_path: Path) -> None:
     old = make_v1(tmp_path)
     forged_object(old, tmp_path, b"stray")
-    assert len(maintenance.gc(old).doomed) == 1
+    assert len(maintenance.gc(old, grace=0).doomed) == 1
     assert listing(old) == REAL
 
 
@@ -539,7 +565,7 @@ def test_on_s3_forgeries_and_rollbacks_are_refused(s3_vault_location: str, tmp_p
     fresh.unlock(PASSPHRASE)
     cat = fresh.catalog()
     assert sorted(e.path for e in cat.files()) == REAL and len(cat.unverified) == 2
-    assert len(maintenance.gc(fresh).doomed) == 1  # the injected object, nothing real
+    assert len(maintenance.gc(fresh, grace=0).doomed) == 1  # the injected object, nothing real
     fresh.forget_catalog()
     assert sorted(e.path for e in fresh.catalog().files()) == REAL
     # Recipients swapped in pqfs.json.
@@ -558,7 +584,7 @@ def test_on_s3_forgeries_and_rollbacks_are_refused(s3_vault_location: str, tmp_p
     cat = fresh.catalog(reload=True)
     assert sorted(e.path for e in cat.files()) == REAL and cat.unverified
     # A signed segment moved to another position.
-    maintenance.gc(fresh)
+    maintenance.gc(fresh, grace=0)
     add(fresh, tmp_path, "media/later.txt", b"later")
     segs = cat_mod.list_segments(fresh.storage)
     moved, original = (fresh.storage.read_bytes(s.key) for s in segs[-2:])

@@ -350,6 +350,25 @@ async def test_long_lived_objects_are_out_of_the_collectors_reach(
         s = fs.stats()
         assert s["gc_collections"] == before + 1
         assert isinstance(s["gc_pause_max_ms"], float) and s["gc_pause_max_ms"] > 0
+        assert gc.isenabled()  # after every load the collector runs again
+
+
+async def test_a_catalog_load_runs_no_collection(vault: Vault, tmp_path: Path) -> None:
+    """Loading a catalog and building its tree allocates many objects at once; a collection
+    then would stop the loop (every thread) walking what the freeze takes out of reach."""
+    ops = []
+    for i in range(3000):
+        src = tmp_path / f"f{i}"
+        src.write_bytes(b"x")
+        ops.append(put_op(vault.add_file(str(src), f"d{i % 50}/f{i}")))
+    vault.commit(ops)
+    gc.collect()
+    async with running(vault) as fs:
+        assert fs.stats()["gc_collections"] == 0  # the load ran none
+        _add(vault, tmp_path, "one more", b"1")
+        assert await fs.refresh()
+        assert fs.stats()["gc_collections"] == 0  # nor a refresh
+        assert gc.isenabled()
 
 
 async def test_idle_poll_rule_and_descriptors(vault: Vault, contents: dict[str, bytes]) -> None:

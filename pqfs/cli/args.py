@@ -203,6 +203,24 @@ def size_text(n: int) -> str:
     return str(n)
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, from `90`, `90s`, `15m`, `24h` or `7d`."""
+    unit = _DURATION_UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (seconds, or with s, m, h or d: 24h)"
+        ) from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite duration, not negative: {text}")
+    return value
+
+
 def parse_seconds(text: str) -> float:
     try:
         value = float(text)

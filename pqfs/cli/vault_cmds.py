@@ -15,6 +15,7 @@ from pqfs.cli.args import (
     Subparsers,
     can_unlock,
     open_vault,
+    parse_duration,
     parse_nonneg,
     recipients,
     s3_options,
@@ -444,17 +445,31 @@ def parse_unshare(sub: Subparsers) -> None:
     unlock_options(sp)
 
 
+def _span(seconds: float) -> str:
+    for unit, size, least in (("d", 86400, 2 * 86400), ("h", 3600, 3600), ("min", 60, 60)):
+        if seconds >= least and seconds % size == 0:  # (24 h reads better than 1 d)
+            return f"{seconds // size:g} {unit}"
+    return f"{seconds:g} s"
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     v = open_vault(args, unlock=True)
-    done = maintenance.gc(v, force=args.force, dry_run=args.dry_run)
+    done = maintenance.gc(v, force=args.force, dry_run=args.dry_run, grace=args.grace)
     n, freed = len(done.doomed), human(done.freed)
     if args.dry_run:
         for key, size in done.doomed:
             print(f"{key} {size}")
         note = f" (of {done.total}: most of the vault, so gc needs --force)" if done.mass else ""
         info(f"would delete {n} unreferenced object(s), {freed}{note}")
+    else:
+        info(f"deleted {n} unreferenced object(s), {freed} freed; catalog compacted")
+    if done.young:
+        info(
+            f"kept {done.young} unreferenced object(s) written in the last {_span(done.grace)}: "
+            "an add or a mount elsewhere may not have recorded them yet (--grace 0 deletes them)"
+        )
+    if args.dry_run:
         return 0
-    info(f"deleted {n} unreferenced object(s), {freed} freed; catalog compacted")
     aborted = v.storage.abort_stale_uploads()
     if aborted:
         info(f"aborted {aborted} upload(s) left by interrupted adds")
@@ -469,6 +484,14 @@ def parse_gc(sub: Subparsers) -> None:
     )
     sp.add_argument(
         "--force", action="store_true", help="delete even when that is most of the vault's objects"
+    )
+    sp.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="keep unreferenced objects written less than this long ago: another host's add "
+        "writes its objects before the catalog names them (default: 24h; 0: delete them too)",
     )
     unlock_options(sp)
 

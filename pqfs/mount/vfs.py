@@ -24,11 +24,13 @@ Invariants (kept here):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -81,6 +83,30 @@ def _refresh_failure(e: Exception) -> str:
     if isinstance(e, (PqfsError, OSError)):
         return str(e)
     return f"internal error {type(e).__name__}"
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic collection while a catalog loads and its tree is built and frozen: loading
+    20,000 entries made collections that stopped the loop for up to 31 ms (every thread stops
+    for one), walking the very objects the freeze then takes out of its reach. Reference
+    counting still frees what dies meanwhile. Nested or overlapping pauses (a refresh during an
+    unlock's load) end with the last one; trio thread only."""
+    global _pauses
+    if _pauses == 0:
+        _pauses_restore[0] = gc.isenabled()
+    _pauses += 1
+    gc.disable()
+    try:
+        yield
+    finally:
+        _pauses -= 1
+        if _pauses == 0 and _pauses_restore[0]:
+            gc.enable()
+
+
+_pauses = 0  # collector_paused() contexts open
+_pauses_restore = [True]  # whether the collector ran before the first of them
 
 
 class VaultFS:
@@ -153,9 +179,10 @@ class VaultFS:
 
     async def _load_tree(self) -> None:
         gen = self.generation
-        tree, _ = await self.offload(self._build_tree, None)
-        if gen == self.generation and self.vault.unlocked:  # a lock meanwhile: no tree
-            self._swap_tree(tree, None)
+        with collector_paused():
+            tree, _ = await self.offload(self._build_tree, None)
+            if gen == self.generation and self.vault.unlocked:  # a lock meanwhile: no tree
+                self._swap_tree(tree, None)
 
     def _build_tree(self, old: Tree | None) -> tuple[Tree, list[str]]:
         """On a thread (`offload`): load the catalog and build its tree (a new object, which no other
@@ -235,15 +262,16 @@ class VaultFS:
         head = segs[-1].seq if segs else 0
         if head in (tree.head, self._unloadable):
             return []  # unchanged, or the head whose load failed (the poll logged it)
-        try:
-            new, changed = await self.offload(self._build_tree, tree)
-        except CatalogDamaged:  # the catalog itself is bad: wait for a new head
-            self._unloadable = head
-            raise  # any other error (the store refused, timed out): the next poll tries again
-        self._unloadable = -1
-        if gen != self.generation or not self.vault.unlocked:
-            return []
-        self._swap_tree(new, tree)
+        with collector_paused():
+            try:
+                new, changed = await self.offload(self._build_tree, tree)
+            except CatalogDamaged:  # the catalog itself is bad: wait for a new head
+                self._unloadable = head
+                raise  # any other error (the store refused, timed out): the next poll tries
+            self._unloadable = -1
+            if gen != self.generation or not self.vault.unlocked:
+                return []
+            self._swap_tree(new, tree)  # (frozen before the collector runs again)
         return changed
 
     # ------------------------------------------------------------------ lock / unlock ----

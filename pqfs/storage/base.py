@@ -8,6 +8,7 @@ object (only a hidden temp file that the next write of the same kind can ignore)
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -201,9 +202,14 @@ class Storage(ABC):
         for key in keys:
             self.delete(key)
 
-    @abstractmethod
     def list(self, prefix: str) -> list[tuple[str, int]]:
         """(key, size) of every object under `prefix`, temp files excluded."""
+        return [(key, size) for key, size, _ in self.list_dated(prefix)]
+
+    @abstractmethod
+    def list_dated(self, prefix: str) -> builtins.list[tuple[str, int, float]]:
+        """(key, size, when it was written: seconds since the epoch) of every object under
+        `prefix`, temp files excluded."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...

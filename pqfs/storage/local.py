@@ -143,7 +143,7 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def list(self, prefix: str) -> list[tuple[str, int]]:
+    def list_dated(self, prefix: str) -> list[tuple[str, int, float]]:
         base = self._path(prefix) if prefix else self.root
         out = []
         for dirpath, _dirs, files in os.walk(base):
@@ -152,10 +152,11 @@ class LocalStorage(Storage):
                     continue
                 full = os.path.join(dirpath, name)
                 try:
-                    size = os.stat(full).st_size
+                    st = os.stat(full)
                 except FileNotFoundError:
                     continue
-                out.append((os.path.relpath(full, self.root).replace(os.sep, "/"), size))
+                key = os.path.relpath(full, self.root).replace(os.sep, "/")
+                out.append((key, st.st_size, st.st_mtime))
         return out
 
     def delete(self, key: str) -> None:

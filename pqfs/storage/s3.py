@@ -113,8 +113,8 @@ class S3Storage(S3Requests, Storage):
             up.abort()
             raise
 
-    def list(self, prefix: str) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    def list_dated(self, prefix: str) -> list[tuple[str, int, float]]:
+        out: list[tuple[str, int, float]] = []
         token: str | None = None
         full = self._key(prefix) if prefix else self.prefix
         while True:
@@ -132,7 +132,7 @@ class S3Storage(S3Requests, Storage):
                     and not name.endswith("/")
                     and not name.rpartition("/")[2].startswith(TMP_PREFIX)
                 ):
-                    out.append((name, int(obj["Size"])))
+                    out.append((name, int(obj["Size"]), obj["LastModified"].timestamp()))
             if not page.get("IsTruncated"):
                 return out
             token = page.get("NextContinuationToken")

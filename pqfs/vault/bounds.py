@@ -29,6 +29,10 @@ class VaultBounds:
     # losing most of a vault at once is what a forged or damaged catalog would cause.
     gc_mass_fraction: float = 0.5
     gc_mass_objects: int = 10
+    # ... and keeps unreferenced objects written less than this long ago (seconds): another
+    # writer (a `pqfs add` on another host, a mount committing a file) writes an object before
+    # the catalog segment that names it, and gc must not delete it in between. `--grace`.
+    gc_grace: float = 24 * 3600.0
     # Objects `pqfs rekey` copies at once: on S3 each is a few round trips (its header, its
     # copy), which overlap; a local disk gains little past the cores.
     rekey_parallel: int = 8

@@ -8,6 +8,7 @@ crash in between leaves garbage for `gc`, never an entry whose object is gone.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, cast
@@ -175,11 +176,17 @@ class MassDeletion(VaultError):
     """gc would delete most of the vault: refused without `force`."""
 
 
-def unreferenced(v: Vault, cat: Catalog) -> tuple[list[tuple[str, int]], int]:
-    """(the objects no entry of `cat` names, with their sizes; how many objects there are)."""
+def unreferenced(
+    v: Vault, cat: Catalog, grace: float = 0.0
+) -> tuple[list[tuple[str, int]], int, int]:
+    """(the objects no entry of `cat` names, with their sizes, written at least `grace`
+    seconds ago; how many more are unreferenced but younger; how many objects there are)."""
     live = {object_key(e.object) for e in cat.files()}
-    stored = v.storage.list(OBJECTS)
-    return [(k, s) for k, s in stored if k not in live], len(stored)
+    stored = v.storage.list_dated(OBJECTS)
+    since = time.time() - grace
+    old = [(k, s) for k, s, t in stored if k not in live and t <= since]
+    young = sum(1 for k, _, t in stored if k not in live and t > since)
+    return old, young, len(stored)
 
 
 @dataclass
@@ -189,24 +196,29 @@ class Collected:
     doomed: list[tuple[str, int]]
     total: int  # objects in the vault
     mass: bool  # most of the vault: refused without force
+    young: int = 0  # unreferenced, but within the grace period: kept
+    grace: float = 0.0  # that period, seconds
 
     @property
     def freed(self) -> int:
         return sum(size for _key, size in self.doomed)
 
 
-def gc(v: Vault, force: bool = False, dry_run: bool = False) -> Collected:
-    """Delete the objects no catalog entry references, and compact the catalog (with
-    `dry_run`, only say what would be deleted; nothing changes).
+def gc(
+    v: Vault, force: bool = False, dry_run: bool = False, grace: float | None = None
+) -> Collected:
+    """Delete the objects no catalog entry references, written at least `grace` seconds ago
+    (default bounds.gc_grace: another writer's object may not be recorded yet), and compact
+    the catalog (with `dry_run`, only say what would be deleted; nothing changes).
 
     Only a verified catalog decides (a version-2 vault: what the owner and its writers
     signed; a forged segment's ops are ignored, so no object is unreferenced by them), and
     deleting most of a vault at once needs `force` (bounds.gc_mass_*)."""
-    cat = v.catalog(reload=True)
-    doomed, total = unreferenced(v, cat)
     b = bounds.BOUNDS
+    cat = v.catalog(reload=True)
+    doomed, young, total = unreferenced(v, cat, b.gc_grace if grace is None else grace)
     mass = len(doomed) >= b.gc_mass_objects and len(doomed) > b.gc_mass_fraction * total
-    out = Collected(doomed, total, mass)
+    out = Collected(doomed, total, mass, young, b.gc_grace if grace is None else grace)
     if dry_run:
         return out
     if mass and not force:
