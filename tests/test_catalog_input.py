@@ -42,8 +42,8 @@ from pqfs.format.encoding import b64decode, b64encode
 from pqfs.mount.options import MountOptions
 from pqfs.mount.tree import ROOT_INO, Tree
 from pqfs.mount.vfs import VaultFS
+from pqfs.vault import bounds, maintenance, schema
 from pqfs.vault import catalog as cat_mod
-from pqfs.vault import maintenance, schema
 from pqfs.vault.catalog import Catalog, put_op
 from pqfs.vault.schema import Entry
 from pqfs.vault.vault import Vault
@@ -641,6 +641,34 @@ def test_a_lost_race_is_blamed_on_other_writers_only_when_there_are_some(
         cat_mod.append(pq_vault.storage, pq_vault.recipients, [])
     assert "concurrent" not in str(exc.value)
     assert "exists but is not listed" in str(exc.value)
+
+
+def test_a_writer_that_loses_a_race_backs_off_then_lands_after_the_winner(
+    pq_vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer creates the segment this one was about to: the loser waits a random
+    time within the first backoff step, reads the tail again, and appends after the winner."""
+    storage, recipients, signer = pq_vault.storage, pq_vault.recipients, pq_vault.signer()
+    waits: list[float] = []
+    monkeypatch.setattr(cat_mod, "_pause", waits.append)
+    real_put = storage.put_bytes
+    winner: list[cat_mod.Written | None] = []
+    raced = []
+
+    def put(key: str, data: bytes, exclusive: bool = False) -> None:
+        if not raced and key.startswith("catalog/"):  # the other writer gets there first
+            raced.append(key)
+            winner.append(cat_mod.append(storage, recipients, [], signer=signer))
+        real_put(key, data, exclusive)
+
+    monkeypatch.setattr(storage, "put_bytes", put)
+    mine = cat_mod.append(storage, recipients, [], signer=signer)
+    assert winner[0] is not None and mine is not None
+    assert mine.seq == winner[0].seq + 1
+    first = bounds.BOUNDS.append_backoff_first
+    assert len(waits) == 1 and 0 <= waits[0] <= first * 2
+    pq_vault.forget_catalog()
+    assert pq_vault.catalog().head_seq == mine.seq  # the chain verifies, both segments in it
 
 
 # ------------------------------------------------------------------- a running mount ----

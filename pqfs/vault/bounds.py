@@ -23,6 +23,11 @@ class VaultBounds:
     commit_every_seconds: float = 10.0
     compact_after: int = 32  # deltas since the last snapshot: beyond this, loading reads many
     append_attempts: int = 100  # exclusive creates lost to concurrent writers before giving up
+    # After each lost race a writer waits a random time below first * 2^losses (at most max,
+    # seconds) before it reads the tail again: writers that collided do not collide again in
+    # lock step, and on S3 they do not hammer the bucket with LISTs.
+    append_backoff_first: float = 0.005
+    append_backoff_max: float = 0.5
     stuck_attempts: int = 3  # lost races with no new segment to show for them: not a writer
     # `pqfs gc` refuses, without --force, to delete more than this share of a vault's objects
     # once they are at least gc_mass_objects: a few leftovers of interrupted adds are routine,

@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -667,8 +669,10 @@ def append(
     ops = list(ops)
     kind = "snap" if snapshot else "delta"
     last: tuple[int, str] | None = None
-    stuck = 0
+    stuck = lost = 0
     for _ in range(bounds.BOUNDS.append_attempts):
+        if lost:
+            _back_off(lost)
         tail = _tail(storage)
         seq, digest = tail
         if expect_prev is not None and digest != expect_prev:
@@ -689,15 +693,26 @@ def append(
         try:
             storage.put_bytes(key, stored, exclusive=True)
         except FileExistsError:
+            lost += 1
             continue
         if _twin(storage, seq + 1, kind):
             # Create-if-absent is per key, and the key names the kind: a snapshot and a delta
             # of one number can both be created. Whoever finds the other after writing takes
             # its own back and tries again, so a reader never sees two for long.
             storage.delete(key)
+            lost += 1
             continue
         return Written(seq + 1, hashlib.sha256(stored).hexdigest())
     raise VaultError("could not append to the catalog (too many concurrent writers)")
+
+
+def _back_off(lost: int) -> None:
+    """After `lost` races lost in a row: a random wait, growing (bounds.append_backoff_*)."""
+    b = bounds.BOUNDS
+    _pause(random.uniform(0, min(b.append_backoff_max, b.append_backoff_first * 2**lost)))
+
+
+_pause = time.sleep  # (a test records the waits here)
 
 
 def _twin(storage: Storage, seq: int, kind: str) -> bool:
