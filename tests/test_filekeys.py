@@ -108,6 +108,8 @@ def test_lock_wipes_the_derived_secret(vault: Vault, tmp_path: Path) -> None:
     assert vault._derived_keys() is None
     with pytest.raises(Locked):
         vault.unwrap_key(obj, header)
+    with pytest.raises(Locked):  # a thread that still holds the wiped keys gets none from them
+        d.for_object(obj)
 
 
 async def test_a_scan_of_the_owners_files_needs_no_kem(vault: Vault, tmp_path: Path) -> None:

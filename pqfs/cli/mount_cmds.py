@@ -64,7 +64,7 @@ def _microseconds(text: str) -> int:
     return value
 
 
-MAX_OPEN_AHEAD = 1024  # each file opened ahead holds a descriptor until taken
+MAX_OPEN_AHEAD = 256  # each file opened ahead holds a descriptor (the soft limit: 1024)
 
 
 def _count(text: str) -> int:

@@ -260,11 +260,14 @@ class Opener:
 
     def unwrap(self, f: OpenFile) -> Any:
         """Unwrap the file key (worker thread), cache it, and return the payload AEAD."""
+        epoch = self.keys.epoch  # a lock from here on: the key is not kept (KeyCache.put)
         fk = self.vault.unwrap_key(f.entry.object, f.header)  # raises Locked
         try:
-            entry = self.keys.put(f.key_id, fk, payload_aead(fk, f.nonce))
+            entry = self.keys.put(f.key_id, fk, payload_aead(fk, f.nonce), epoch=epoch)
         finally:
             wipe(fk)
+        if entry.aead is None:
+            raise Locked("the vault was locked while the file was being opened")
         if self.options.key_ttl <= 0:
             f.own_key = entry
         return entry.aead

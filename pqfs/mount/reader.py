@@ -110,14 +110,16 @@ class ChunkReader:
         A file opened ahead (openahead.py) is taken as it is: no thread, no wait."""
         gen = self.generation
         opener = self.opener
-        await self.ahead.wait(node)
+        t0 = trio.current_time()
+        await self.ahead.wait(node, self._open_bound)
         f = self.ahead.take(node) if gen == self.generation else None
         if f is None:
+            left = max(0.001, self._open_bound - (trio.current_time() - t0))
             try:
                 with self.unseen.wait():  # as VaultFS.offload() does
                     f = await run_bounded(
                         functools.partial(opener.open_object, node),
-                        self._open_bound,
+                        left,  # with what a wait for an open ahead took: one bound in all
                         opener.close_unopened,
                         self._open_threads,
                     )

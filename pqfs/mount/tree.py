@@ -121,9 +121,11 @@ class Tree:
             raise NotFound(f"no inode {ino}")
         return node
 
-    def parent(self, node: Node) -> Node:
-        """The directory that holds `node` (the root holds itself)."""
-        return self.nodes[self._by_path[node.entry.path.rpartition("/")[0]]]
+    def parent(self, node: Node) -> Node | None:
+        """The directory that holds `node` (the root holds itself); None if this tree has no
+        such directory (`node` is from an older tree)."""
+        ino = self._by_path.get(node.entry.path.rpartition("/")[0])
+        return None if ino is None else self.nodes[ino]
 
     def _dir(self, ino: int) -> tuple[Node, dict[str, int]]:
         node = self.node(ino)

@@ -91,7 +91,8 @@ def collector_paused() -> Iterator[None]:
     20,000 entries made collections that stopped the loop for up to 31 ms (every thread stops
     for one), walking the very objects the freeze then takes out of its reach. Reference
     counting still frees what dies meanwhile. Nested or overlapping pauses (a refresh during an
-    unlock's load) end with the last one; trio thread only."""
+    unlock's load) end with the last one; trio thread only. A store that hangs a load keeps
+    the collector off that long (a remote store's load is bounded by its --timeout)."""
     global _pauses
     if _pauses == 0:
         _pauses_restore[0] = gc.isenabled()
@@ -348,14 +349,17 @@ class VaultFS:
     async def open(self, ino: int, flags: int) -> int:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise ReadOnly("the mount is read-only")
-        node = self._tree().node(ino)
+        tree = self._tree()
+        node = tree.node(ino)
         if node.children is not None:
             raise IsADirectory(f"is a directory: {node.entry.path}")
         fh = await self.reader.open(node)
         self.opened_inodes.add(ino)
-        tree = self.tree
-        if tree is not None:  # (a lock may have come during the open)
-            self.reader.ahead.note_open(tree, node)
+        if self.tree is tree:  # not after a lock or a refresh during the open
+            try:
+                self.reader.ahead.note_open(tree, node)
+            except Exception:  # open-ahead is a help: it never fails an open that worked
+                log.warning("open-ahead failed (internal error)", exc_info=True)
         return fh
 
     # ------------------------------------------------------------------ idle poll ----

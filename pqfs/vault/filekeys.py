@@ -19,7 +19,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from pqfs.errors import HeaderMacError
+from pqfs.errors import HeaderMacError, Locked
 from pqfs.format.header import Header
 from pqfs.format.keys import FILE_KEY_SIZE, HybridIdentity
 from pqfs.runtime.memory import wipe
@@ -34,12 +34,19 @@ class DerivedKeys:
     def __init__(self, identity: HybridIdentity) -> None:
         self.identity = identity
         self._secret = identity.derive_secret(SECRET_INFO)
+        self.wiped = False
 
     def for_object(self, object_id: str) -> bytearray:
-        """The file key of a new object (the caller wipes it)."""
+        """The file key of an object (the caller wipes it); Locked once wiped, also when the
+        wipe came while it was being derived (a key from a half-wiped secret is never given)."""
+        if self.wiped:
+            raise Locked("the vault is locked")
         out = bytearray(FILE_KEY_SIZE)
         info = KEY_INFO + object_id.encode("utf-8", "surrogateescape")
         HKDF(hashes.SHA256(), FILE_KEY_SIZE, salt=None, info=info).derive_into(self._secret, out)
+        if self.wiped:
+            wipe(out)
+            raise Locked("the vault is locked")
         return out
 
     def opening(self, object_id: str, header: Header) -> bytearray | None:
@@ -53,4 +60,5 @@ class DerivedKeys:
         return fk
 
     def wipe(self) -> None:
+        self.wiped = True
         wipe(self._secret)

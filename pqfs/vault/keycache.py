@@ -44,6 +44,7 @@ class KeyCache:
         self.clock = clock
         self._entries: OrderedDict[Any, CachedKey] = OrderedDict()
         self._lock = threading.Lock()
+        self.epoch = 0  # clears so far (put's `epoch`)
         self.hits = 0
         self.misses = 0
 
@@ -64,12 +65,20 @@ class KeyCache:
             self.hits += 1
             return entry
 
-    def put(self, key: Any, file_key: bytearray, aead: Any = None) -> CachedKey:
-        """Store a copy of `file_key` (the caller keeps, and wipes, its own)."""
+    def put(
+        self, key: Any, file_key: bytearray, aead: Any = None, epoch: int | None = None
+    ) -> CachedKey:
+        """Store a copy of `file_key` (the caller keeps, and wipes, its own). With `epoch`
+        (read before the key was unwrapped): if the cache was cleared since (a lock), the
+        key is not stored and comes back wiped, so no unwrap that a lock overtook leaves a key
+        behind it."""
         entry = CachedKey(bytearray(file_key), aead, self.clock() + self.ttl)
         if self.ttl <= 0:
             return entry  # caching disabled: the caller uses it once and it is dropped
         with self._lock:
+            if epoch is not None and epoch != self.epoch:
+                entry.wipe()
+                return entry
             old = self._entries.pop(key, None)
             if old is not None:
                 old.wipe()
@@ -89,6 +98,7 @@ class KeyCache:
 
     def clear(self) -> None:
         with self._lock:
+            self.epoch += 1
             for e in self._entries.values():
                 e.wipe()
             self._entries.clear()

@@ -265,10 +265,10 @@ class Vault:
 
     def forget_identities(self, gone: Sequence[HybridIdentity | X25519Identity]) -> None:
         """Wipe identities no longer of this vault (the old ones, after a rekey)."""
-        for i in gone:
-            i.wipe()
         self._identities = [i for i in self._identities if all(i is not g for g in gone)]
         self._wipe_derived()
+        for i in gone:
+            i.wipe()
         self.key_cache.clear()
 
     # ------------------------------------------------------------------ identities ----
@@ -365,14 +365,16 @@ class Vault:
         return bool(self._identities)
 
     def lock(self) -> None:
-        for i in self._identities:
+        # No thread may derive keys from an identity being wiped: out of the list first, the
+        # derived secret wiped (under its lock) next, the identities last.
+        idents, self._identities = self._identities, []
+        self._wipe_derived()
+        for i in idents:
             i.wipe()
-        self._identities = []
         for k in (self._owner_key, self._writer_key):
             if k is not None:
                 k.wipe()
         self._owner_key = self._writer_key = None
-        self._wipe_derived()
         self.key_cache.clear()
         self._catalog = None
 
@@ -589,8 +591,8 @@ class Vault:
 
     def _derived_keys(self) -> DerivedKeys | None:
         """The derived file keys of the first hybrid identity held, None if none is held."""
-        first = next((i for i in self._identities if isinstance(i, HybridIdentity)), None)
-        with self._derived_lock:
+        with self._derived_lock:  # (lock() empties the list before it takes this lock)
+            first = next((i for i in self._identities if isinstance(i, HybridIdentity)), None)
             d = self._derived
             if d is not None and d.identity is not first:  # identities changed (rekey)
                 d.wipe()
@@ -615,7 +617,8 @@ class Vault:
         """An object's file key, MAC verified: the derived one if it opens the header, else
         unwrapped from a stanza (FormatError / NoIdentityMatch / HeaderMacError, Locked)."""
         d = self._derived_keys()
-        fk = None if d is None else d.opening(object_id, header)
+        scrypt = any(s.args[:1] == ["scrypt"] for s in header.stanzas)  # unwrap's rules apply
+        fk = None if d is None or scrypt else d.opening(object_id, header)
         if fk is not None:
             self.keys_derived += 1
             return fk
