@@ -103,14 +103,18 @@ class OpenAhead:
         self.counters.opened_ahead_used += 1
         return f
 
-    async def wait(self, node: Node, bound: float) -> None:
+    async def wait(self, node: Node, bound: float) -> float:
         """If `node` is being opened ahead, until that batch is back (it is then parked, or
         its open failed and the caller opens it the ordinary way, which reports why), for
-        `bound` seconds at most (the caller's open then has what is left of its own bound)."""
+        `bound` seconds at most; how long it waited (the caller's open then has what is left
+        of its own bound), 0.0 if it did not."""
         ev = self.pending.get(node.ino)
-        if ev is not None:
-            with trio.move_on_after(bound):
-                await ev.wait()
+        if ev is None:
+            return 0.0
+        t0 = trio.current_time()
+        with trio.move_on_after(bound):
+            await ev.wait()
+        return trio.current_time() - t0
 
     def note_open(self, tree: Tree, node: Node) -> None:
         """After `node` was opened: open ahead in its directory once it is being scanned (a

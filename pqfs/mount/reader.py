@@ -110,11 +110,12 @@ class ChunkReader:
         A file opened ahead (openahead.py) is taken as it is: no thread, no wait."""
         gen = self.generation
         opener = self.opener
-        t0 = trio.current_time()
-        await self.ahead.wait(node, self._open_bound)
+        waited = await self.ahead.wait(node, self._open_bound)
         f = self.ahead.take(node) if gen == self.generation else None
         if f is None:
-            left = max(0.001, self._open_bound - (trio.current_time() - t0))
+            # what is left of the bound after a wait for an open ahead; the whole bound if
+            # there was none (and so the whole bound in the error: "within 6 s")
+            left = max(0.001, self._open_bound - waited) if waited else self._open_bound
             try:
                 with self.unseen.wait():  # as VaultFS.offload() does
                     f = await run_bounded(
