@@ -54,27 +54,26 @@ def _command(text: str) -> tuple[str, ...]:
     return argv
 
 
-def _microseconds(text: str) -> int:
+def _whole(text: str, most: int, what: str) -> int:
+    """A whole number from 0 to `most` (`what` it counts, for the error)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of microseconds: {text!r}") from None
-    if not 0 <= value <= MAX_IDLE_POLL_US:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_IDLE_POLL_US}: {text}")
+        raise argparse.ArgumentTypeError(f"not a whole number{what}: {text!r}") from None
+    if not 0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {most}: {text}")
     return value
+
+
+def _microseconds(text: str) -> int:
+    return _whole(text, MAX_IDLE_POLL_US, " of microseconds")
 
 
 MAX_OPEN_AHEAD = 256  # each file opened ahead holds a descriptor (the soft limit: 1024)
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= MAX_OPEN_AHEAD:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_OPEN_AHEAD}: {text}")
-    return value
+    return _whole(text, MAX_OPEN_AHEAD, "")
 
 
 # ------------------------------------------------------------------ mount, umount ----
