@@ -76,6 +76,28 @@ class ReadOnly(PqfsError):
     """A write to the read-only mount."""
 
 
+class Exists(VaultError):
+    """A name that must not exist does (EEXIST: mkdir, create with O_EXCL, RENAME_NOREPLACE)."""
+
+
+class NotEmpty(VaultError):
+    """rmdir, or a rename over a directory, that is not empty (ENOTEMPTY)."""
+
+
+class NotPermitted(PqfsError):
+    """An operation the vault format cannot hold (EPERM: hard links, symlinks, device nodes,
+    an owner change)."""
+
+
+class NoSpace(PqfsError):
+    """Staging stayed full for the whole time budget (ENOSPC), or the store is full."""
+
+
+class Invalid(PqfsError):
+    """A request the mount does not support in this form (EINVAL: RENAME_EXCHANGE, a rename
+    into its own subtree)."""
+
+
 class Unreadable(VaultError):
     """A file the mount cannot open: its object is missing, damaged, not the one the catalog
     names, or its storage did not answer (EIO). Raised only after its one log line, which names

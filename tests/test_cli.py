@@ -43,6 +43,7 @@ SUBCOMMANDS = [
     "rm",
     "share",
     "stats",
+    "sync",
     "trust",
     "umount",
     "unlock",

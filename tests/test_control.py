@@ -62,7 +62,7 @@ def _request_as(uid: int, address: bytes, command: str, secret: bytes = b"") -> 
 def test_the_mount_is_read_only_to_the_kernel(
     tmp_path: Path, cli_env: dict[str, str], one_file_vault: Path
 ) -> None:
-    with mounted(one_file_vault, tmp_path / "mnt", cli_env) as mp:
+    with mounted(one_file_vault, tmp_path / "mnt", cli_env, "--read-only") as mp:
         assert "ro" in _mount_options(mp)
         assert not os.access(mp / "a.bin", os.W_OK)
         with pytest.raises(OSError) as e:

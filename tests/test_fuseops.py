@@ -15,12 +15,16 @@ import pytest
 
 from pqfs.errors import (
     BadPassphrase,
+    Exists,
     FormatError,
     HeaderMacError,
+    Invalid,
     IsADirectory,
     Locked,
     NoIdentityMatch,
+    NoSpace,
     NotADirectory,
+    NotEmpty,
     NotFound,
     PayloadError,
     PqfsError,
@@ -111,6 +115,27 @@ class FakeCore:
     def lock(self) -> set[int]:
         self._call("lock")
         return set()
+
+    async def drain(self) -> None:
+        self.calls.append("drain")
+        if self.drain_raises is not None:
+            raise self.drain_raises
+
+    drain_raises: BaseException | None = None
+
+    def mkdir(self, parent: int, name: str, mode: int) -> Attr:
+        self._call("mkdir")
+        return Attr(8, 0o040755, 0, 0, 2)
+
+    def unlink(self, parent: int, name: str) -> None:
+        self._call("unlink")
+
+    def rename(self, *args: object) -> None:
+        self._call("rename")
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        self._call("write")
+        return len(data)
 
     async def unlock(self, passphrase: Any = None, identities: Any = None) -> None:
         self._call("unlock")
@@ -220,8 +245,27 @@ async def test_fuse_errors_pass_through_unchanged() -> None:
         pyfuse3.ENOATTR
     )
     assert await _errno(lambda: ops.opendir(9, None)) == errno.ENOTDIR
-    for name in ("write", "mkdir", "unlink", "rename", "setxattr", "create"):
-        assert await _errno(lambda name=name: getattr(ops, name)(1, 2, 3)) == errno.EROFS
+    # what the vault cannot hold: EPERM (link(2)'s "not supported"), xattrs ENOTSUP
+    assert await _errno(lambda: ops.link(5, 1, b"b", None)) == errno.EPERM
+    assert await _errno(lambda: ops.symlink(1, b"l", b"t", None)) == errno.EPERM
+    assert await _errno(lambda: ops.mknod(1, b"n", 0o10644, 0, None)) == errno.EPERM
+    assert await _errno(lambda: ops.setxattr(1, b"user.x", b"v", None)) == errno.ENOTSUP
+    # the core's write errors, each its errno
+    for exc, code in [
+        (Exists("x"), errno.EEXIST),
+        (NotEmpty("x"), errno.ENOTEMPTY),
+        (NoSpace("x"), errno.ENOSPC),
+        (Invalid("x"), errno.EINVAL),
+        (ReadOnly("x"), errno.EROFS),
+        (Locked("x"), errno.EACCES),
+    ]:
+        core.raises = exc
+        assert await _errno(lambda: ops.mkdir(1, b"d", 0o755, None)) == code
+        assert await _errno(lambda: ops.unlink(1, b"f", None)) == code
+        assert await _errno(lambda: ops.rename(1, b"a", 1, b"b", 0, None)) == code
+        assert await _errno(lambda: ops.write(3, 0, b"x")) == code
+    core.raises = None
+    assert await ops.write(3, 0, b"abc") == 3
 
 
 @pytest.mark.parametrize(
@@ -249,3 +293,21 @@ async def test_control_answers_an_errno_and_a_message(
     assert (await ops.control(command, bytearray(b"passphrase"))).code == 0
     answer = await ops.control(b"unlock-identity", bytearray(b"not an identity"))
     assert (answer.code, answer.message) == (errno.EINVAL, "not an age identity file")
+
+
+async def test_a_lock_whose_commits_fail_locks_nothing() -> None:
+    """Written data is committed before a lock wipes the keys it needs: if that fails, the
+    answer says so and the mount stays unlocked (nothing lost)."""
+    core = FakeCore()
+    ops = Operations(core)  # type: ignore[arg-type]
+    core.drain_raises = Unavailable("could not commit a.txt: storage did not answer")
+    answer = await ops.control(b"lock", bytearray())
+    assert answer.code == errno.EIO
+    assert answer.message == (
+        "could not commit a.txt: storage did not answer; not locked (retry, or unmount)"
+    )
+    assert "lock" not in core.calls
+    core.drain_raises = None
+    assert (await ops.control(b"lock", bytearray())).code == 0
+    assert core.calls[-2:] == ["drain", "lock"]
+    assert (await ops.control(b"sync", bytearray())).code == 0

@@ -113,11 +113,11 @@ def test_files_metadata_and_browsing(
 
 
 @pytest.mark.fuse
-def test_writes_get_erofs(
+def test_writes_get_erofs_on_a_read_only_mount(
     library: tuple[Path, Path], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     _, vault = library
-    with mounted(vault, tmp_path / "mnt", cli_env) as mp:
+    with mounted(vault, tmp_path / "mnt", cli_env, "--read-only") as mp:
         root = mp / "lib"
         attempts = [
             lambda: os.open(root / "new.txt", os.O_WRONLY | os.O_CREAT),

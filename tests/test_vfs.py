@@ -103,9 +103,20 @@ async def test_tree_lookup_readdir_getattr(vault: Vault, contents: dict[str, byt
             fs.lookup(ino_of(fs, "three.bin"), "x")
         with pytest.raises(IsADirectory):
             await fs.open(a.ino, os.O_RDONLY)
+
+
+async def test_a_read_only_mount_refuses_every_change(
+    vault: Vault, contents: dict[str, bytes]
+) -> None:
+    async with running(vault, read_only=True) as fs:
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
             with pytest.raises(ReadOnly):
                 await fs.open(ino_of(fs, "three.bin"), flags)
+        with pytest.raises(ReadOnly):
+            fs.mkdir(ROOT_INO, "d", 0o755)
+        with pytest.raises(ReadOnly):
+            fs.unlink(ROOT_INO, "three.bin")
+        assert fs.getattr(ino_of(fs, "three.bin")).size == len(contents["three.bin"])
 
 
 async def test_reads_match_at_any_offset(vault: Vault, contents: dict[str, bytes]) -> None:

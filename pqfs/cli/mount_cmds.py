@@ -85,6 +85,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.cache_size < MountOptions.MIN_CACHE:  # before the passphrase is asked for
         raise PqfsError(f"--cache-size must be at least {size_text(MountOptions.MIN_CACHE)}")
     daemon.check_mountpoint(args.mountpoint)
+    write_cache_size = None if args.read_only else _write_cache(args)
     v = open_vault(args, unlock=True)
     zeroize.discard_env()  # the daemon keeps no passphrase, however it was unlocked
     if args.log_file:
@@ -100,6 +101,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         catalog_poll=args.refresh,
         large_blksize_from=args.large_blksize_from,
         open_ahead=args.open_ahead,
+        read_only=args.read_only,
+        write_buffer=args.write_buffer,
+        write_cache=os.path.abspath(args.write_cache),
+        write_cache_size=write_cache_size or MountOptions.write_cache_size,
+        commit_delay=args.commit_delay,
     )
     mp = os.path.abspath(args.mountpoint)
 
@@ -119,8 +125,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
 
 
+def _write_cache(args: argparse.Namespace) -> int:
+    """The write cache's bound, checked before the passphrase is asked for: the directory
+    must take unlinked files (O_TMPFILE); by default min(20 GiB, half its free space)."""
+    path = args.write_cache
+    try:
+        os.close(os.open(path, os.O_TMPFILE | os.O_RDWR, 0o600))
+        st = os.statvfs(path)
+    except OSError as e:
+        raise PqfsError(
+            f"--write-cache {path}: {e.strerror} (a directory where unlinked files can be made)"
+        ) from None
+    if args.write_cache_size is not None:
+        return int(args.write_cache_size)
+    return min(MountOptions.write_cache_size, st.f_bavail * st.f_frsize // 2)
+
+
 def parse_mount(sub: Subparsers) -> None:
-    sp = subcommand(sub, "mount", cmd_mount, "mount the vault read-only as plain files (FUSE)")
+    sp = subcommand(sub, "mount", cmd_mount, "mount the vault as plain files (FUSE)")
     sp.add_argument("vault", metavar="VAULT")
     s3_options(sp, mount=True)
     vault_id_option(sp)
@@ -223,6 +245,43 @@ def parse_mount(sub: Subparsers) -> None:
         "with the changed paths, relative to the mount point, as arguments: FUSE raises no "
         "inotify events for them, so this is how a media server learns of new files",
     )
+    sp.add_argument(
+        "--read-only",
+        action="store_true",
+        help="refuse every change (the kernel mount is ro)",
+    )
+    sp.add_argument(
+        "--write-buffer",
+        type=parse_size,
+        default=MountOptions.write_buffer,
+        metavar="SIZE",
+        help="memory for written data not yet committed, wiped once it is (default: "
+        f"{size_text(MountOptions.write_buffer)}; files past "
+        f"{size_text(MountOptions.write_buffer_file)} go to --write-cache)",
+    )
+    sp.add_argument(
+        "--write-cache",
+        default=MountOptions.write_cache,
+        metavar="DIR",
+        help="where larger written files wait for their commit, encrypted under a key only "
+        f"the daemon holds, in files that have no name (default: {MountOptions.write_cache})",
+    )
+    sp.add_argument(
+        "--write-cache-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="at most this much in --write-cache; writers wait for commits past it "
+        "(default: 20G or half its free space, whichever is less)",
+    )
+    sp.add_argument(
+        "--commit-delay",
+        type=parse_seconds,
+        default=MountOptions.commit_delay,
+        metavar="SECONDS",
+        help="commit a closed file once it was left alone this long (fsync and pqfs sync "
+        f"commit at once; default: {MountOptions.commit_delay:g})",
+    )
     sp.add_argument("--debug", action="store_true", help="verbose logging")
     unlock_options(sp)
 
@@ -230,6 +289,10 @@ def parse_mount(sub: Subparsers) -> None:
 def cmd_umount(args: argparse.Namespace) -> int:
     from pqfs.mount import daemon
 
+    if _live(args.mountpoint):
+        # Commit what was written while the mount still answers, so that a failure is this
+        # command's error (and the mount stays, with the data), not a line in the daemon's log.
+        _control(args.mountpoint, "sync")
     info(f"{daemon.umount(args.mountpoint, args.lazy)} {args.mountpoint}")
     return 0
 
@@ -263,6 +326,17 @@ def _mount_attr(mountpoint: str, name: bytes) -> bytes:
         raise PqfsError(f"{mountpoint}: {e.strerror}") from None
 
 
+def _live(mountpoint: str) -> bool:
+    """A pqfs mount whose daemon answers (not stale, not something else)."""
+    from pqfs.mount import daemon
+
+    try:
+        os.stat(mountpoint)
+    except OSError:
+        return False
+    return daemon.mount_type(mountpoint) == daemon.FSTYPE
+
+
 def _control(mountpoint: str, command: str, secret: bytes | bytearray = b"") -> None:
     """Lock or unlock a running mount through its daemon's control socket."""
     from pqfs.mount import control
@@ -287,6 +361,19 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def parse_lock(sub: Subparsers) -> None:
     sp = subcommand(
         sub, "lock", cmd_lock, "wipe keys and decrypted data of a mount; reads fail until unlock"
+    )
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    _control(args.mountpoint, "sync")
+    info(f"{args.mountpoint}: everything written is committed to the vault")
+    return 0
+
+
+def parse_sync(sub: Subparsers) -> None:
+    sp = subcommand(
+        sub, "sync", cmd_sync, "commit everything written to a mount now, and wait until it is"
     )
     sp.add_argument("mountpoint", metavar="MOUNTPOINT")
 
@@ -390,4 +477,4 @@ def parse_stats(sub: Subparsers) -> None:
 
 
 # In `pqfs --help` order.
-PARSERS = (parse_mount, parse_umount, parse_lock, parse_unlock, parse_stats)
+PARSERS = (parse_mount, parse_umount, parse_lock, parse_unlock, parse_sync, parse_stats)

@@ -6,8 +6,8 @@ libfuse's request buffer, which Python cannot wipe. The socket's name is publish
 attribute `user.pqfs.control` of the mount's root (a getxattr, which `ro` allows), so
 whoever can see the mount can find it, and nothing has to be agreed on in advance.
 
-Protocol: one request per connection, a command line (`lock`, `unlock`, `unlock-identity`)
-and, for the unlocks, the secret (passphrase or identity file text) up to the end of the
+Protocol: one request per connection, a command line (`lock`, `unlock`, `unlock-identity`,
+`sync`: commit everything written, answered once it is) and, for the unlocks, the secret (passphrase or identity file text) up to the end of the
 stream; one answer line, `0` or `ERRNO message`. The daemon reads the request straight into a
 bytearray that it wipes; it answers only root and the user who mounted (SO_PEERCRED).
 
@@ -36,7 +36,7 @@ log = logging.getLogger("pqfs.mount")
 
 XATTR_CONTROL = b"user.pqfs.control"
 XATTR_STATS = b"user.pqfs.stats"  # the mount's statistics, as JSON (pqfs stats)
-COMMANDS = (b"lock", b"unlock", b"unlock-identity")
+COMMANDS = (b"lock", b"unlock", b"unlock-identity", b"sync")
 ANSWER_TIMEOUT = 120.0  # the client's wait: an unlock runs scrypt and loads the catalog
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

@@ -97,12 +97,13 @@ def sd_notify(message: str) -> None:
 # ------------------------------------------------------------------------- serving ----
 
 
-def fuse_options(allow_other: bool) -> set[str]:
-    # ro: the mount is read-only, and says so to `test -w`, file managers and df. Lock and
-    # unlock therefore go through the control socket (control.py), since the kernel refuses
-    # every setxattr on an ro mount.
+def fuse_options(allow_other: bool, read_only: bool = False) -> set[str]:
+    # ro (--read-only): the kernel refuses every change itself, and says so to `test -w`,
+    # file managers and df. Lock and unlock go through the control socket (control.py)
+    # either way, since the kernel refuses every setxattr on an ro mount.
     opts = {"fsname=pqfs", "subtype=pqfs", "default_permissions", "noatime", "nodev", "nosuid"}
-    opts.add("ro")
+    if read_only:
+        opts.add("ro")
     if allow_other:
         opts.add("allow_other")
     return opts
@@ -144,7 +145,7 @@ async def serve(
     stopped_by: signal.Signals | None = None
     was_ready = False
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        pyfuse3.init(ops, mountpoint, fuse_options(allow_other))
+        pyfuse3.init(ops, mountpoint, fuse_options(allow_other, o.read_only))
         unmounted = False
         try:
             fs.fuse_fds = idlepoll.fuse_device_fds()
@@ -154,6 +155,7 @@ async def serve(
                     nonlocal unmounted
                     await pyfuse3.main()
                     unmounted = True  # the loop ends when the kernel unmounts (fusermount -u)
+                    await _drain(fs)
                     nursery.cancel_scope.cancel()
 
                 async def on_signals() -> None:
@@ -162,6 +164,7 @@ async def serve(
                         stopped_by = signal.Signals(signum)
                         log.info("%s: unmounting", stopped_by.name)
                         sd_notify("STOPPING=1")
+                        await _drain(fs)  # requests are still answered meanwhile
                         nursery.cancel_scope.cancel()
                         return
 
@@ -184,6 +187,13 @@ async def serve(
         if stopped_by == signal.SIGINT:
             raise KeyboardInterrupt
         raise StoppedEarly(f"stopped by {stopped_by.name} before the mount was ready")
+
+
+async def _drain(fs: VaultFS) -> None:
+    """Commit what was written before the mount ends; a failure is logged (by the commit,
+    and by close() with what is lost)."""
+    with contextlib.suppress(PqfsError):
+        await fs.drain()
 
 
 class StoppedEarly(PqfsError):

@@ -28,11 +28,16 @@ import pyfuse3
 
 from pqfs.errors import (
     BadPassphrase,
+    Exists,
+    Invalid,
     IsADirectory,
     Locked,
     NoIdentityMatch,
+    NoSpace,
     NotADirectory,
+    NotEmpty,
     NotFound,
+    NotPermitted,
     PqfsError,
     ReadOnly,
 )
@@ -52,6 +57,11 @@ _ERRNO: list[tuple[type[PqfsError], int]] = [
     (BadPassphrase, errno.EACCES),
     (NoIdentityMatch, errno.EACCES),
     (ReadOnly, errno.EROFS),
+    (Exists, errno.EEXIST),
+    (NotEmpty, errno.ENOTEMPTY),
+    (NotPermitted, errno.EPERM),
+    (NoSpace, errno.ENOSPC),
+    (Invalid, errno.EINVAL),
 ]
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -168,20 +178,104 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags)
+        return self._info(await self.fs.open(inode, flags))
+
+    def _info(self, fh: int) -> pyfuse3.FileInfo:
         if self.fs.options.direct_io:  # see MountOptions.direct_io
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        # keep_cache: objects are immutable (a replaced file gets a new inode), so the kernel's
-        # page cache stays valid across opens; lock() invalidates it explicitly.
+        # keep_cache: a file's pages change only through this mount (the kernel's cache follows
+        # its writes), or with a new inode (a replacement from elsewhere); lock() invalidates
+        # them explicitly.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     @_boundary
     async def release(self, fh: int) -> None:
         self.fs.release(fh)
+
+    # ------------------------------------------------------------------ writes ----
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self.fs.create(parent_inode, os.fsdecode(name), mode, flags)
+        return self._info(fh), self._attrs(attr)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        pass  # close(2): the commit follows the last release (writes.py)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.fs.sync_namespace()
+
+    @_boundary
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        a = await self.fs.setattr(
+            inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+        )
+        return self._attrs(a)
+
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        return self._attrs(self.fs.mkdir(parent_inode, os.fsdecode(name), mode))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.unlink(parent_inode, os.fsdecode(name))
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.fs.rmdir(parent_inode, os.fsdecode(name))
+
+    @_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        self.fs.rename(
+            parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
+        )
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise NotPermitted("hard links are not supported: the vault holds one name per file")
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        raise NotPermitted(
+            "symbolic links are not supported: the vault holds files and directories"
+        )
+
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise NotPermitted("device nodes, FIFOs and sockets are not supported")
 
     # ------------------------------------------------------------------ control ----
 
@@ -201,7 +295,15 @@ class Operations(pyfuse3.Operations):
         """A lock or unlock request from the control socket (control.py), which has checked
         the caller (`uid`) and wipes `secret` afterwards."""
         try:
-            if command == b"lock":
+            if command == b"sync":
+                await self.fs.drain()
+            elif command == b"lock":
+                # What was written is committed first: staged data is unreadable without the
+                # keys a lock wipes. If it cannot be, nothing is locked (and nothing lost).
+                try:
+                    await self.fs.drain()
+                except PqfsError as e:
+                    return Answer(errno.EIO, f"{e}; not locked (retry, or unmount)")
                 opened = self.fs.lock()
                 # The kernel may hold decrypted pages of files opened before (keep_cache): drop
                 # them before confirming, on a thread, since the call waits for reads in flight.
@@ -222,26 +324,13 @@ class Operations(pyfuse3.Operations):
         return Answer()
 
 
-async def _erofs(self: Operations, *args: Any) -> Any:
-    raise pyfuse3.FUSEError(errno.EROFS)
+async def _no_xattrs(self: Operations, *args: Any) -> Any:
+    # the vault holds no extended attributes (the kernel refuses them on a read-only mount)
+    raise pyfuse3.FUSEError(errno.ENOTSUP)
 
 
-# Read-only for now: every call that would change the tree or a file's bytes gets EROFS.
-for _name in (
-    "setattr",
-    "mknod",
-    "mkdir",
-    "unlink",
-    "rmdir",
-    "symlink",
-    "rename",
-    "link",
-    "create",
-    "write",
-    "setxattr",
-    "removexattr",
-):
-    setattr(Operations, _name, _erofs)
+for _name in ("setxattr", "removexattr"):
+    setattr(Operations, _name, _no_xattrs)
 
 
 def invalidate_inodes(inodes: Iterable[int]) -> None:

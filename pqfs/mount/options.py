@@ -92,6 +92,25 @@ class MountOptions:
     open_ahead_parked: int = 64
     open_ahead_ttl: float = 5.0
     open_ahead_dirs: int = 16
+    # Writes (writes.py, staging.py). Written data waits for its commit in memory (plaintext,
+    # wiped) up to `write_buffer` for all files and `write_buffer_file` for one (a .nfo, a
+    # poster, a subtitle stay there), else sealed in an unlinked spill file in `write_cache`,
+    # up to `write_cache_size` in all (the CLI's default: min(20 GiB, half the free space
+    # there)). A writer that finds staging full waits for commits to free room, at most
+    # `write_timeout` seconds, then gets ENOSPC.
+    read_only: bool = False
+    write_buffer: int = 64 * MiB
+    write_buffer_file: int = 1 * MiB
+    write_cache: str = "/var/tmp"
+    write_cache_size: int = 20 << 30
+    write_timeout: float = 60.0
+    # A closed file is committed once nothing wrote to it for `commit_delay` seconds (a
+    # reopen, a rename after close, a second save are absorbed); namespace operations
+    # `group_commit` seconds after the first (one delta a second, however many); the
+    # committer looks every `commit_tick` seconds.
+    commit_delay: float = 2.0
+    group_commit: float = 1.0
+    commit_tick: float = 0.25
     key_cache_entries: int = 4096  # unwrapped file keys cached (least recently used wiped first)
     spare_eventfds: int = 64  # idle worker wake-up eventfds kept for reuse; more are closed
     direct_slot_bytes: int = 256 << 10  # one O_DIRECT read: up to 3 chunks, aligned both sides
@@ -135,6 +154,8 @@ class MountOptions:
         "arena_max",
         "control_request_bytes",
         "control_connections",
+        "write_buffer",
+        "write_buffer_file",
     )
     # Times that must pass before something happens at all (an open, a poll, a request).
     MORE_THAN_ZERO: ClassVar[tuple[str, ...]] = (
@@ -143,6 +164,8 @@ class MountOptions:
         "catalog_poll",
         "control_timeout",
         "hook_timeout",
+        "write_timeout",
+        "commit_tick",
     )
 
     def __post_init__(self) -> None:

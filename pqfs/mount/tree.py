@@ -3,10 +3,13 @@ catalog, and `changed_paths`, what a refresh changed. It holds names, sizes, mod
 only: it never touches storage, keys or plaintext, and runs on whichever thread builds it.
 
 Invariants (kept by this module):
-  * a tree never changes once built: a reload builds a new one, swapped in by one assignment
-    (VaultFS), so a lookup never sees half a reload;
-  * inode numbers are a keyed hash of (path, object): stable across lock/unlock and reloads,
-    and a replaced file gets a new inode, so the kernel's cached pages of the old content are
+  * a reload builds a new tree, swapped in by one assignment (VaultFS), so a lookup never sees
+    half a reload; between reloads only the mount's own writes change a tree, on the trio
+    thread (`attach`, `detach`, `move`: writes.py), each change whole before the next request;
+  * a path keeps its inode across a reload while its object is the same (`previous`), so a
+    file this mount renamed or committed stays on its inode under open descriptors; any other
+    inode is a keyed hash of (path, object), stable across lock/unlock, and a file replaced
+    from elsewhere gets a new inode, so the kernel's cached pages of the old content are
     never served for the new one;
   * every value comes from a loaded catalog, whose ops were checked on load (catalog.py): no
     wrong-typed value reaches a FUSE handler.
@@ -14,14 +17,23 @@ Invariants (kept by this module):
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import logging
+import os
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
 
 from pqfs.errors import NotADirectory, NotFound
 from pqfs.vault.catalog import Catalog, shown
 from pqfs.vault.schema import Entry
+
+if TYPE_CHECKING:
+    from pqfs.mount.staging import Dirty
 
 log = logging.getLogger("pqfs.mount")
 
@@ -37,24 +49,45 @@ class Attr:
     nlink: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     ino: int
     entry: Entry
     attr: Attr
     children: dict[str, int] | None = None  # directories: name -> inode
     names: list[str] = field(default_factory=list)  # directories: sorted, for readdir offsets
+    # Content written through this mount and not yet committed (writes.py); `entry` is then
+    # what the catalog holds (object "" for a file never committed).
+    dirty: Dirty | None = None
+    linked: bool = True  # False once unlinked or replaced: open handles may still hold it
+    handles: int = 0  # open handles of this file (writes.py)
+    writers: int = 0  # of which may write
+    _lock: trio.Lock | None = None
+
+    def write_lock(self) -> trio.Lock:
+        """Serializes writes to this file (made on first use: most nodes are never written)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
 
 class Tree:
     """The catalog as inodes (the invariants: see the module docstring)."""
 
-    def __init__(self, cat: Catalog, salt: bytes) -> None:
+    def __init__(self, cat: Catalog, salt: bytes, previous: Tree | None = None) -> None:
         self.head = cat.head_seq
         self.warnings = tuple(cat.warnings)  # logged when the tree is swapped in
         self.nodes: dict[int, Node] = {}
         self._by_path: dict[str, int] = {}
         self._salt = salt
+        # inodes to keep: a path whose object is unchanged since the tree before
+        self._keep: dict[tuple[str, str], int] = {}
+        if previous is not None:
+            self._keep = {
+                (p, previous.nodes[i].entry.object): i
+                for p, i in previous._by_path.items()
+                if previous.nodes[i].dirty is None
+            }
         self._usage: tuple[int, int, int] | None = None  # usage(): (block, blocks, entries)
         # The root, explicit or implied (dated by the newest entry below it, as every implied
         # directory is: never 1970).
@@ -71,6 +104,9 @@ class Tree:
                 )
 
     def _ino(self, path: str, e: Entry) -> int:
+        kept = self._keep.get((path, e.object))
+        if kept is not None and kept not in self.nodes:
+            return kept
         n = 0
         while True:
             h = hashlib.blake2b(
@@ -85,11 +121,7 @@ class Tree:
 
     def _add_node(self, path: str, e: Entry, ino: int) -> int:
         is_dir = e.type == "dir"
-        # Permission bits only, whatever the entry says: nothing is served setuid or setgid.
-        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o777 or 0o644)
-        if is_dir:
-            mode |= 0o700  # the owner can always list and control (xattrs) what they mounted
-        attr = Attr(ino, mode, e.size if not is_dir else 0, e.mtime_ns, 2 if is_dir else 1)
+        attr = Attr(ino, self._mode(e), e.size if not is_dir else 0, e.mtime_ns, 2 if is_dir else 1)
         self.nodes[ino] = Node(ino, e, attr, {} if is_dir else None)
         self._by_path[path] = ino
         return ino
@@ -114,6 +146,100 @@ class Tree:
                 return
             entry = e if q == path else (cat.get(q) or Entry(q, "dir", 0o755, 0))
             parent.children[name] = self._add_node(q, entry, self._ino(q, entry))
+
+    # ------------------------------------------------------------- the mount's own writes ----
+
+    def new_ino(self) -> int:
+        """An inode number for a file or directory created on this mount: random, unused."""
+        while True:
+            ino = int.from_bytes(os.urandom(8), "big") >> 1
+            if ino > ROOT_INO and ino not in self.nodes:
+                return ino
+
+    def path_of(self, parent: Node, name: str) -> str:
+        return f"{parent.entry.path}/{name}" if parent.entry.path else name
+
+    def attach(self, parent: Node, name: str, entry: Entry, ino: int | None = None) -> Node:
+        """Add `entry` (its path is parent's path + name) as a new child of `parent`."""
+        assert parent.children is not None and name not in parent.children
+        node_ino = self._add_node(entry.path, entry, ino or self.new_ino())
+        node = self.nodes[node_ino]
+        self._link_child(parent, name, node)
+        return node
+
+    def _link_child(self, parent: Node, name: str, node: Node) -> None:
+        assert parent.children is not None
+        parent.children[name] = node.ino
+        bisect.insort(parent.names, name)
+        if node.children is not None:
+            parent.attr.nlink += 1
+        node.linked = True
+        self._usage = None
+
+    def detach(self, parent: Node, name: str) -> Node:
+        """Remove `name` from `parent`, and everything below it from the tree; returns its
+        node (open handles may still hold it: `linked` is then False)."""
+        node = self._unlink_child(parent, name)
+        for n in self._subtree(node):
+            self._by_path.pop(n.entry.path, None)
+            self.nodes.pop(n.ino, None)
+            n.linked = False
+        return node
+
+    def _unlink_child(self, parent: Node, name: str) -> Node:
+        assert parent.children is not None
+        node = self.nodes[parent.children.pop(name)]
+        i = bisect.bisect_left(parent.names, name)
+        if i < len(parent.names) and parent.names[i] == name:
+            del parent.names[i]
+        if node.children is not None:
+            parent.attr.nlink -= 1
+        self._usage = None
+        return node
+
+    def move(self, node: Node, parent: Node, name: str, new_parent: Node, new_name: str) -> None:
+        """Rename `node` (named `name` in `parent`) to `new_name` in `new_parent`, which has no
+        such name (the caller detached what was there); every path below it follows, every
+        inode stays."""
+        self._unlink_child(parent, name)
+        old_prefix = node.entry.path
+        new_path = self.path_of(new_parent, new_name)
+        for n in self._subtree(node):
+            self._by_path.pop(n.entry.path, None)
+        for n in self._subtree(node):
+            p = new_path + n.entry.path[len(old_prefix) :]
+            n.entry = dataclasses.replace(n.entry, path=p)
+            self._by_path[p] = n.ino
+        self._link_child(new_parent, new_name, node)
+
+    def _subtree(self, node: Node) -> list[Node]:
+        out, todo = [], [node]
+        while todo:
+            n = todo.pop()
+            out.append(n)
+            if n.children:
+                todo.extend(self.nodes[i] for i in n.children.values() if i in self.nodes)
+        return out
+
+    def below(self, node: Node) -> list[Node]:
+        """`node` and everything below it, a directory before what it holds."""
+        return sorted(self._subtree(node), key=lambda n: n.entry.path)
+
+    def by_path(self, path: str) -> Node | None:
+        ino = self._by_path.get(path)
+        return None if ino is None else self.nodes[ino]
+
+    def changed(self) -> None:
+        """A file's size changed (writes.py): usage() counts again."""
+        self._usage = None
+
+    @staticmethod
+    def _mode(e: Entry) -> int:
+        """Permission bits only, whatever the entry says: nothing is served setuid or setgid;
+        the owner can always list and control (xattrs) a directory they mounted."""
+        is_dir = e.type == "dir"
+        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (e.mode & 0o777 or 0o644)
+        return mode | 0o700 if is_dir else mode
 
     def node(self, ino: int) -> Node:
         node = self.nodes.get(ino)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pqfs.errors import CatalogDamaged, IsADirectory, Locked, PqfsError, ReadOnly
+from pqfs.errors import CatalogDamaged, IsADirectory, Locked, NotFound, PqfsError, VaultError
 from pqfs.format.keys import HybridIdentity, X25519Identity
 from pqfs.mount.chunkcache import ChunkCache
 from pqfs.mount.idlepoll import IdlePoll, Unseen
@@ -44,8 +44,9 @@ from pqfs.mount.onchange import ChangeHook
 from pqfs.mount.options import MountOptions
 from pqfs.mount.reader import ChunkReader
 from pqfs.mount.replies import Replies
-from pqfs.mount.tree import ROOT_INO, Attr, Tree, changed_paths
+from pqfs.mount.tree import ROOT_INO, Attr, Node, Tree, changed_paths
 from pqfs.mount.workers import WorkerPool
+from pqfs.mount.writes import Writes
 from pqfs.runtime import memory
 from pqfs.storage.base import bounds_of
 from pqfs.storage.local import LocalStorage
@@ -75,6 +76,18 @@ BLOCK = 4096
 # shows what the tree uses instead of a full disk, and no program refuses to copy from it.
 REMOTE_FREE = 1 << 50
 REMOTE_FREE_ENTRIES = 1 << 30
+
+
+@dataclass
+class Handle:
+    """An open file of the mount: its node (which an unlink does not take from it), whether
+    it may write, and the reader's handle of the object it last read (reopened when a commit
+    gave the node a new one)."""
+
+    node: Node
+    writable: bool
+    rfh: int = 0
+    robject: str = ""
 
 
 def _refresh_failure(e: Exception) -> str:
@@ -150,8 +163,10 @@ class VaultFS:
         )
         self.sources, self.readahead = reader.sources, reader.readahead
         self.counters, self.latency = reader.counters, reader.latency
-        self.read = reader.read  # the adapter calls the reader directly: nothing in between
-        self.release = reader.release
+        self.handles: dict[int, Handle] = {}
+        self._next_handle = 1
+        self.writes = Writes(vault, opts, self.offload, self._tree, (self.uid, self.gid))
+        self.writes.head_after = self._own_delta
         self._nursery: trio.Nursery | None = None
         self.opened_inodes: set[int] = set()
         self.mounted_at = time.time()
@@ -168,9 +183,23 @@ class VaultFS:
         self.settle()
         nursery.start_soon(self._sweep_keys)
         nursery.start_soon(self._poll_catalog)
+        if not self.options.read_only:
+            nursery.start_soon(self.writes.run)
+
+    async def drain(self) -> None:
+        """Commit everything written (unmount, stop, lock, `pqfs sync`); raises if something
+        could not be committed (it stays staged)."""
+        if self.writes.pending and self.vault.unlocked:
+            await self.writes.sync()
 
     def close(self) -> None:
-        """Unmount: wipe every key, identity and plaintext buffer."""
+        """Unmount (after drain()): wipe every key, identity and plaintext buffer."""
+        if self.writes.dirty or self.writes.ops:
+            log.error(
+                "unmounted with %d file(s) and %d operation(s) not committed: they are lost",
+                len(self.writes.dirty),
+                len(self.writes.ops),
+            )
         self.lock()
         self.gc.remove()
         self.pool.close()
@@ -190,7 +219,7 @@ class VaultFS:
         thread sees until it is swapped in), and what changed from `old`."""
         if old is not None:
             self.vault.refresh_config()  # the catalog changed: the config may have too
-        tree = Tree(self.vault.read_catalog(), self._salt)
+        tree = Tree(self.vault.read_catalog(), self._salt, previous=old)
         return tree, [] if old is None else changed_paths(old, tree)
 
     def _swap_tree(self, new: Tree, old: Tree | None) -> None:
@@ -200,7 +229,22 @@ class VaultFS:
             if w not in seen:
                 log.warning("%s", w)
         self.tree = new
+        for h in self.handles.values():  # open files follow their inode into the new tree
+            n = new.nodes.get(h.node.ino)
+            if n is not None and n is not h.node and n.entry.path == h.node.entry.path:
+                n.handles, n.writers = h.node.handles, h.node.writers
+                h.node = n
+            elif n is None:
+                h.node.linked = False
         self.settle()
+
+    def _own_delta(self, seq: int) -> None:
+        """This mount appended segment `seq`: if it follows the tree's head, the tree already
+        holds it (nothing to reload); else another writer's came between, and the next
+        refresh loads both."""
+        tree = self.tree
+        if tree is not None and seq == tree.head + 1:
+            tree.head = seq
 
     @staticmethod
     def settle() -> None:
@@ -257,8 +301,8 @@ class VaultFS:
         Returns the vault paths added, removed or replaced (changed_paths), [] if nothing was
         reloaded. Raises if the catalog cannot be loaded: the tree served stays as it was."""
         tree, gen = self.tree, self.generation
-        if tree is None or not self.vault.unlocked:
-            return []
+        if tree is None or not self.vault.unlocked or self.writes.pending:
+            return []  # (what this mount has not committed yet: the next poll, once it has)
         segs = await self.offload(cat_mod.list_segments, self.vault.storage)
         head = segs[-1].seq if segs else 0
         if head in (tree.head, self._unloadable):
@@ -278,8 +322,10 @@ class VaultFS:
     # ------------------------------------------------------------------ lock / unlock ----
 
     def lock(self) -> set[int]:
-        """Wipe identity, keys and plaintext. Returns the inodes whose pages the kernel may still
-        cache: the adapter must drop them before confirming the lock."""
+        """Wipe identity, keys and plaintext (after drain(): what is still staged is wiped
+        too). Returns the inodes whose pages the kernel may still cache: the adapter must drop
+        them before confirming the lock."""
+        self.writes.wipe()
         self.reader.lock()  # a new generation; the keys that open files hold wiped
         self.vault.lock()  # wipes identities and the key cache, drops the catalog
         self.keys.clear()
@@ -322,7 +368,17 @@ class VaultFS:
     def getattr(self, ino: int) -> Attr:
         if ino == ROOT_INO and self.tree is None:
             return Attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2)
-        return self._tree().node(ino).attr
+        return self.node(ino).attr
+
+    def node(self, ino: int) -> Node:
+        """The node of `ino`: in the tree, or unlinked and still open."""
+        tree = self._tree()
+        node = tree.nodes.get(ino)
+        if node is None:
+            node = self.writes.unlinked.get(ino)
+            if node is None:
+                raise NotFound(f"no inode {ino}")
+        return node
 
     def lookup(self, parent: int, name: str) -> Attr:
         return self._tree().lookup(parent, name)
@@ -347,20 +403,98 @@ class VaultFS:
         return Space(BLOCK, used, free // BLOCK, avail // BLOCK, entries, free_entries)
 
     async def open(self, ino: int, flags: int) -> int:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise ReadOnly("the mount is read-only")
         tree = self._tree()
-        node = tree.node(ino)
+        node = self.node(ino)
         if node.children is not None:
             raise IsADirectory(f"is a directory: {node.entry.path}")
-        fh = await self.reader.open(node)
-        self.opened_inodes.add(ino)
-        if self.tree is tree:  # not after a lock or a refresh during the open
-            try:
-                self.reader.ahead.note_open(tree, node)
-            except Exception:  # open-ahead is a help: it never fails an open that worked
-                log.warning("open-ahead failed (internal error)", exc_info=True)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        h = Handle(node, writable)
+        if writable or flags & os.O_TRUNC:
+            self.writes.check_writable()
+            if flags & os.O_TRUNC:
+                await self.writes.truncate(node, 0)
+        elif node.dirty is None:
+            h.rfh = await self.reader.open(node)
+            h.robject = node.entry.object
+            self.opened_inodes.add(ino)
+            if self.tree is tree:  # not after a lock or a refresh during the open
+                try:
+                    self.reader.ahead.note_open(tree, node)
+                except Exception:  # open-ahead is a help: it never fails an open that worked
+                    log.warning("open-ahead failed (internal error)", exc_info=True)
+        return self._handle(h)
+
+    def _handle(self, h: Handle) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        self.handles[fh] = h
+        self.writes.opened(h.node, h.writable)
         return fh
+
+    def _handle_of(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise VaultError(f"bad file handle {fh}")
+        return h
+
+    async def create(self, parent: int, name: str, mode: int, flags: int) -> tuple[int, Attr]:
+        node = self.writes.create(parent, name, mode)
+        return self._handle(Handle(node, True)), node.attr
+
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+        h = self._handle_of(fh)
+        node = h.node
+        while node.dirty is not None:  # written and not yet committed: from staging
+            data = await self.writes.read(node, off, size)
+            if data is not None:
+                return data
+        if h.robject != node.entry.object:  # committed since this handle last read
+            if h.rfh:
+                self.reader.release(h.rfh)
+                h.rfh = 0
+            h.rfh = await self.reader.open(node)
+            h.robject = node.entry.object
+            self.opened_inodes.add(node.ino)
+        return await self.reader.read(h.rfh, off, size)
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        return await self.writes.write(self._handle_of(fh).node, off, data)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.rfh:
+            self.reader.release(h.rfh)
+        self.writes.released(h.node, h.writable)
+
+    async def fsync(self, fh: int) -> None:
+        """Commit the file now (and every operation before): the reply waits for the delta."""
+        node = self._handle_of(fh).node
+        if node.dirty is not None or self.writes.ops:
+            await self.writes.sync([node])
+
+    async def sync_namespace(self) -> None:
+        """fsyncdir: the queued namespace operations committed now."""
+        if self.writes.ops:
+            await self.writes.sync([])
+
+    async def setattr(self, ino: int, **changes: int | None) -> Attr:
+        node = self.node(ino)
+        await self.writes.setattr(node, **changes)
+        return node.attr
+
+    def mkdir(self, parent: int, name: str, mode: int) -> Attr:
+        return self.writes.mkdir(parent, name, mode).attr
+
+    def unlink(self, parent: int, name: str) -> None:
+        self.writes.unlink(parent, name)
+
+    def rmdir(self, parent: int, name: str) -> None:
+        self.writes.rmdir(parent, name)
+
+    def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int) -> None:
+        self.writes.rename(old_parent, old, new_parent, new, flags)
 
     # ------------------------------------------------------------------ idle poll ----
 
@@ -432,6 +566,7 @@ class VaultFS:
             "gc_collections": self.gc.collections,
             **memory.stats(),  # core dumps and locked buffers (memory.py)
             **self.vault.storage.stats(),
+            **self.writes.stats_dict(),
             "bounds": self.options.bounds(),  # every bound of the mount (options.py)
             "vault_bounds": bounds_of(vault_bounds.BOUNDS),  # and of the vault (vault/bounds.py)
         }

@@ -21,7 +21,7 @@ from pqfs.format.header import Header
 from pqfs.format.keys import Recipient
 from pqfs.runtime.files import fd_pwriter
 from pqfs.runtime.memory import wipe
-from pqfs.storage.base import Storage
+from pqfs.storage.base import ObjectSource, Storage
 from pqfs.vault.schema import Entry
 
 if TYPE_CHECKING:
@@ -140,6 +140,16 @@ def open_reader(v: VaultLike, path_or_entry: str | Entry) -> Iterator[AgeReader]
     """A reader of a file's plaintext, checked against its entry; its object is closed when
     the block exits."""
     e = path_or_entry if isinstance(path_or_entry, Entry) else v.entry(path_or_entry)
+    src, reader = open_checked(v, e)
+    try:
+        yield reader
+    finally:
+        src.close()
+
+
+def open_checked(v: VaultLike, e: Entry) -> tuple[ObjectSource, AgeReader]:
+    """The object of `e` and a reader of its plaintext, checked against the entry (FORMAT.md
+    §4.1); the caller closes the source."""
     if e.type != "file":
         raise VaultError(f"is a directory: {e.path or '/'}")
     try:
@@ -152,6 +162,7 @@ def open_reader(v: VaultLike, path_or_entry: str | Entry) -> Iterator[AgeReader]
         reader = AgeReader(src, file_key=cached, header=header)
         if reader.size != e.size:
             raise VaultError(f"{e.path}: content size does not match the catalog")
-        yield reader
-    finally:
+    except BaseException:
         src.close()
+        raise
+    return src, reader

@@ -437,17 +437,20 @@ class Vault:
         trust.check_catalog(self.location, cat.head_seq, cat.digests)
         return cat
 
-    def commit(self, ops: Sequence[dict[str, object]]) -> None:
-        """Append `ops` as one segment. Each is checked first: never write an op that readers
-        would ignore (conflicts are the caller's to check, with check_put, before the work)."""
+    def commit(self, ops: Sequence[dict[str, object]]) -> cat_mod.Written | None:
+        """Append `ops` as one segment (returned; None if there were no ops). Each is checked
+        first: never write an op that readers would ignore (conflicts are the caller's to
+        check, with check_put, before the work)."""
         for op in ops:
             try:
                 check_op(op)
             except MalformedOp as e:
                 raise VaultError(f"refusing to record a malformed catalog op: {e}") from None
-        if ops:
-            self.append(ops)
-            self._catalog = None
+        if not ops:
+            return None
+        written = self.append(ops)
+        self._catalog = None
+        return written
 
     def append(
         self,

@@ -1,0 +1,383 @@
+"""Written data before its commit: one `Dirty` per inode (shared by all its handles), its blocks
+in memory under a global budget or in an encrypted, unlinked spill file (`SpillFile`), and the
+plaintext stream a commit encrypts into the new object (`DirtyStream`).
+
+A file changed through the mount is copy-on-write: the object it had (`base`, the catalog's) is
+never modified, since age forbids changing a payload without a fresh nonce (FORMAT.md §2). Its
+new content is the base's chunks, limited to `base_limit` bytes by truncations, overlaid with
+the 64 KiB blocks written since (aligned with age's chunks), and zeros everywhere else (holes).
+
+Invariants (kept here):
+  * no plaintext at rest: blocks live in memory (`StagingBudget.memory`, wiped when dropped)
+    or in a spill file that is unlinked from its creation (O_TMPFILE) and holds each block
+    sealed with ChaCha20-Poly1305 under a random key kept only in this process's memory; its
+    nonce is a counter that never repeats for that key, and the block's index is its
+    associated data, so a block read back from another slot or an older write fails;
+  * a block in memory is a bytearray of at most CHUNK bytes: bytes past its end, up to the
+    file's size, are zeros, and so is every byte of the base at or past `base_limit`;
+  * a Dirty is changed only on the trio thread, never while `committing` is set: a commit's
+    thread then reads it (`DirtyStream`) while readers on the loop may too, and nothing moves;
+  * budgets are reserved before a byte is stored and released when it is dropped: the memory
+    of every Dirty together never exceeds `memory`, their spill files never `spill` bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from pqfs.errors import NoSpace, PayloadError
+from pqfs.format.agefile import AgeReader
+from pqfs.format.stream import CHUNK
+from pqfs.runtime.memory import wipe
+from pqfs.storage.base import ObjectSource
+from pqfs.vault.schema import Entry
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+TAG = 16
+SLOT = CHUNK + TAG  # one sealed block in a spill file
+
+
+class StagingBudget:
+    """What all uncommitted data may take: `memory` bytes of plaintext blocks, `spill` bytes
+    of spill files. A writer that finds no room waits (backpressure) for commits to free some,
+    `timeout` seconds at most, then gets ENOSPC."""
+
+    def __init__(self, memory: int, spill: int, per_file_memory: int, timeout: float) -> None:
+        self.memory = memory
+        self.spill = spill
+        self.per_file_memory = per_file_memory  # past this, a file's blocks go to its spill
+        self.timeout = timeout
+        self.memory_used = 0
+        self.spill_used = 0
+        self.waits = 0  # writers that waited for room
+        self._room = trio.Event()
+
+    def take_memory(self, n: int) -> bool:
+        if self.memory_used + n > self.memory:
+            return False
+        self.memory_used += n
+        return True
+
+    def give_memory(self, n: int) -> None:
+        self.memory_used -= n
+        self._freed()
+
+    def take_spill(self, n: int) -> bool:
+        if self.spill_used + n > self.spill:
+            return False
+        self.spill_used += n
+        return True
+
+    def give_spill(self, n: int) -> None:
+        self.spill_used -= n
+        self._freed()
+
+    def _freed(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
+
+    async def wait_for_room(self, deadline: float) -> None:
+        """Until something is freed; NoSpace once `deadline` (trio time) passes."""
+        self.waits += 1
+        with trio.move_on_at(deadline):
+            await self._room.wait()
+            return
+        raise NoSpace("staging is full and no commit freed room in time (--write-cache-size)")
+
+
+class SpillFile:
+    """Blocks of one Dirty on local disk, sealed (see the module's invariants). Block k sits in
+    slot k, so a file's spill is never larger than its ciphertext would be."""
+
+    def __init__(self, directory: str) -> None:
+        self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        key = bytearray(os.urandom(32))
+        try:
+            self._aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(bytes(key))
+        finally:
+            wipe(key)
+        self._counter = 0
+        self.slots: dict[int, tuple[int, int]] = {}  # block -> (nonce counter, plaintext length)
+
+    def put(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        assert self._aead is not None
+        self._counter += 1  # never repeats under this key: a fresh nonce for every write
+        ct = self._aead.encrypt(self._nonce(self._counter), bytes(data), _aad(index))
+        n = os.pwrite(self.fd, ct, index * SLOT)
+        if n != len(ct):
+            raise OSError(28, "short write to the write cache")
+        self.slots[index] = (self._counter, len(data))
+
+    def get(self, index: int) -> bytearray:
+        assert self._aead is not None
+        counter, length = self.slots[index]
+        ct = os.pread(self.fd, length + TAG, index * SLOT)
+        try:
+            return bytearray(self._aead.decrypt(self._nonce(counter), ct, _aad(index)))
+        except InvalidTag:
+            raise PayloadError(
+                "a staged block failed authentication (write cache damaged)"
+            ) from None
+
+    def cut(self, blocks: int) -> None:
+        """Forget every block from `blocks` on, and give their disk space back."""
+        for k in [k for k in self.slots if k >= blocks]:
+            del self.slots[k]
+        os.ftruncate(self.fd, blocks * SLOT)
+
+    @staticmethod
+    def _nonce(counter: int) -> bytes:
+        return counter.to_bytes(12, "big")
+
+    def close(self) -> None:
+        self._aead = None  # OpenSSL clears its context when it is freed
+        self.slots.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _aad(index: int) -> bytes:
+    return index.to_bytes(8, "big")
+
+
+class BaseReader:
+    """The committed object a Dirty overlays, opened and checked (FORMAT.md §4.1) on first use,
+    on a thread; thread-safe (AgeReader)."""
+
+    def __init__(self, src: ObjectSource, reader: AgeReader) -> None:
+        self.src = src
+        self.reader = reader
+
+    def chunks(self, first: int, count: int, limit: int) -> list[bytearray]:
+        """Plaintext of chunks [first, first+count), each cut at `limit` bytes of the file
+        (the base past a truncation reads as zeros). On a thread."""
+        buf = bytearray(count * CHUNK)
+        try:
+            n = self.reader.read_chunks_into(first, count, memoryview(buf))
+            out = []
+            for k in range(count):
+                lo = k * CHUNK
+                hi = min(n, lo + CHUNK, max(lo, limit - first * CHUNK))
+                out.append(bytearray(buf[lo:hi]) if hi > lo else bytearray())
+            return out
+        finally:
+            wipe(buf)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+class Dirty:
+    """The uncommitted content of one inode (see the module's invariants)."""
+
+    def __init__(
+        self, base: Entry | None, size: int, budget: StagingBudget, spill_dir: str
+    ) -> None:
+        self.base = base if base is not None and base.object else None
+        self.base_limit = size if self.base is not None else 0
+        self.size = size
+        self.budget = budget
+        self.spill_dir = spill_dir
+        self.blocks: dict[int, bytearray] = {}
+        self._reserved: dict[int, int] = {}  # per block in memory: its bytes in the budget
+        self.memory = 0  # bytes of `blocks`, reserved in the budget
+        self.spill: SpillFile | None = None
+        self.base_reader: BaseReader | None = None
+        self.writers = 0  # open handles that may write
+        self.changed_at = time.monotonic()  # last write or truncate
+        self.created = time.monotonic()
+        self.committing: trio.Event | None = None  # set while a commit reads it
+        self.version = 0  # one more at every change: a commit records what it wrote
+        self.failures = 0  # commits that failed in a row (their backoff)
+        self.retry_at = 0.0
+
+    # ------------------------------------------------------------ blocks ----
+
+    def stored(self, index: int) -> bytearray | None:
+        """Block `index` as written, or None if it was not (base or hole)."""
+        b = self.blocks.get(index)
+        if b is not None:
+            return b
+        if self.spill is not None and index in self.spill.slots:
+            return self.spill.get(index)
+        return None
+
+    def base_covers(self, index: int) -> bool:
+        return self.base is not None and index * CHUNK < min(self.base_limit, self.base.size)
+
+    def store(self, index: int, data: bytearray) -> bool:
+        """Keep block `index` (taking `data`, which may be the block itself, changed in
+        place); False if neither memory nor spill had room."""
+        old = self.blocks.get(index)
+        grow = len(data) - self._reserved.get(index, 0)
+        in_memory = old is not None or self.memory + max(grow, 0) <= self.budget.per_file_memory
+        if in_memory and self.budget.take_memory(max(grow, 0)):
+            if grow < 0:
+                self.budget.give_memory(-grow)
+            self.memory += grow
+            self._reserved[index] = len(data)
+            if old is not None and old is not data:
+                wipe(old)
+            self.blocks[index] = data
+            return True
+        if self.spill is None:
+            try:
+                self.spill = SpillFile(self.spill_dir)
+            except OSError:
+                return False  # no write cache here: wait for memory
+        fresh = index not in self.spill.slots
+        if fresh and not self.budget.take_spill(SLOT):
+            return False
+        try:
+            self.spill.put(index, data)
+        except BaseException:
+            if fresh:
+                self.budget.give_spill(SLOT)
+            raise
+        finally:
+            wipe(data)
+        if old is not None:
+            self._drop_memory(index)
+        return True
+
+    def _drop_memory(self, index: int) -> None:
+        b = self.blocks.pop(index)
+        n = self._reserved.pop(index)
+        self.memory -= n
+        self.budget.give_memory(n)
+        wipe(b)
+
+    def truncate(self, size: int) -> None:
+        """A new size: what lies past it is gone (and reads as zeros if the file grows again)."""
+        if size < self.size:
+            keep = -(-size // CHUNK)
+            for k in [k for k in self.blocks if k >= keep]:
+                self._drop_memory(k)
+            if self.spill is not None:
+                before = len(self.spill.slots)
+                self.spill.cut(keep)
+                self.budget.give_spill((before - len(self.spill.slots)) * SLOT)
+            tail = size - (keep - 1) * CHUNK if keep else 0
+            last = keep - 1
+            b = self.blocks.get(last)
+            if b is not None and len(b) > tail:
+                wipe(memoryview(b)[tail:])
+                del b[tail:]
+                self.store(last, b)  # (its reservation shrinks: always room)
+            elif self.spill is not None and last in self.spill.slots:
+                blk = self.spill.get(last)
+                del blk[tail:]
+                self.spill.put(last, blk)
+                wipe(blk)
+            self.base_limit = min(self.base_limit, size)
+        self.size = size
+        self.touch()
+
+    def touch(self) -> None:
+        self.changed_at = time.monotonic()
+        self.version += 1
+
+    @property
+    def staged_bytes(self) -> int:
+        return self.memory + (0 if self.spill is None else len(self.spill.slots) * CHUNK)
+
+    def wipe(self) -> None:
+        """Drop everything staged (after its commit, at unlink, at lock): memory wiped, the
+        spill file closed (it was never linked: its blocks are gone with it)."""
+        for k in list(self.blocks):
+            self._drop_memory(k)
+        if self.spill is not None:
+            self.budget.give_spill(len(self.spill.slots) * SLOT)
+            self.spill.close()
+            self.spill = None
+        if self.base_reader is not None:
+            self.base_reader.close()
+            self.base_reader = None
+
+
+class DirtyStream:
+    """A Dirty's whole plaintext, in order, as a readable stream (what the commit encrypts).
+    On the commit's thread; the Dirty does not change meanwhile (`committing`)."""
+
+    BATCH = 32  # base chunks decrypted per read of the base object
+
+    def __init__(self, d: Dirty) -> None:
+        self.d = d
+        self.pos = 0
+        self._piece = bytearray()
+        self._piece_at = 0
+        self._base: dict[int, bytearray] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: WriteableBuffer) -> int:
+        out = memoryview(b).cast("B")
+        total = 0
+        while total < len(out) and self.pos < self.d.size:
+            if self._piece_at >= len(self._piece):
+                self._next_block()
+            n = min(len(out) - total, len(self._piece) - self._piece_at)
+            out[total : total + n] = self._piece[self._piece_at : self._piece_at + n]
+            self._piece_at += n
+            self.pos += n
+            total += n
+        return total
+
+    def read(self, n: int = -1) -> bytes:  # (io protocol; encrypt_stream uses readinto)
+        buf = bytearray(n if n >= 0 else self.d.size - self.pos)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+    def _next_block(self) -> None:
+        d = self.d
+        index = self.pos // CHUNK
+        length = min(CHUNK, d.size - index * CHUNK)
+        wipe(self._piece)
+        data = d.stored(index)
+        if data is None and d.base_covers(index):
+            data = self._base_chunk(index)
+        piece = bytearray(length)
+        if data is not None:
+            n = min(len(data), length)
+            piece[:n] = data[:n]
+            if data is not d.blocks.get(index):
+                wipe(data)
+        self._piece, self._piece_at = piece, self.pos - index * CHUNK
+
+    def _base_chunk(self, index: int) -> bytearray:
+        hit = self._base.pop(index, None)
+        if hit is not None:
+            return hit
+        for old in self._base.values():
+            wipe(old)
+        d = self.d
+        assert d.base_reader is not None and d.base is not None
+        last = -(-min(d.base_limit, d.base.size) // CHUNK)
+        count = min(self.BATCH, last - index)
+        got = d.base_reader.chunks(index, count, d.base_limit)
+        self._base = {index + k: c for k, c in enumerate(got[1:], 1)}
+        return got[0]
+
+    def close(self) -> None:
+        wipe(self._piece)
+        for old in self._base.values():
+            wipe(old)
+        self._base.clear()
+
+
+def open_base(v: Any, e: Entry) -> BaseReader:
+    """On a thread: the object of `e`, checked against it as every open is (objects.py)."""
+    from pqfs.vault.objects import open_checked
+
+    src, reader = open_checked(v, e)
+    return BaseReader(src, reader)
