@@ -15,7 +15,7 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 # shellcheck disable=SC2206
-pkgs=(fuse3 libfuse3-dev pkg-config ffmpeg age gcc python3-dev python3-venv $bench)
+pkgs=(fuse3 libfuse3-dev pkg-config ffmpeg flac rsync age gcc python3-dev python3-venv $bench)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -130,7 +130,7 @@ class FakeCore:
     def unlink(self, parent: int, name: str) -> None:
         self._call("unlink")
 
-    def rename(self, *args: object) -> None:
+    async def rename(self, *args: object) -> None:
         self._call("rename")
 
     async def write(self, fh: int, off: int, data: bytes) -> int:

@@ -470,9 +470,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         return 0
-    aborted = v.storage.abort_stale_uploads()
+    aborted = v.storage.abort_stale_uploads(args.grace)
     if aborted:
-        info(f"aborted {aborted} upload(s) left by interrupted adds")
+        info(f"cleaned up {aborted} upload(s) left by interrupted writes")
     return 0
 
 

@@ -259,7 +259,7 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: Any,
     ) -> None:
-        self.fs.rename(
+        await self.fs.rename(
             parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags
         )
 

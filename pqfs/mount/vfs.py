@@ -303,6 +303,7 @@ class VaultFS:
         tree, gen = self.tree, self.generation
         if tree is None or not self.vault.unlocked or self.writes.pending:
             return []  # (what this mount has not committed yet: the next poll, once it has)
+        mutations = self.writes.mutations
         segs = await self.offload(cat_mod.list_segments, self.vault.storage)
         head = segs[-1].seq if segs else 0
         if head in (tree.head, self._unloadable):
@@ -316,6 +317,8 @@ class VaultFS:
             self._unloadable = -1
             if gen != self.generation or not self.vault.unlocked:
                 return []
+            if self.writes.mutations != mutations or self.writes.pending:
+                return []  # written meanwhile: the new tree lacks it (the next poll reloads)
             self._swap_tree(new, tree)  # (frozen before the collector runs again)
         return changed
 
@@ -493,8 +496,8 @@ class VaultFS:
     def rmdir(self, parent: int, name: str) -> None:
         self.writes.rmdir(parent, name)
 
-    def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int) -> None:
-        self.writes.rename(old_parent, old, new_parent, new, flags)
+    async def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int) -> None:
+        await self.writes.rename(old_parent, old, new_parent, new, flags)
 
     # ------------------------------------------------------------------ idle poll ----
 

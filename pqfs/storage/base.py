@@ -45,7 +45,6 @@ class S3Bounds:
     presign_renew: float = 300.0
     backoff_base: float = 0.05  # seconds before a retry; doubled per attempt, full jitter
     backoff_cap: float = 2.0  # seconds between attempts at most: retries go on to the budget
-    stale_upload_age: float = 24 * 3600.0  # gc aborts multipart uploads older (interrupted adds)
     loop_request_timeout: float = 0.5  # seconds for a GET from the loop; then a worker's turn
     loop_connect_timeout: float = 2.0  # seconds to connect from the loop (kept once made)
     loop_pause: float = 10.0  # seconds without loop GETs after one timed out (a slow endpoint)
@@ -63,6 +62,9 @@ class StorageOptions:
     disk_cache: str | None = None  # directory for the ciphertext block cache (mount only)
     disk_cache_size: int = 1 << 30  # its disk budget (--disk-cache-size)
     disk_cache_block: int = 64 * KiB  # its granularity: a bucket read is widened to whole blocks
+    # gc cleans up what interrupted writes left (temp files, multipart uploads) once this old:
+    # a write (an add, a mount's commit) may be running now
+    stale_upload_age: float = 24 * 3600.0
     s3: S3Bounds = field(default_factory=S3Bounds)  # the S3 backend's own bounds
 
 
@@ -228,8 +230,9 @@ class Storage(ABC):
         """Request and cache counters, and the bounds (`storage_bounds`), for `pqfs stats`."""
         return {"storage_bounds": bounds_of(self.options)}
 
-    def abort_stale_uploads(self) -> int:
-        """Clean up what interrupted writes left server-side; how many."""
+    def abort_stale_uploads(self, older_than: float | None = None) -> int:
+        """Clean up what interrupted writes left (begun more than `older_than` seconds ago;
+        default: `stale_upload_age`, since a write may be running now); how many."""
         return 0
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -162,6 +163,27 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+    def abort_stale_uploads(self, older_than: float | None = None) -> int:
+        """Remove the temp files (`.tmp-`, FORMAT.md §3) of writes a crash interrupted, last
+        written more than `older_than` seconds ago (default `stale_upload_age`: a write may be
+        running now)."""
+        if older_than is None:
+            older_than = self.options.stale_upload_age
+        since = time.time() - older_than
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    if os.stat(full).st_mtime <= since:
+                        os.unlink(full)
+                        n += 1
+                except FileNotFoundError:
+                    continue
+        return n
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()

@@ -190,10 +190,12 @@ class S3Storage(S3Requests, Storage):
         out["s3_bounds"] = bounds_of(self.bounds)
         return out
 
-    def abort_stale_uploads(self) -> int:
-        """Abort multipart uploads left by interrupted adds (they are invisible, but billed),
-        begun more than `stale_upload_age` ago (an add may be running now)."""
-        older_than = self.bounds.stale_upload_age
+    def abort_stale_uploads(self, older_than: float | None = None) -> int:
+        """Abort multipart uploads left by interrupted adds and commits (they are invisible,
+        but billed), begun more than `older_than` seconds ago (default `stale_upload_age`: an
+        add may be running now)."""
+        if older_than is None:
+            older_than = self.options.stale_upload_age
         page = self._call(
             "LIST uploads",
             lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix),
