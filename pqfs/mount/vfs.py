@@ -496,7 +496,9 @@ class VaultFS:
     def rmdir(self, parent: int, name: str) -> None:
         self.writes.rmdir(parent, name)
 
-    async def rename(self, old_parent: int, old: str, new_parent: int, new: str, flags: int) -> None:
+    async def rename(
+        self, old_parent: int, old: str, new_parent: int, new: str, flags: int
+    ) -> None:
         await self.writes.rename(old_parent, old, new_parent, new, flags)
 
     # ------------------------------------------------------------------ idle poll ----

@@ -240,9 +240,7 @@ class Writes:
             raise NotEmpty(f"directory not empty: {shown(node.entry.path)}")
         self._remove(tree, parent, name, node)
 
-    def _remove(
-        self, tree: Tree, parent: Node, name: str, node: Node, record: bool = True
-    ) -> None:
+    def _remove(self, tree: Tree, parent: Node, name: str, node: Node, record: bool = True) -> None:
         """Unlink `node` from the tree and (`record`) the catalog; its staged data goes once
         no handle holds it (an open handle keeps reading and writing it: it is never
         committed)."""
