@@ -81,6 +81,7 @@ class FakeCore:
     def __init__(self) -> None:
         self.options = FakeOptions()
         self.uid, self.gid = 1000, 1000
+        self.mode_mask = 0o7777
         self.raises: BaseException | None = None
         self.calls: list[str] = []
 

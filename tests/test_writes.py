@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -441,3 +442,33 @@ def test_age_opens_files_written_through_the_mount(tmp_path: Path, cli_env: dict
         out = subprocess.run(["age", "-d", "-i", str(ident), str(path)], capture_output=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout == files[name], name
+
+
+def test_uid_gid_umask_let_a_media_server_account_write(
+    vault_dir: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """--allow-other with --uid/--gid/--umask: the kernel checks the modes shown against the
+    account a media server runs as, which may then write (and others may not)."""
+    server = 4321
+    args = ("--allow-other", "--uid", str(server), "--gid", str(server), "--umask", "007")
+    # (pytest's tmp_path is private to root: the other accounts could not reach a mount there)
+    reachable = Path(tempfile.mkdtemp(prefix="pqfs-uid-"))
+    os.chmod(reachable, 0o755)
+    with mounted(vault_dir, reachable / "mnt", cli_env, *args, *FAST) as mp:
+        (mp / "lib").mkdir()
+        os.chmod(mp / "lib", 0o777)
+        st = (mp / "lib").stat()
+        assert (st.st_uid, st.st_gid) == (server, server)
+        assert st.st_mode & 0o777 == 0o770
+        for uid, ok in ((server, True), (server + 1, False)):
+            proc = subprocess.run(
+                ["/bin/sh", "-c", 'printf "<movie/>" > "$1/lib/movie.nfo"', "sh", str(mp)],
+                user=uid,
+                group=uid,
+                capture_output=True,
+            )
+            assert (proc.returncode == 0) == ok, proc.stderr
+        assert (mp / "lib" / "movie.nfo").read_text() == "<movie/>"
+    os.rmdir(reachable / "mnt")
+    os.rmdir(reachable)
+    assert vault_files(vault_dir, cli_env) == {"lib/movie.nfo": b"<movie/>"}

@@ -23,11 +23,9 @@ for times). mpv seeks, mutagen and ffprobe passes (issue 18) are not in it yet.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,8 +44,11 @@ from bench_mount import (
     drop_caches,
     log,
     machine,
+    pqfs_stats,
+    ratio_table,
     rss_mib,
     run,
+    timed,
 )
 
 MiB = 1 << 20
@@ -109,12 +110,6 @@ class LibGocryptfs(Gocryptfs):
             self._umount()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def scan_one(path: str) -> int:
     """What a media server's scanner does to a file: open, head, tail, close."""
     fd = os.open(path, os.O_RDONLY)
@@ -139,12 +134,7 @@ def scan(mnt: str, names: list[str], threads: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def pqfs_stats(s: System) -> dict[str, float]:
-    if not isinstance(s, Pqfs):
-        return {}
-    data = json.loads(run([*s.cmd(), "stats", s.mnt, "--json"]))
-    keep = ("loop_stall_max_ms", "gc_pause_max_ms", "decrypted_per_byte_read", "opens")
-    return {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
+PQFS_STATS = ("loop_stall_max_ms", "gc_pause_max_ms", "decrypted_per_byte_read", "opens")
 
 
 def one_round(s: System, names: list[str], media_bytes: int, out: Path) -> dict[str, float]:
@@ -177,7 +167,7 @@ def one_round(s: System, names: list[str], media_bytes: int, out: Path) -> dict[
         row["cp_MiB_s"] = (media_bytes + FILM) / MiB / took
         if s.pid is not None:
             row["rss_MiB"] = rss_mib(s.pid)
-        row.update(pqfs_stats(s))
+        row.update(pqfs_stats(s, PQFS_STATS))
     finally:
         s.umount()
     return row
@@ -188,20 +178,7 @@ HIGHER_IS_BETTER = {"scan1_files_s", "scan4_files_s", "cp_MiB_s", "ingest_files_
 
 def report(results: dict[str, list[dict[str, float]]], systems: list[System], n: int) -> None:
     names = [s.name for s in systems]
-    keys = sorted({k for rows in results.values() for row in rows for k in row})
-    print(f"\n{'figure':28}" + "".join(f"{x:>14}" for x in names) + "   pqfs/gocryptfs")
-    for k in keys:
-        meds: dict[str, float | None] = {}
-        for x in names:
-            vals = [row[k] for row in results[x] if k in row]
-            meds[x] = statistics.median(vals) if vals else None
-        cells = "".join(f"{'' if meds[x] is None else f'{meds[x]:.4g}':>14}" for x in names)
-        ratio = ""
-        mine, theirs = meds.get("pqfs"), meds.get("gocryptfs")
-        if mine and theirs:
-            ratio = f"{mine / theirs:.3f}x"
-            ratio += " (higher favours pqfs)" if k in HIGHER_IS_BETTER else " (lower favours pqfs)"
-        print(f"{k:28}{cells}   {ratio}")
+    ratio_table(results, names, HIGHER_IS_BETTER)
     print(f"\n({n} files; every round: {', '.join(names)} alternated)")
 
 

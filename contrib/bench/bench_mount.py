@@ -145,6 +145,27 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def reset_rss_peak(pid: int) -> bool:
+    """Restart the kernel's count of the process's peak RSS (VmHWM) from its current RSS
+    (root, Linux >= 4.0); False if that is refused, and VmHWM then counts from its start."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak_mib(pid: int) -> float:
+    """The process's peak RSS (VmHWM, kept by the kernel: no spike is missed) in MiB, since its
+    start or the last reset_rss_peak."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -161,6 +182,7 @@ class System:
 
     name = ""
     tool = ""
+    probe = "big.bin"  # the file whose size tells that a fresh mount answers
 
     def __init__(self, work: Path) -> None:
         self.work = work / self.name
@@ -188,7 +210,7 @@ class System:
     def mount(self, size: int) -> None:
         os.makedirs(self.mnt, exist_ok=True)
         self._mount()
-        wait_answers(self.mnt, size)
+        wait_answers(self.mnt, size, self.probe)
         self.pid = find_daemon(self.mnt)
         self.pids.add(self.pid)
 
@@ -232,15 +254,15 @@ def stale_mount(path: str) -> bool:
     return False
 
 
-def wait_answers(mnt: str, size: int, timeout: float = 60) -> None:
-    """Poll until the mount is up and serves big.bin at its full size."""
+def wait_answers(mnt: str, size: int, name: str = "big.bin", timeout: float = 60) -> None:
+    """Poll until the mount is up and serves `name` at its full size."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(OSError):
             if (
                 os.path.ismount(mnt)
-                and "big.bin" in os.listdir(mnt)
-                and os.stat(os.path.join(mnt, "big.bin")).st_size == size
+                and name in os.listdir(mnt)
+                and os.stat(os.path.join(mnt, name)).st_size == size
             ):
                 return
         if time.monotonic() > deadline:
@@ -568,7 +590,58 @@ METRICS = [  # key, label, better, format
 ]
 
 
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pqfs_stats(s: System, keep: Sequence[str]) -> dict[str, float]:
+    """The numeric figures named in `keep` from `pqfs stats --json` of a pqfs mount ({} for a
+    peer)."""
+    if not isinstance(s, Pqfs):
+        return {}
+    data = json.loads(run([*s.cmd(), "stats", s.mnt, "--json"]))
+    return {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
+
+
 # ------------------------------------------------------------------------- reporting ----
+
+
+def ratio_table(
+    results: dict[str, list[dict[str, float]]],
+    names: list[str],
+    higher_is_better: set[str],
+    keys: Sequence[str] | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Print one line per figure: each system's median over its rounds, then pqfs / peer for
+    every peer (above 1 favours pqfs for the figures in `higher_is_better`, below 1 for the
+    others). Figures a system has no value for are left blank. Returns the medians, by figure
+    and system."""
+    if keys is None:
+        keys = sorted({k for rows in results.values() for row in rows for k in row})
+    peers = [x for x in names if x != "pqfs"] if "pqfs" in names else []
+    print(
+        f"\n{'figure':28}"
+        + "".join(f"{x:>14}" for x in names)
+        + "".join(f"{'pqfs/' + p:>17}" for p in peers)
+    )
+    medians: dict[str, dict[str, float | None]] = {}
+    for k in keys:
+        meds: dict[str, float | None] = {}
+        for x in names:
+            vals = [row[k] for row in results[x] if k in row]
+            meds[x] = statistics.median(vals) if vals else None
+        medians[k] = meds
+        cells = "".join(f"{'' if meds[x] is None else f'{meds[x]:.4g}':>14}" for x in names)
+        mine, ratios = meds.get("pqfs"), ""
+        for p in peers:
+            theirs = meds.get(p)
+            ratios += f"{f'{mine / theirs:.3f}x' if mine is not None and theirs else '':>17}"
+        if ratios.strip():
+            ratios += " (higher favours pqfs)" if k in higher_is_better else " (lower favours pqfs)"
+        print(f"{k:28}{cells}{ratios}")
+    return medians
 
 
 def machine() -> str:

@@ -69,6 +69,20 @@ def _microseconds(text: str) -> int:
     return _whole(text, MAX_IDLE_POLL_US, " of microseconds")
 
 
+def _id(text: str) -> int:
+    return _whole(text, 2**32 - 2, " (a user or group id)")
+
+
+def _umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mask: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be between 000 and 777: {text}")
+    return value
+
+
 MAX_OPEN_AHEAD = 256  # each file opened ahead holds a descriptor (the soft limit: 1024)
 
 
@@ -106,6 +120,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         write_cache=os.path.abspath(args.write_cache),
         write_cache_size=write_cache_size or MountOptions.write_cache_size,
         commit_delay=args.commit_delay,
+        uid=args.uid,
+        gid=args.gid,
+        umask=args.umask,
     )
     mp = os.path.abspath(args.mountpoint)
 
@@ -223,7 +240,24 @@ def parse_mount(sub: Subparsers) -> None:
     sp.add_argument(
         "--allow-other",
         action="store_true",
-        help="let other users (a media server) read the mount (needs user_allow_other unless root)",
+        help="let other users (a media server) use the mount (needs user_allow_other unless "
+        "root)",
+    )
+    sp.add_argument(
+        "--uid",
+        type=_id,
+        default=-1,
+        metavar="UID",
+        help="show files as owned by this user (with --allow-other: a media server's account, "
+        "so that it may write; default: who mounted)",
+    )
+    sp.add_argument("--gid", type=_id, default=-1, metavar="GID", help="likewise, the group")
+    sp.add_argument(
+        "--umask",
+        type=_umask,
+        default=-1,
+        metavar="OCTAL",
+        help="clear these permission bits from every mode shown (e.g. 007: nothing for others)",
     )
     sp.add_argument(
         "--log-file", metavar="FILE", help="log here (default: stderr with -f, else syslog)"

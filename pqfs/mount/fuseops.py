@@ -120,7 +120,7 @@ class Operations(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = self.fs.options.attr_timeout
         e.attr_timeout = self.fs.options.attr_timeout
-        e.st_mode = a.mode
+        e.st_mode = a.mode & (~0o7777 | self.fs.mode_mask)
         e.st_nlink = a.nlink
         e.st_uid = self.fs.uid
         e.st_gid = self.fs.gid

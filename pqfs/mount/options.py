@@ -99,6 +99,12 @@ class MountOptions:
     # there)). A writer that finds staging full waits for commits to free room, at most
     # `write_timeout` seconds, then gets ENOSPC.
     read_only: bool = False
+    # Who the files belong to, as the kernel checks them with --allow-other (a media server's
+    # account): the mounting user's by default (-1); permission bits in `umask` are cleared
+    # from every mode shown (-1: none).
+    uid: int = -1
+    gid: int = -1
+    umask: int = -1
     write_buffer: int = 64 * MiB
     write_buffer_file: int = 1 * MiB
     write_cache: str = "/var/tmp"
@@ -136,6 +142,7 @@ class MountOptions:
     control_timeout: float = 10.0  # seconds to send a request: a stalled client frees its slot
     control_connections: int = 4  # requests served at once; a flood by another user stays small
 
+    SETTINGS: ClassVar[tuple[str, ...]] = ("uid", "gid", "umask")  # numbers that bound nothing
     MIN_CACHE: ClassVar[int] = 4 * MiB  # 64 chunks: two 2 MiB worker jobs' worth
     # Bounds below 1 that would stop the mount (no worker, no key kept, an empty request...).
     AT_LEAST_ONE: ClassVar[tuple[str, ...]] = (
@@ -186,6 +193,8 @@ class MountOptions:
         out: dict[str, int | float] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in self.SETTINGS:
+                continue
             if type(value) in (int, float):  # not bool, a subclass of int
                 out[f.name] = value
         out["prefetch_inflight"] = self.prefetch_inflight

@@ -136,8 +136,9 @@ class VaultFS:
         self.idle = IdlePoll(opts.idle_poll, self.idle_fds, self.may_poll)
         self.fuse_fds: list[int] = []  # the FUSE device, set by the adapter once mounted
         self.gc = GcMeter()
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.uid = opts.uid if opts.uid >= 0 else os.getuid()
+        self.gid = opts.gid if opts.gid >= 0 else os.getgid()
+        self.mode_mask = ~opts.umask & 0o7777 if opts.umask >= 0 else 0o7777
         self.tree: Tree | None = None
         self._unloadable = -1  # the catalog head whose load failed: retried once it changes
         self._salt = os.urandom(16)
