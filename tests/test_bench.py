@@ -1,8 +1,9 @@
-"""The mount benchmark still runs end to end (tiny sizes, pqfs only; no figure is asserted), and
-its wait for a quiet host ends both ways and leaves no spinner behind."""
+"""The benchmarks still run end to end (tiny sizes; no figure is asserted), and the mount
+benchmark's wait for a quiet host ends both ways and leaves no spinner behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -138,3 +139,33 @@ def test_bench_library_runs_and_reports(tmp_path: Path) -> None:
     for figure in ("ingest_files_s", "scan1_files_s", "scan4_files_s", "cp_MiB_s", "mount_s"):
         assert re.search(rf"^{figure} +[\d.e+]+", proc.stdout, re.M), proc.stdout
     assert list(tmp_path.iterdir()) == [], "work directory left behind"
+
+
+@pytest.mark.fuse
+def test_bench_writes_runs_and_reports(tmp_path: Path) -> None:
+    # every system installed (a peer that is not is skipped by the script): rclone's wait for
+    # its uploads is the part most worth running
+    work, out = tmp_path / "work", tmp_path / "writes.json"
+    work.mkdir()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(BENCH / "bench_writes.py")),
+            *("--big-size", "8M", "--small-files", "50", "--rounds", "1", "--quiet-host", "0"),
+            *("--dir", str(work), "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,  # a bound for a hung run, not a figure: the machine may be busy
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = ("big_MiB_s", "small_files_s", "small_rm_files_s", "edit_s", "big_rss_peak_MiB")
+    for figure in (*figures, "loop_stall_max_ms", "gc_pause_max_ms", "edit_committed_MiB"):
+        assert re.search(rf"^{figure} +[\d.e+]+", proc.stdout, re.M), proc.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["rounds"]["pqfs"]
+    assert all(row[k] > 0 for k in figures), row
+    for peer in set(data["versions"]) - {"pqfs"}:  # each peer measured has its ratios
+        assert data["ratios_pqfs_over_peer"]["big_MiB_s"][peer] > 0, data
+    assert list(work.iterdir()) == [], "work directory left behind"

@@ -106,26 +106,33 @@ class SpillFile:
             wipe(key)
         self._counter = 0
         self.slots: dict[int, tuple[int, int]] = {}  # block -> (nonce counter, plaintext length)
+        self._ct = memoryview(bytearray(SLOT))  # ciphertext only, for put()
 
     def put(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Seal block `index` into its slot (no copy of the plaintext is made). Trio thread."""
         assert self._aead is not None
         self._counter += 1  # never repeats under this key: a fresh nonce for every write
-        ct = self._aead.encrypt(self._nonce(self._counter), bytes(data), _aad(index))
+        ct = self._ct[: len(data) + TAG]
+        self._aead.encrypt_into(self._nonce(self._counter), data, _aad(index), ct)
         n = os.pwrite(self.fd, ct, index * SLOT)
         if n != len(ct):
             raise OSError(28, "short write to the write cache")
         self.slots[index] = (self._counter, len(data))
 
     def get(self, index: int) -> bytearray:
+        """Block `index`, authenticated (a bytearray the caller wipes). Any thread."""
         assert self._aead is not None
         counter, length = self.slots[index]
         ct = os.pread(self.fd, length + TAG, index * SLOT)
+        out = bytearray(length)
         try:
-            return bytearray(self._aead.decrypt(self._nonce(counter), ct, _aad(index)))
+            self._aead.decrypt_into(self._nonce(counter), ct, _aad(index), out)
         except InvalidTag:
+            wipe(out)  # (it holds unauthenticated bytes)
             raise PayloadError(
                 "a staged block failed authentication (write cache damaged)"
             ) from None
+        return out
 
     def cut(self, blocks: int) -> None:
         """Forget every block from `blocks` on, and give their disk space back."""

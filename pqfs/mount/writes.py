@@ -104,6 +104,19 @@ class Written:
     version: int
 
 
+def _zeros(piece: memoryview) -> bool:
+    """All zero bytes? (The first and last byte reject almost every real write at once; then
+    one compare in C, of a copy that is wiped: `any()` would walk a 64 KiB piece of zeros in
+    Python, ~0.5 ms.)"""
+    if piece[0] or piece[-1]:
+        return False
+    copy = bytearray(piece)
+    try:
+        return copy == bytes(len(copy))
+    finally:
+        wipe(copy)
+
+
 def _all_new(node: Node) -> bool:
     """A file whose content owes nothing to what the catalog holds of it (never committed, or
     truncated to nothing since): a rename records it only by its commit, at its new path, so
@@ -476,12 +489,14 @@ class Writes:
             if blk is None:
                 if d.base_covers(index):
                     blk = (await self._base_chunks(d, index, 1))[0]
-                elif not any(piece):
+                elif _zeros(piece):
                     # a zero write into a hole stores nothing (glibc's posix_fallocate writes
                     # one zero byte every 4 KiB)
                     pos += hi - lo
                     d.size = max(d.size, pos)
                     continue
+                elif lo == 0:
+                    blk = bytearray(piece)  # a new block, from its start: nothing to merge
                 else:
                     blk = bytearray()
             if len(blk) < hi:
