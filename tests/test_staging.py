@@ -54,10 +54,8 @@ def test_budgets_return_to_zero(tmp_path: Path) -> None:
     budget = StagingBudget(memory=4 * CHUNK, spill=8 * SLOT, per_file_memory=2 * CHUNK, timeout=1)
     d = Dirty(None, 0, budget, str(tmp_path))
     rng = random.Random(1)
-    stored = 0
     for i in range(6):  # 2 in memory (per-file bound), 4 spilled
         assert d.store(i, bytearray(rng.randbytes(CHUNK)))
-        stored += 1
     d.size = 6 * CHUNK
     assert budget.memory_used == 2 * CHUNK and budget.spill_used == 4 * SLOT
     d.truncate(CHUNK + 10)  # keeps block 0 and 10 bytes of block 1
