@@ -57,7 +57,7 @@ from pqfs.errors import (
 from pqfs.format.encoding import b64encode
 from pqfs.format.stream import CHUNK
 from pqfs.mount.options import MountOptions
-from pqfs.mount.staging import Dirty, DirtyStream, StagingBudget, open_base
+from pqfs.mount.staging import Dirty, DirtyStream, SpillFile, StagingBudget, open_base
 from pqfs.mount.tree import Node, Tree
 from pqfs.runtime.memory import wipe
 from pqfs.vault.catalog import del_op, put_op, shown
@@ -102,6 +102,12 @@ class Written:
     dirty: Dirty
     entry: Entry
     version: int
+
+
+def _close_all(spills: list[SpillFile]) -> None:
+    """On a thread: close spill files (their keys are already gone)."""
+    for s in spills:
+        s.close()
 
 
 def _zeros(piece: memoryview) -> bool:
@@ -692,6 +698,7 @@ class Writes:
             return failed
         # Committed: each node's entry is its new object; what it staged is wiped.
         self.mutations += 1
+        closing: list[SpillFile] = []
         s = self.stats
         s.commits += bool(delta)
         s.ops_committed += len(delta)
@@ -699,7 +706,7 @@ class Writes:
             w.node.entry = put
             w.node.dirty = None
             self.dirty.pop(w.node.ino, None)
-            w.dirty.wipe()
+            w.dirty.wipe(closing)
             ev, w.dirty.committing = w.dirty.committing, None
             assert ev is not None
             ev.set()
@@ -712,6 +719,8 @@ class Writes:
                 ev.set()
                 self._drop(w.node)
         self.last_failure = "" if failed is None else str(failed)
+        if closing:
+            await self.offload(_close_all, closing)
         return failed
 
     def _failed(self, node: Node, d: Dirty, e: Exception) -> PqfsError:
