@@ -596,12 +596,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def pqfs_stats(s: System, keep: Sequence[str]) -> dict[str, float]:
+def pqfs_stats(s: System, keep: Sequence[str], log_stall: bool = True) -> dict[str, float]:
     """The numeric figures named in `keep` from `pqfs stats --json` of a pqfs mount ({} for a
-    peer)."""
+    peer); an event-loop stall over 10 ms is logged with the task it was in."""
     if not isinstance(s, Pqfs):
         return {}
     data = json.loads(run([*s.cmd(), "stats", s.mnt, "--json"]))
+    if log_stall and float(data.get("loop_stall_max_ms") or 0) > 10:
+        log(
+            f"pqfs: loop stall of {data['loop_stall_max_ms']} ms in "
+            f"{data.get('loop_stall_task')} ({data.get('loop_stall_max_cpu_ms')} ms on CPU)"
+        )
     return {k: float(data[k]) for k in keep if isinstance(data.get(k), int | float)}
 
 
