@@ -240,8 +240,7 @@ def parse_mount(sub: Subparsers) -> None:
     sp.add_argument(
         "--allow-other",
         action="store_true",
-        help="let other users (a media server) use the mount (needs user_allow_other unless "
-        "root)",
+        help="let other users (a media server) use the mount (needs user_allow_other unless root)",
     )
     sp.add_argument(
         "--uid",

@@ -280,7 +280,7 @@ def encrypt_stream(
         write(head)
     base = len(head)
 
-    positional = _regular_file(src)
+    positional = _positional(src)
     batch = pools.BATCH
     if positional is not None:
         # A small file gets buffers of its own size, not a batch's 2 MiB: they are wiped at the
@@ -296,7 +296,8 @@ def encrypt_stream(
         def run() -> tuple[bytearray, int, int]:
             if pt is None:  # positional source: this worker reads its own batch
                 buf = pt_pool.get()
-                got = preadfull(positional[0], memoryview(buf)[:n], src_off)  # type: ignore[index]
+                assert positional is not None
+                got = positional[0](memoryview(buf)[:n], src_off)
                 if got != n:
                     pt_pool.put(buf, dirty=False)
                     raise PqfsError("the source file shrank while it was being encrypted")
@@ -326,7 +327,7 @@ def encrypt_stream(
         # A regular file's size is known, so the final batch is known without reading ahead and
         # every worker can read, encrypt and write its batch independently.
         assert positional is not None
-        _fd, start, size = positional
+        _read, start, size, _fd = positional
         span = batch * CHUNK
         batches = max(1, -(-size // span))
         for b in range(batches):
@@ -368,12 +369,36 @@ def encrypt_stream(
         pt_pool.close()
         ct_pool.close()
     if positional is not None:
-        fd, start, size = positional
-        # The size was taken from fstat: what lies past it must be the end of the file.
-        if os.fstat(fd).st_size != start + size or os.pread(fd, 1, start + size):
+        _read, start, size, fd = positional
+        # A file's size was taken from fstat: what lies past it must be the end of the file.
+        if fd is not None and (
+            os.fstat(fd).st_size != start + size or os.pread(fd, 1, start + size)
+        ):
             raise PqfsError("the source file changed size while it was being encrypted")
         total = size
     return header, total
+
+
+ReadAt = Callable[[memoryview, int], int]  # (buffer, offset) -> bytes read into it
+
+
+def _positional(src: BinaryIO) -> tuple[ReadAt, int, int, int | None] | None:
+    """(read_at, start offset, bytes to read, fd or None) when `src` can be read at any offset
+    and its size is known: a regular file (_regular_file), or an object with `size` and
+    `read_at(buf, offset)` (staged content: mount/staging.py), which encrypt_stream's
+    workers then read in parallel, each its own batch. Else None."""
+    read_at = getattr(src, "read_at", None)
+    if read_at is not None:
+        return read_at, 0, int(src.size), None  # type: ignore[attr-defined]
+    reg = _regular_file(src)
+    if reg is None:
+        return None
+    fd, start, size = reg
+
+    def from_file(buf: memoryview, offset: int) -> int:
+        return preadfull(fd, buf, offset)
+
+    return from_file, start, size, fd
 
 
 def _regular_file(src: BinaryIO) -> tuple[int, int, int] | None:

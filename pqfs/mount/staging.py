@@ -297,6 +297,55 @@ class Dirty:
         self.changed_at = time.monotonic()
         self.version += 1
 
+    def _has(self, index: int) -> bool:
+        return index in self.blocks or (self.spill is not None and index in self.spill.slots)
+
+    def read_at(self, buf: memoryview, offset: int) -> int:
+        """Plaintext [offset, offset + len(buf)) into `buf`, clipped at the size; how many
+        bytes. What a commit encrypts: encrypt_stream's workers call it at once, each for its
+        own batch, while the Dirty does not change (`committing`); the base is read in runs of
+        chunks, decrypted there."""
+        end = min(self.size, offset + len(buf))
+        if end <= offset:
+            return 0
+        first, last = offset // CHUNK, (end - 1) // CHUNK
+        i = first
+        while i <= last:
+            if not self._has(i) and self.base_covers(i):
+                j = i
+                while j < last and not self._has(j + 1) and self.base_covers(j + 1):
+                    j += 1
+                assert self.base_reader is not None
+                pieces = self.base_reader.chunks(i, j - i + 1, self.base_limit)
+                for k, piece in enumerate(pieces):
+                    self._copy(buf, offset, end, i + k, piece)
+                    wipe(piece)
+                i = j + 1
+                continue
+            blk = self.blocks.get(i)
+            if blk is not None:
+                self._copy(buf, offset, end, i, blk)
+            elif self.spill is not None and i in self.spill.slots:
+                blk = self.spill.get(i)
+                self._copy(buf, offset, end, i, blk)
+                wipe(blk)
+            else:
+                self._copy(buf, offset, end, i, b"")  # a hole
+            i += 1
+        return end - offset
+
+    @staticmethod
+    def _copy(buf: memoryview, offset: int, end: int, index: int, data: bytes | bytearray) -> None:
+        """Chunk `index`'s part of [offset, end) into `buf`: `data`, then zeros past it."""
+        b0 = index * CHUNK
+        lo, hi = max(offset, b0), min(end, b0 + CHUNK)
+        m = max(0, min(hi, b0 + len(data)) - lo)
+        dst = buf[lo - offset : hi - offset]
+        if m:
+            dst[:m] = memoryview(data)[lo - b0 : lo - b0 + m]
+        if m < len(dst):
+            dst[m:] = bytes(len(dst) - m)
+
     @property
     def staged_bytes(self) -> int:
         return self.memory + (0 if self.spill is None else len(self.spill.slots) * CHUNK)
@@ -330,6 +379,8 @@ class DirtyStream:
 
     def __init__(self, d: Dirty) -> None:
         self.d = d
+        self.size = d.size
+        self.read_at = d.read_at  # what encrypt_stream uses (agefile._positional)
         self.pos = 0
         self._piece = bytearray()
         self._piece_at = 0

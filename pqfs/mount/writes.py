@@ -69,6 +69,7 @@ log = logging.getLogger("pqfs.mount")
 T = TypeVar("T")
 Offload = Callable[..., Awaitable[Any]]
 
+SMALL_FILE = 1 << 20  # committed together, many to one thread hop
 RENAME_NOREPLACE = 1  # renameat2's flags, as the kernel passes them
 RENAME_EXCHANGE = 2
 
@@ -640,8 +641,12 @@ class Writes:
         """One round: write the objects of `nodes` that are still due when it starts (all
         of them with `everything`, and those in `forced`), make them durable, append one delta
         with the queued ops and their puts. Returns the error of a node that failed (None)."""
-        async with self._round:
-            return await self._commit(nodes, everything, forced or [])
+        failed: PqfsError | None = None
+        step = self.options.commit_files
+        for i in range(0, max(1, len(nodes)), step):  # (one round even for none: the ops)
+            async with self._round:
+                failed = await self._commit(nodes[i : i + step], everything, forced or []) or failed
+        return failed
 
     async def _commit(
         self, nodes: list[Node], everything: bool, forced: list[Node]
@@ -649,6 +654,7 @@ class Writes:
         now = time.monotonic()
         written: list[Written] = []
         failed: PqfsError | None = None
+        taken: list[tuple[Node, Dirty]] = []
         for node in nodes:
             async with node.write_lock():  # never a write half done
                 d = node.dirty
@@ -658,13 +664,24 @@ class Writes:
                 if d is None or not due or not node.linked:
                     continue
                 d.committing = trio.Event()
-            try:
-                entry = await self.offload(self._write_object, d)
-            except Exception as e:
-                failed = self._failed(node, d, e)
-                continue
-            written.append(Written(node, d, entry, d.version))
-            crash_point("object-written")
+            taken.append((node, d))
+        # Small files go to a thread together (a thread hop each cost more than their
+        # encryption), large ones one by one.
+        batches: list[list[tuple[Node, Dirty]]] = []
+        for node, d in taken:
+            if batches and d.size <= SMALL_FILE and len(batches[-1]) < self.options.commit_files:
+                if all(x.size <= SMALL_FILE for _, x in batches[-1]):
+                    batches[-1].append((node, d))
+                    continue
+            batches.append([(node, d)])
+        for batch in batches:
+            results = await self.offload(self._write_objects, [d for _, d in batch])
+            for (node, d), result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    failed = self._failed(node, d, result)
+                    continue
+                written.append(Written(node, d, result, d.version))
+                crash_point("object-written")
         ops: list[dict[str, Any]] = []
         puts: list[tuple[Written, Entry]] = []
         delta: list[dict[str, Any]] = []
@@ -744,6 +761,16 @@ class Writes:
         err.logged = True
         return err
 
+    def _write_objects(self, ds: list[Dirty]) -> list[Entry | Exception]:
+        """On a thread: each Dirty's object (_write_object), or the error it failed with."""
+        out: list[Entry | Exception] = []
+        for d in ds:
+            try:
+                out.append(self._write_object(d))
+            except Exception as e:
+                out.append(e)
+        return out
+
     def _write_object(self, d: Dirty) -> Entry:
         """On a thread: the Dirty's plaintext encrypted into a new object (not yet durable)."""
         if (
@@ -752,7 +779,7 @@ class Writes:
             and any(d.stored(i) is None for i in range(-(-min(d.base_limit, d.base.size) // CHUNK)))
         ):
             d.base_reader = open_base(self.vault, d.base)
-        stream = DirtyStream(d)
+        stream = DirtyStream(d)  # (read at any offset: encrypted in parallel batches)
         try:
             object_id, header, size = write_object(self.vault, stream, durable=False)  # type: ignore[arg-type]
         finally:
