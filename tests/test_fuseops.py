@@ -117,7 +117,13 @@ class FakeCore:
         self._call("lock")
         return set()
 
-    async def drain(self) -> None:
+    def opendir(self, ino: int) -> None:
+        self._call("opendir")
+
+    def releasedir(self, ino: int) -> None:
+        pass
+
+    async def drain(self, locking: bool = False) -> None:
         self.calls.append("drain")
         if self.drain_raises is not None:
             raise self.drain_raises

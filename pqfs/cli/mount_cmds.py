@@ -118,7 +118,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         write_buffer=args.write_buffer,
         write_cache=os.path.abspath(args.write_cache),
-        write_cache_size=write_cache_size or MountOptions.write_cache_size,
+        write_cache_size=MountOptions.write_cache_size
+        if write_cache_size is None
+        else write_cache_size,
         commit_delay=args.commit_delay,
         uid=args.uid,
         gid=args.gid,

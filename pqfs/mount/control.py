@@ -180,9 +180,10 @@ def _line(answer: Answer) -> bytes:
 
 def request(address: bytes, command: str, secret: bytes | bytearray = b"") -> Answer:
     """The client's end: send one request to the daemon whose socket is `address` (as read
-    from the mount's XATTR_CONTROL) and return its answer."""
+    from the mount's XATTR_CONTROL) and return its answer. A sync or a lock waits for commits
+    (gigabytes to a remote store, each bounded by its --timeout): as long as they take."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(ANSWER_TIMEOUT)
+        s.settimeout(None if command in ("sync", "lock") else ANSWER_TIMEOUT)
         try:
             s.connect(b"\0" + address)
             try:

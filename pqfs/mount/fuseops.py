@@ -45,6 +45,7 @@ from pqfs.format.keys import parse_identity_file
 from pqfs.mount.control import XATTR_CONTROL, XATTR_STATS, Answer
 from pqfs.mount.tree import Attr
 from pqfs.mount.vfs import VaultFS
+from pqfs.runtime.zeroize import wipe_bytes
 
 log = logging.getLogger("pqfs.mount")
 SMALL_BLKSIZE = 128 * 1024  # st_blksize below MountOptions.large_blksize_from
@@ -147,6 +148,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         if not stat.S_ISDIR(self.fs.getattr(inode).mode):
             raise NotADirectory("not a directory")
+        self.fs.opendir(inode)
         return inode
 
     @_boundary
@@ -156,7 +158,7 @@ class Operations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self.fs.releasedir(fh)
 
     async def forget(self, inode_list: Iterable[tuple[int, int]]) -> None:
         pass  # inodes are derived from the catalog, not reference-counted
@@ -189,7 +191,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes | bytearray:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     @_boundary
@@ -207,7 +209,10 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.fs.write(fh, off, buf)
+        try:
+            return await self.fs.write(fh, off, buf)
+        finally:
+            wipe_bytes(buf)  # pyfuse3's copy of the plaintext, ours alone: staged by now
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -301,7 +306,7 @@ class Operations(pyfuse3.Operations):
                 # What was written is committed first: staged data is unreadable without the
                 # keys a lock wipes. If it cannot be, nothing is locked (and nothing lost).
                 try:
-                    await self.fs.drain()
+                    await self.fs.drain(locking=True)
                 except PqfsError as e:
                     return Answer(errno.EIO, f"{e}; not locked (retry, or unmount)")
                 opened = self.fs.lock()

@@ -101,7 +101,7 @@ class SpillFile:
         self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
         key = bytearray(os.urandom(32))
         try:
-            self._aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(bytes(key))
+            self._aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(key)  # (no bytes copy)
         finally:
             wipe(key)
         self._counter = 0
@@ -251,13 +251,15 @@ class Dirty:
         try:
             self.spill.put(index, data)
         except BaseException:
+            # (nothing wiped: a block in memory holds data already written, the caller's
+            # buffer is the caller's)
             if fresh:
                 self.budget.give_spill(SLOT)
             raise
-        finally:
-            wipe(data)
         if old is not None:
-            self._drop_memory(index)
+            self._drop_memory(index)  # (wiped: it may be `data` itself)
+        if old is not data:
+            wipe(data)
         return True
 
     def _drop_memory(self, index: int) -> None:

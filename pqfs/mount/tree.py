@@ -60,6 +60,14 @@ class Node:
     # what the catalog holds (object "" for a file never committed).
     dirty: Dirty | None = None
     linked: bool = True  # False once unlinked or replaced: open handles may still hold it
+    # A file with all-new content renamed over one the catalog holds: that entry, which the
+    # catalog keeps at this path until this file's commit (writes.py, `_recorded`)
+    kept: Entry | None = None
+    # Directories open for listing (opendir): their entries as listed, in the order readdir's
+    # offsets count them; a name removed meanwhile stays as None, one added goes to the end,
+    # so that an entry nobody touched is listed exactly once (rm -r unlinks as it lists).
+    listing: list[str | None] | None = None
+    readers: int = 0
     handles: int = 0  # open handles of this file (writes.py)
     writers: int = 0  # of which may write
     _lock: trio.Lock | None = None
@@ -83,11 +91,13 @@ class Tree:
         # inodes to keep: a path whose object is unchanged since the tree before
         self._keep: dict[tuple[str, str], int] = {}
         if previous is not None:
-            self._keep = {
-                (p, previous.nodes[i].entry.object): i
-                for p, i in previous._by_path.items()
-                if previous.nodes[i].dirty is None
-            }
+            # (copies, each made in one step under the GIL: this runs on a thread while the
+            # loop may change `previous`)
+            old_nodes = previous.nodes.copy()
+            for p, i in previous._by_path.copy().items():
+                n = old_nodes.get(i)
+                if n is not None and n.dirty is None:
+                    self._keep[(p, n.entry.object)] = i
         self._usage: tuple[int, int, int] | None = None  # usage(): (block, blocks, entries)
         # The root, explicit or implied (dated by the newest entry below it, as every implied
         # directory is: never 1970).
@@ -171,6 +181,8 @@ class Tree:
         assert parent.children is not None
         parent.children[name] = node.ino
         bisect.insort(parent.names, name)
+        if parent.listing is not None:
+            parent.listing.append(name)
         if node.children is not None:
             parent.attr.nlink += 1
         node.linked = True
@@ -192,6 +204,11 @@ class Tree:
         i = bisect.bisect_left(parent.names, name)
         if i < len(parent.names) and parent.names[i] == name:
             del parent.names[i]
+        if parent.listing is not None:
+            for k in range(len(parent.listing) - 1, -1, -1):
+                if parent.listing[k] == name:
+                    parent.listing[k] = None
+                    break
         if node.children is not None:
             parent.attr.nlink -= 1
         self._usage = None
@@ -224,6 +241,19 @@ class Tree:
     def below(self, node: Node) -> list[Node]:
         """`node` and everything below it, a directory before what it holds."""
         return sorted(self._subtree(node), key=lambda n: n.entry.path)
+
+    def reinode(self, node: Node, ino: int) -> None:
+        """Give `node` the inode `ino` (an open handle's, after an unlock's fresh tree), if no
+        other node has it."""
+        if ino in self.nodes or node.ino == ino:
+            return
+        parent = self.parent(node)
+        del self.nodes[node.ino]
+        node.ino = node.attr.ino = ino
+        self.nodes[ino] = node
+        self._by_path[node.entry.path] = ino
+        if parent is not None and parent.children is not None:
+            parent.children[node.entry.path.rpartition("/")[2]] = ino
 
     def by_path(self, path: str) -> Node | None:
         ino = self._by_path.get(path)
@@ -274,10 +304,23 @@ class Tree:
     def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
         """Entries from offset `start`: (name, attributes, offset of the next entry)."""
         node, children = self._dir(ino)
+        names = node.listing if node.listing is not None else node.names
         return [
             (name, self.nodes[children[name]].attr, i + 1)
-            for i, name in enumerate(node.names[start:], start)
+            for i, name in enumerate(names[start:], start)
+            if name is not None and name in children
         ]
+
+    def opened_dir(self, node: Node) -> None:
+        if node.readers == 0:
+            node.listing = list(node.names)
+        node.readers += 1
+
+    @staticmethod
+    def released_dir(node: Node) -> None:
+        node.readers = max(0, node.readers - 1)
+        if node.readers == 0:
+            node.listing = None
 
     def usage(self, block: int) -> tuple[int, int]:
         """(blocks of `block` bytes that its files take, entries): counted once per tree (it
@@ -291,8 +334,12 @@ class Tree:
         """Per path, what a change of it is (changed_paths): a file's object, size, mode and
         mtime; for a directory only that it is one (its date follows what is below it)."""
         out: dict[str, tuple[object, ...]] = {}
-        for path, ino in self._by_path.items():
-            e = self.nodes[ino].entry
+        nodes = self.nodes.copy()  # (one step under the GIL: see __init__)
+        for path, ino in self._by_path.copy().items():
+            node = nodes.get(ino)
+            if node is None:
+                continue
+            e = node.entry
             file = (e.object, e.mac, e.size, e.mode, e.mtime_ns)
             out[path] = ("dir",) if e.type == "dir" else file
         return out

@@ -187,11 +187,26 @@ class VaultFS:
         if not self.options.read_only:
             nursery.start_soon(self.writes.run)
 
-    async def drain(self) -> None:
+    async def drain(self, locking: bool = False) -> None:
         """Commit everything written (unmount, stop, lock, `pqfs sync`); raises if something
-        could not be committed (it stays staged)."""
-        if self.writes.pending and self.vault.unlocked:
-            await self.writes.sync()
+        could not be committed (it stays staged). `locking`: no new change is taken meanwhile
+        (EACCES, as once locked), and what a write in progress adds is committed too, so the
+        lock that follows wipes nothing."""
+        w = self.writes
+        w.closing = locking
+        try:
+            for _ in range(100):
+                if not (w.pending or w.active) or not self.vault.unlocked:
+                    return
+                await w.sync()
+                if not locking:
+                    return
+                if w.active:
+                    await trio.sleep(0.01)  # a write still finishing: commit it too
+            raise VaultError("writes kept coming while the mount was being locked")
+        except BaseException:
+            w.closing = False
+            raise
 
     def close(self) -> None:
         """Unmount (after drain()): wipe every key, identity and plaintext buffer."""
@@ -230,13 +245,22 @@ class VaultFS:
             if w not in seen:
                 log.warning("%s", w)
         self.tree = new
-        for h in self.handles.values():  # open files follow their inode into the new tree
-            n = new.nodes.get(h.node.ino)
-            if n is not None and n is not h.node and n.entry.path == h.node.entry.path:
-                n.handles, n.writers = h.node.handles, h.node.writers
+        for h in self.handles.values():  # open files follow their file into the new tree
+            old_node = h.node
+            n = new.nodes.get(old_node.ino)
+            if n is None or n.entry.path != old_node.entry.path:
+                # its inode is not kept (a tree loaded at unlock inherits none): the same file
+                # at the same path takes its inode back, the one the kernel knows
+                n = new.by_path(old_node.entry.path)
+                if n is not None and n.entry.object == old_node.entry.object and n.children is None:
+                    new.reinode(n, old_node.ino)
+                else:
+                    n = None
+            if n is None:
+                old_node.linked = False
+            elif n is not old_node:
+                n.handles, n.writers = old_node.handles, old_node.writers
                 h.node = n
-            elif n is None:
-                h.node.linked = False
         self.settle()
 
     def _own_delta(self, seq: int) -> None:
@@ -309,6 +333,12 @@ class VaultFS:
         head = segs[-1].seq if segs else 0
         if head in (tree.head, self._unloadable):
             return []  # unchanged, or the head whose load failed (the poll logged it)
+        # No commit round meanwhile: its append would move the head this host has pinned past
+        # the catalog being loaded, which would then look rolled back (trust.Rollback).
+        async with self.writes.round_lock:
+            return await self._reload(tree, gen, head, mutations)
+
+    async def _reload(self, tree: Tree, gen: int, head: int, mutations: int) -> list[str]:
         with collector_paused():
             try:
                 new, changed = await self.offload(self._build_tree, tree)
@@ -318,7 +348,8 @@ class VaultFS:
             self._unloadable = -1
             if gen != self.generation or not self.vault.unlocked:
                 return []
-            if self.writes.mutations != mutations or self.writes.pending:
+            w = self.writes
+            if w.mutations != mutations or w.dirty or w.ops or w.active:
                 return []  # written meanwhile: the new tree lacks it (the next poll reloads)
             self._swap_tree(new, tree)  # (frozen before the collector runs again)
         return changed
@@ -330,6 +361,7 @@ class VaultFS:
         too). Returns the inodes whose pages the kernel may still cache: the adapter must drop
         them before confirming the lock."""
         self.writes.wipe()
+        self.writes.closing = False  # (locked now: writes are refused as such)
         self.reader.lock()  # a new generation; the keys that open files hold wiped
         self.vault.lock()  # wipes identities and the key cache, drops the catalog
         self.keys.clear()
@@ -386,6 +418,18 @@ class VaultFS:
 
     def lookup(self, parent: int, name: str) -> Attr:
         return self._tree().lookup(parent, name)
+
+    def opendir(self, ino: int) -> None:
+        """A listing begins (readdir's offsets stay valid while entries come and go)."""
+        tree = self.tree
+        node = None if tree is None else tree.nodes.get(ino)
+        if tree is not None and node is not None and node.children is not None:
+            tree.opened_dir(node)
+
+    def releasedir(self, ino: int) -> None:
+        node = None if self.tree is None else self.tree.nodes.get(ino)
+        if node is not None:
+            Tree.released_dir(node)
 
     def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
         """Entries from offset `start`: (name, attributes, offset of the next entry)."""
@@ -445,7 +489,7 @@ class VaultFS:
         node = self.writes.create(parent, name, mode)
         return self._handle(Handle(node, True)), node.attr
 
-    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+    async def read(self, fh: int, off: int, size: int) -> memoryview | bytes | bytearray:
         h = self._handle_of(fh)
         node = h.node
         while node.dirty is not None:  # written and not yet committed: from staging
@@ -453,11 +497,14 @@ class VaultFS:
             if data is not None:
                 return data
         if h.robject != node.entry.object:  # committed since this handle last read
-            if h.rfh:
-                self.reader.release(h.rfh)
-                h.rfh = 0
-            h.rfh = await self.reader.open(node)
-            h.robject = node.entry.object
+            want = node.entry.object
+            rfh = await self.reader.open(node)
+            if h.robject == want:  # another read of this handle reopened it meanwhile
+                self.reader.release(rfh)
+            else:
+                if h.rfh:
+                    self.reader.release(h.rfh)
+                h.rfh, h.robject = rfh, want
             self.opened_inodes.add(node.ino)
         return await self.reader.read(h.rfh, off, size)
 
@@ -475,13 +522,16 @@ class VaultFS:
     async def fsync(self, fh: int) -> None:
         """Commit the file now (and every operation before): the reply waits for the delta."""
         node = self._handle_of(fh).node
-        if node.dirty is not None or self.writes.ops:
-            await self.writes.sync([node])
+        w = self.writes
+        if node.dirty is not None or w.ops or w.round_lock.locked():
+            await w.sync([node])  # (after a round in flight: it may hold ops of before)
 
     async def sync_namespace(self) -> None:
-        """fsyncdir: the queued namespace operations committed now."""
-        if self.writes.ops:
-            await self.writes.sync([])
+        """fsyncdir: the queued namespace operations committed now (and a round in flight
+        waited for: it may hold some of them)."""
+        w = self.writes
+        if w.ops or w.round_lock.locked():
+            await w.sync([])
 
     async def setattr(self, ino: int, **changes: int | None) -> Attr:
         node = self.node(ino)

@@ -126,11 +126,22 @@ def _zeros(piece: memoryview) -> bool:
 
 def _all_new(node: Node) -> bool:
     """A file whose content owes nothing to what the catalog holds of it (never committed, or
-    truncated to nothing since): a rename records it only by its commit, at its new path, so
-    that a crash before that commit never shows an old version under the new name."""
+    truncated to nothing since)."""
     if node.children is not None:
         return False
     return not node.entry.object or (node.dirty is not None and node.dirty.base is None)
+
+
+def _recorded(node: Node) -> Entry | None:
+    """What the catalog holds as this node's version at its path, which a rename moves to
+    the new path: a directory's entry; for a file renamed over another while its content was
+    all new, the other's (`kept`: after a crash the target shows its old version, never the
+    renamed file's stale one, nor nothing); else its committed entry, if it has one."""
+    if node.children is not None:
+        return node.entry
+    if node.kept is not None:
+        return node.kept
+    return node.entry if node.entry.object else None
 
 
 class Writes:
@@ -159,12 +170,16 @@ class Writes:
         self.unlinked: dict[int, Node] = {}  # removed while open: served to their handles
         self.ops: list[dict[str, Any]] = []  # namespace ops not yet in a delta
         self.ops_since = 0.0  # when the first of them was queued
+        self.ops_retry_at = 0.0  # after a failed round of ops only: not before
+        self.ops_failures = 0
+        self.active = 0  # write handlers between their start and their end (VaultFS.refresh)
+        self.closing = False  # a lock is draining: no new changes until it is done
         # One more at every change to the tree or to staged content: a catalog reload that
         # ran meanwhile is thrown away (VaultFS.refresh), since it cannot hold the change.
         self.mutations = 0
         self.stats = Stats()
         self.last_failure = ""
-        self._round = trio.Lock()  # one commit round at a time
+        self._round = self.round_lock = trio.Lock()  # one commit round (or reload) at a time
         self._wake = trio.Event()
         self.head_after: Callable[[int], None] = lambda seq: None  # our delta's seq (VaultFS)
 
@@ -176,7 +191,7 @@ class Writes:
     def _writable(self) -> Tree:
         if self.options.read_only:
             raise ReadOnly("the mount is read-only (mounted with --read-only)")
-        if not self.vault.unlocked:
+        if not self.vault.unlocked or self.closing:
             raise Locked("the vault is locked (pqfs unlock MOUNTPOINT)")
         return self._tree()
 
@@ -303,6 +318,15 @@ class Writes:
     async def rename(
         self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
     ) -> None:
+        self.active += 1
+        try:
+            await self._rename(old_parent, old_name, new_parent, new_name, flags)
+        finally:
+            self.active -= 1
+
+    async def _rename(
+        self, old_parent: int, old_name: str, new_parent: int, new_name: str, flags: int
+    ) -> None:
         while True:
             tree = self._writable()
             src_dir = self._dir(tree, old_parent)
@@ -336,15 +360,20 @@ class Writes:
                 raise NotEmpty(f"directory not empty: {shown(target.entry.path)}")
             # A file whose content is all new replaces its target only when its own commit
             # puts it there: until then the catalog keeps the target (after a crash: the old
-            # version, never no file at all). Its later rename or unlink deletes the path.
-            self._remove(tree, dst_dir, new_name, target, record=not _all_new(node))
+            # version, never no file at all), and the file carries it (`kept`) wherever it
+            # is renamed before that commit. Its unlink deletes it.
+            keep = node.children is None and _all_new(node)
+            if keep:
+                node.kept = _recorded(target)
+            self._remove(tree, dst_dir, new_name, target, record=not keep)
         old_path = node.entry.path
         # What the catalog holds of the subtree, under the new prefix (in tree order: a
         # directory before what it holds); what was never committed follows its node.
         for n in tree.below(node):
             p = new_path + n.entry.path[len(old_path) :]
-            if n.children is not None or not _all_new(n):
-                self._queue(put_op(dataclasses.replace(n.entry, path=p)))
+            recorded = _recorded(n)
+            if recorded is not None:
+                self._queue(put_op(dataclasses.replace(recorded, path=p)))
         self._queue(del_op(old_path))
         tree.move(node, src_dir, old_name, dst_dir, new_name)
         self._keep_dir(src_dir)
@@ -370,6 +399,21 @@ class Writes:
         mtime_ns: int | None = None,
         uid: int | None = None,
         gid: int | None = None,
+    ) -> None:
+        self.active += 1
+        try:
+            await self._setattr(node, size, mode, mtime_ns, uid, gid)
+        finally:
+            self.active -= 1
+
+    async def _setattr(
+        self,
+        node: Node,
+        size: int | None,
+        mode: int | None,
+        mtime_ns: int | None,
+        uid: int | None,
+        gid: int | None,
     ) -> None:
         self._writable()
         if (uid is not None and uid != self.owner[0]) or (gid is not None and gid != self.owner[1]):
@@ -397,15 +441,17 @@ class Writes:
     def _meta_changed(self, node: Node) -> None:
         """Mode or date of `node` changed: recorded at once if its content is in the catalog
         (no re-encryption), else by the commit of its content."""
+        if node.children is None and node.dirty is not None:
+            # A file with staged content: its commit records the mode and date with the
+            # content (recorded now, they would go with the old content: a crash in between
+            # would show the old bytes with the new date, which rsync takes as up to date).
+            return
         entry = dataclasses.replace(
             node.entry, mode=node.attr.mode & 0o777, mtime_ns=node.attr.mtime_ns
         )
-        if node.children is not None or entry.object:
-            node.entry = entry
-            if node.linked:
-                self._queue(put_op(entry))
-        else:
-            node.entry = entry
+        node.entry = entry
+        if node.linked and (node.children is not None or entry.object):
+            self._queue(put_op(entry))
 
     # ------------------------------------------------------------------ data ----
 
@@ -428,7 +474,15 @@ class Writes:
             await d.committing.wait()
 
     async def truncate(self, node: Node, size: int) -> None:
+        self.active += 1
+        try:
+            await self._truncate(node, size)
+        finally:
+            self.active -= 1
+
+    async def _truncate(self, node: Node, size: int) -> None:
         async with node.write_lock():
+            self._writable()
             d = node.dirty
             if size == 0 and (d is None or d.committing is None):
                 # O_TRUNC and Jellyfin's rewrites: a new empty file, nothing of the old read
@@ -464,26 +518,30 @@ class Writes:
         """Write `data` at `off`, block by block under the node's write lock. A writer that
         finds staging full lets go of the lock while it waits for room (so that a commit,
         which takes the lock, can free its own file's blocks), then goes on where it was."""
-        self._writable()
         mv = memoryview(data).cast("B")
         end = off + len(mv)
         pos = off
         deadline: float | None = None
-        while True:
-            async with node.write_lock():
-                d = await self._dirty(node)
-                pos = await self._write_blocks(d, mv, off, pos, end)
-                d.touch()
-                node.attr.size = d.size
-                node.attr.mtime_ns = time.time_ns()
-                self._tree().changed()
-            if pos >= end:
-                return len(mv)
-            if deadline is None:
-                deadline = trio.current_time() + self.budget.timeout
-            self.pressure = True
-            self._wake.set()
-            await self.budget.wait_for_room(deadline)
+        self.active += 1
+        try:
+            while True:
+                self._writable()  # (again after a wait: a lock may have come meanwhile)
+                async with node.write_lock():
+                    d = await self._dirty(node)
+                    pos = await self._write_blocks(d, mv, off, pos, end)
+                    d.touch()
+                    node.attr.size = d.size
+                    node.attr.mtime_ns = time.time_ns()
+                    self._tree().changed()
+                if pos >= end:
+                    return len(mv)
+                if deadline is None:
+                    deadline = trio.current_time() + self.budget.timeout
+                self.pressure = True
+                self._wake.set()
+                await self.budget.wait_for_room(deadline)
+        finally:
+            self.active -= 1
 
     async def _write_blocks(self, d: Dirty, mv: memoryview, off: int, pos: int, end: int) -> int:
         """Store [pos, end) of the write (`mv` holds [off, end)); where it stopped for room."""
@@ -509,7 +567,13 @@ class Writes:
             if len(blk) < hi:
                 blk.extend(bytes(hi - len(blk)))
             blk[lo:hi] = piece
-            if not d.store(index, blk):
+            try:
+                stored = d.store(index, blk)
+            except BaseException:
+                if blk is not d.blocks.get(index):
+                    wipe(blk)
+                raise
+            if not stored:
                 if blk is not d.blocks.get(index):
                     wipe(blk)
                 return pos  # no room: the caller waits (a block kept in memory keeps the
@@ -518,7 +582,7 @@ class Writes:
             d.size = max(d.size, pos)
         return pos
 
-    async def read(self, node: Node, off: int, size: int) -> bytes | None:
+    async def read(self, node: Node, off: int, size: int) -> bytearray | bytes | None:
         """Plaintext [off, off+size) of a file with staged content, clipped at its size; None
         if its content was committed or replaced meanwhile (the caller reads again)."""
         d = node.dirty
@@ -528,14 +592,21 @@ class Writes:
         if end <= off:
             return b""
         first, last = off // CHUNK, (end - 1) // CHUNK
-        out = bytearray(end - off)
+        self.wipe_reply()
+        out = self._reply = bytearray(end - off)
         base_needed = [
             i for i in range(first, last + 1) if d.stored(i) is None and d.base_covers(i)
         ]
         base: dict[int, bytearray] = {}
         if base_needed:
             lo, hi = base_needed[0], base_needed[-1]
-            for k, c in enumerate(await self._base_chunks(d, lo, hi - lo + 1)):
+            try:
+                got = await self._base_chunks(d, lo, hi - lo + 1)
+            except Exception:
+                if node.dirty is not d:
+                    return None  # committed meanwhile (its base reader closed under this read)
+                raise
+            for k, c in enumerate(got):
                 base[lo + k] = c
             if node.dirty is not d:
                 for c in base.values():
@@ -556,7 +627,14 @@ class Writes:
                 wipe(blk)
         for c in base.values():
             wipe(c)
-        return bytes(out)
+        return out  # (wiped by the next read or by lock: the adapter has sent it by then)
+
+    _reply: bytearray | None = None
+
+    def wipe_reply(self) -> None:
+        if self._reply is not None:
+            wipe(self._reply)
+            self._reply = None
 
     def opened(self, node: Node, writable: bool) -> None:
         node.handles += 1
@@ -602,7 +680,11 @@ class Writes:
             if self.pressure:
                 self.pressure = False
                 forced = self._pressure_choice(due)
-            ops_due = self.ops and now - self.ops_since >= self.options.group_commit
+            ops_due = (
+                self.ops
+                and now - self.ops_since >= self.options.group_commit
+                and now >= self.ops_retry_at
+            )
             if due or forced or ops_due:
                 try:
                     await self.commit(due + forced, forced=forced)
@@ -613,8 +695,11 @@ class Writes:
         """Staging is full: also commit the file holding the most, open or not (the one
         case where a file still being written is committed: a crash may then leave the part
         written so far, which README says)."""
+        now = time.monotonic()
         idle = [
-            n for n in self.dirty.values() if n.dirty is not None and n.dirty.committing is None
+            n
+            for n in self.dirty.values()
+            if n.dirty is not None and n.dirty.committing is None and now >= n.dirty.retry_at
         ]
         if idle:
             biggest = max(idle, key=lambda n: n.dirty.staged_bytes if n.dirty else 0)
@@ -669,10 +754,14 @@ class Writes:
         # encryption), large ones one by one.
         batches: list[list[tuple[Node, Dirty]]] = []
         for node, d in taken:
-            if batches and d.size <= SMALL_FILE and len(batches[-1]) < self.options.commit_files:
-                if all(x.size <= SMALL_FILE for _, x in batches[-1]):
-                    batches[-1].append((node, d))
-                    continue
+            if (
+                batches
+                and d.size <= SMALL_FILE
+                and len(batches[-1]) < self.options.commit_files
+                and all(x.size <= SMALL_FILE for _, x in batches[-1])
+            ):
+                batches[-1].append((node, d))
+                continue
             batches.append([(node, d)])
         for batch in batches:
             results = await self.offload(self._write_objects, [d for _, d in batch])
@@ -708,11 +797,16 @@ class Writes:
                 crash_point("appended")
                 self.head_after(seq)
         except Exception as e:
-            self.ops = ops + self.ops  # (their order kept)
+            # Everything kept: the ops back in front of the queue (their order kept), the staged
+            # data. The new objects are left to gc past its grace, not deleted: an append that
+            # failed after its segment was stored (a timeout, the state disk) names them.
+            self.ops = ops + self.ops
             for w in written:
                 failed = self._failed(w.node, w.dirty, e)
-                self._delete_soon(w.entry.object)
+            if failed is None:  # only namespace ops: their failure is one too
+                failed = self._ops_failed(e)
             return failed
+        self.ops_retry_at = 0.0
         # Committed: each node's entry is its new object; what it staged is wiped.
         self.mutations += 1
         closing: list[SpillFile] = []
@@ -721,6 +815,7 @@ class Writes:
         s.ops_committed += len(delta)
         for w, put in puts:
             w.node.entry = put
+            w.node.kept = None
             w.node.dirty = None
             self.dirty.pop(w.node.ino, None)
             w.dirty.wipe(closing)
@@ -729,16 +824,45 @@ class Writes:
             ev.set()
             s.files_committed += 1
             s.bytes_committed += put.size
+        garbage = []
         for w in written:  # unlinked during the commit: its object is garbage now
             if w.dirty.committing is not None:
-                self._delete_soon(w.entry.object)
+                garbage.append(w.entry.object)
                 ev, w.dirty.committing = w.dirty.committing, None
                 ev.set()
-                self._drop(w.node)
+                if not w.node.handles:  # (open handles keep reading and writing it)
+                    self._drop(w.node)
         self.last_failure = "" if failed is None else str(failed)
-        if closing:
-            await self.offload(_close_all, closing)
+        if closing or garbage:
+            await self.offload(self._clean_up, closing, garbage)
         return failed
+
+    def _clean_up(self, closing: list[SpillFile], garbage: list[str]) -> None:
+        """On a thread: close spill files (their keys are gone already) and delete objects no
+        delta names (best effort: gc takes what is left, past its grace)."""
+        _close_all(closing)
+        for object_id in garbage:
+            self._delete_soon(object_id)
+
+    def _ops_failed(self, e: Exception) -> PqfsError:
+        self.stats.commit_failures += 1
+        self.ops_failures += 1
+        delay = min(300.0, self.options.group_commit * 2**self.ops_failures)
+        self.ops_retry_at = time.monotonic() + delay
+        why = (
+            str(e) if isinstance(e, (PqfsError, OSError)) else f"internal error {type(e).__name__}"
+        )
+        log.error(
+            "could not commit %d operation(s) (kept; retried in %.0f s): %s",
+            len(self.ops),
+            delay,
+            why,
+            exc_info=not isinstance(e, (PqfsError, OSError)),
+        )
+        err = VaultError(f"could not commit {len(self.ops)} operation(s): {why}")
+        err.logged = True
+        self.last_failure = str(err)
+        return err
 
     def _failed(self, node: Node, d: Dirty, e: Exception) -> PqfsError:
         self.stats.commit_failures += 1
@@ -747,6 +871,8 @@ class Writes:
         ev, d.committing = d.committing, None
         if ev is not None:
             ev.set()
+        if not node.linked and not node.handles:
+            self._drop(node)  # unlinked meanwhile: nothing left to commit it for
         why = (
             str(e) if isinstance(e, (PqfsError, OSError)) else f"internal error {type(e).__name__}"
         )
@@ -806,6 +932,7 @@ class Writes:
     def wipe(self) -> None:
         """Lock or unmount after a drain that failed: what could not be committed is lost;
         wiped either way."""
+        self.wipe_reply()
         for node in list(self.dirty.values()) + list(self.unlinked.values()):
             if node.dirty is not None:
                 node.dirty.wipe()
