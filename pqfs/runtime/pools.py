@@ -139,11 +139,16 @@ class BufferPool:
         return bytearray(self.size)
 
     def put(self, buf: bytearray, dirty: bool = True) -> None:
+        """Hand `buf` back; `dirty=False` defers its wiping to reuse or close, but a buffer
+        the free list has no room for is wiped now (it is never freed holding plaintext)."""
         if dirty:
             wipe(buf)
         with self._lock:
             if len(self._free) < self.limit:
                 self._free.append(buf)
+                return
+        if not dirty:
+            wipe(buf)
 
     def close(self) -> None:
         with self._lock:
