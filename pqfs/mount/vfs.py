@@ -168,6 +168,7 @@ class VaultFS:
         self._next_handle = 1
         self.writes = Writes(vault, opts, self.offload, self._tree, (self.uid, self.gid))
         self.writes.head_after = self._own_delta
+        self.writes.after_round = self.settle
         self._nursery: trio.Nursery | None = None
         self.opened_inodes: set[int] = set()
         self.mounted_at = time.time()
