@@ -136,7 +136,9 @@ class ControlServer:
             if command not in COMMANDS:
                 return Answer(errno.EINVAL, "unknown request")
             secret = bytearray(n - end - 1)
-            secret[:] = memoryview(request)[end + 1 : n]
+            # Through memoryviews on both sides: `bytearray[...] = memoryview` first copies the
+            # source into a temporary bytearray, freed unwiped (CPython bytearray_ass_subscript).
+            memoryview(secret)[:] = memoryview(request)[end + 1 : n]
             wipe(request)
             try:
                 return await self.handler(command, secret, uid)
@@ -155,7 +157,7 @@ class ControlServer:
             while n <= self.max_request:
                 if n == len(buf):
                     bigger = bytearray(min(2 * len(buf), self.max_request + 1))
-                    bigger[:n] = memoryview(buf)[:n]
+                    memoryview(bigger)[:n] = memoryview(buf)[:n]  # no temporary copy
                     wipe(buf)
                     buf = bigger
                 got = await conn.recv_into(memoryview(buf)[n:])

@@ -178,7 +178,7 @@ class BaseReader:
             for k in range(count):
                 lo = k * CHUNK
                 hi = min(n, lo + CHUNK, max(lo, limit - first * CHUNK))
-                out.append(bytearray(buf[lo:hi]) if hi > lo else bytearray())
+                out.append(bytearray(memoryview(buf)[lo:hi]) if hi > lo else bytearray())
             return out
         finally:
             wipe(buf)
@@ -398,7 +398,7 @@ class DirtyStream:
             if self._piece_at >= len(self._piece):
                 self._next_block()
             n = min(len(out) - total, len(self._piece) - self._piece_at)
-            out[total : total + n] = self._piece[self._piece_at : self._piece_at + n]
+            out[total : total + n] = memoryview(self._piece)[self._piece_at : self._piece_at + n]
             self._piece_at += n
             self.pos += n
             total += n
@@ -420,7 +420,7 @@ class DirtyStream:
         piece = bytearray(length)
         if data is not None:
             n = min(len(data), length)
-            piece[:n] = data[:n]
+            memoryview(piece)[:n] = memoryview(data)[:n]  # (no temporary copy: see zeroize)
             if data is not d.blocks.get(index):
                 wipe(data)
         self._piece, self._piece_at = piece, self.pos - index * CHUNK

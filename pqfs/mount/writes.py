@@ -570,7 +570,7 @@ class Writes:
                     blk = bytearray()
             if len(blk) < hi:
                 blk.extend(bytes(hi - len(blk)))
-            blk[lo:hi] = piece
+            memoryview(blk)[lo:hi] = piece  # (a bytearray target would copy `piece` first)
             try:
                 stored = d.store(index, blk)
             except BaseException:
@@ -626,7 +626,7 @@ class Writes:
             b0 = i * CHUNK
             lo, hi = max(off, b0), min(end, b0 + len(blk))
             if hi > lo:
-                out[lo - off : hi - off] = blk[lo - b0 : hi - b0]
+                memoryview(out)[lo - off : hi - off] = memoryview(blk)[lo - b0 : hi - b0]
             if own:
                 wipe(blk)
         for c in base.values():
@@ -728,14 +728,11 @@ class Writes:
         self, nodes: list[Node], everything: bool = False, forced: list[Node] | None = None
     ) -> PqfsError | None:
         """One round: write the objects of `nodes` that are still due when it starts (all
-        of them with `everything`, and those in `forced`), make them durable, append one delta
-        with the queued ops and their puts. Returns the error of a node that failed (None)."""
-        failed: PqfsError | None = None
-        step = self.options.commit_files
-        for i in range(0, max(1, len(nodes)), step):  # (one round even for none: the ops)
-            async with self._round:
-                failed = await self._commit(nodes[i : i + step], everything, forced or []) or failed
-        return failed
+        of them with `everything`, and those in `forced`), make them durable at once, then
+        append the queued ops and their puts, in deltas of at most `commit_files` files.
+        Returns the error of a node that failed (None)."""
+        async with self._round:
+            return await self._commit(nodes, everything, forced or [])
 
     async def _commit(
         self, nodes: list[Node], everything: bool, forced: list[Node]
@@ -775,48 +772,84 @@ class Writes:
                     continue
                 written.append(Written(node, d, result, d.version))
                 crash_point("object-written")
-        ops: list[dict[str, Any]] = []
-        puts: list[tuple[Written, Entry]] = []
-        delta: list[dict[str, Any]] = []
-        try:
-            if written:
+        if written:
+            try:  # every object of the round durable at once (one syncfs), before any delta
                 await self.offload(self.vault.storage.make_durable)
-                crash_point("durable")
-            # The delta: every op queued until now, then the new objects at their paths now
-            # (no await from here to the append's start: see the module's invariants).
-            ops, self.ops = self.ops, []
-            for w in written:
-                if not w.node.linked:
-                    continue
-                put = dataclasses.replace(
-                    w.entry,
-                    path=w.node.entry.path,
-                    mode=w.node.attr.mode & 0o777,
-                    mtime_ns=w.node.attr.mtime_ns,
-                )
-                puts.append((w, put))
-            delta = ops + [put_op(p) for _, p in puts]
-            if delta:
-                seq = await self.offload(self._append, delta)
-                crash_point("appended")
-                self.head_after(seq)
-        except Exception as e:
-            # Everything kept: the ops back in front of the queue (their order kept), the staged
-            # data. The new objects are left to gc past its grace, not deleted: an append that
-            # failed after its segment was stored (a timeout, the state disk) names them.
-            self.ops = ops + self.ops
-            for w in written:
-                failed = self._failed(w.node, w.dirty, e)
-            if failed is None:  # only namespace ops: their failure is one too
-                failed = self._ops_failed(e)
-            return failed
-        self.ops_retry_at = 0.0
-        # Committed: each node's entry is its new object; what it staged is wiped.
-        self.mutations += 1
+            except Exception as e:
+                for w in written:
+                    failed = self._failed(w.node, w.dirty, e)
+                return failed
+            crash_point("durable")
+        # The deltas: the first holds every op queued until now, each the puts of at most
+        # commit_files of the new objects, at their paths now (no await from taking the queue
+        # to the append's start: the module's invariants; the paths of files being committed
+        # do not move meanwhile, since renames wait for their commits).
+        step = self.options.commit_files
         closing: list[SpillFile] = []
+        committed = False
+        for i in range(0, max(1, len(written)), step):
+            ops: list[dict[str, Any]] = []
+            if i == 0:
+                ops, self.ops = self.ops, []
+            # (a file unlinked during an earlier slice's append is left out: garbage below)
+            puts = [(w, self._put_of(w)) for w in written[i : i + step] if w.node.linked]
+            delta = ops + [put_op(p) for _, p in puts]
+            if not delta:
+                continue
+            try:
+                seq = await self.offload(self._append, delta)
+            except Exception as e:
+                # Everything kept: the ops back in front of the queue (their order kept), the
+                # staged data. The new objects are left to gc past its grace, not deleted: an
+                # append that failed after its segment was stored (a timeout, the state disk)
+                # names them.
+                self.ops = ops + self.ops
+                for w in written[i:]:
+                    if w.dirty.committing is not None and w.node.linked:
+                        failed = self._failed(w.node, w.dirty, e)
+                if not puts:  # only namespace ops: their failure is one too
+                    failed = self._ops_failed(e)
+                break
+            crash_point("appended")
+            self.head_after(seq)
+            if i == 0:
+                self.ops_retry_at = 0.0
+                self.ops_failures = 0
+            self._committed(puts, len(delta), closing)
+            committed = True
+        garbage = []
+        for w in written:  # unlinked during the commit: its object is garbage now
+            if w.dirty.committing is not None and not w.node.linked:
+                garbage.append(w.entry.object)
+                ev, w.dirty.committing = w.dirty.committing, None
+                ev.set()
+                if not w.node.handles:  # (open handles keep reading and writing it)
+                    self._drop(w.node)
+        self.last_failure = "" if failed is None else str(failed)
+        if closing or garbage:
+            await self.offload(self._clean_up, closing, garbage)
+        if committed:
+            self.after_round()
+        return failed
+
+    @staticmethod
+    def _put_of(w: Written) -> Entry:
+        return dataclasses.replace(
+            w.entry,
+            path=w.node.entry.path,
+            mode=w.node.attr.mode & 0o777,
+            mtime_ns=w.node.attr.mtime_ns,
+        )
+
+    def _committed(
+        self, puts: list[tuple[Written, Entry]], ops: int, closing: list[SpillFile]
+    ) -> None:
+        """A delta holding `puts` is written: each node's entry is its new object, what it
+        staged is wiped (its spill file closed later, on a thread: `closing`)."""
+        self.mutations += 1
         s = self.stats
-        s.commits += bool(delta)
-        s.ops_committed += len(delta)
+        s.commits += 1
+        s.ops_committed += ops
         for w, put in puts:
             w.node.entry = put
             w.node.kept = None
@@ -828,20 +861,6 @@ class Writes:
             ev.set()
             s.files_committed += 1
             s.bytes_committed += put.size
-        garbage = []
-        for w in written:  # unlinked during the commit: its object is garbage now
-            if w.dirty.committing is not None:
-                garbage.append(w.entry.object)
-                ev, w.dirty.committing = w.dirty.committing, None
-                ev.set()
-                if not w.node.handles:  # (open handles keep reading and writing it)
-                    self._drop(w.node)
-        self.last_failure = "" if failed is None else str(failed)
-        if closing or garbage:
-            await self.offload(self._clean_up, closing, garbage)
-        if puts:
-            self.after_round()
-        return failed
 
     def _clean_up(self, closing: list[SpillFile], garbage: list[str]) -> None:
         """On a thread: close spill files (their keys are gone already) and delete objects no

@@ -66,7 +66,7 @@ def read_fd(fd: int, limit: int) -> bytearray:
                 break
             got += n
         out = bytearray(min(got, limit))
-        out[:] = memoryview(buf)[: len(out)]
+        memoryview(out)[:] = memoryview(buf)[: len(out)]
         return out
     finally:
         wipe(buf)
@@ -78,7 +78,7 @@ def strip_newline(secret: bytearray) -> bytearray:
     while n and secret[n - 1] in (0x0A, 0x0D):
         n -= 1
     out = bytearray(n)
-    out[:] = memoryview(secret)[:n]
+    memoryview(out)[:] = memoryview(secret)[:n]
     wipe(secret)
     return out
 
@@ -149,5 +149,5 @@ def read_line(fd: int, limit: int = 1024) -> bytearray:
 
 def _head(buf: bytearray, n: int) -> bytearray:
     out = bytearray(n)
-    out[:] = memoryview(buf)[:n]
+    memoryview(out)[:] = memoryview(buf)[:n]
     return out
