@@ -120,6 +120,7 @@ class MountOptions:
     # Files in one commit round (one delta): what the loop does for a round, without an await
     # between taking the op queue and appending, grows with it (~20 us a file).
     commit_files: int = 256
+    commit_threads: int = 1  # threads writing a round's objects at once (2 lost to the GIL)
     key_cache_entries: int = 4096  # unwrapped file keys cached (least recently used wiped first)
     spare_eventfds: int = 64  # idle worker wake-up eventfds kept for reuse; more are closed
     direct_slot_bytes: int = 256 << 10  # one O_DIRECT read: up to 3 chunks, aligned both sides
@@ -167,6 +168,7 @@ class MountOptions:
         "write_buffer",
         "write_buffer_file",
         "commit_files",
+        "commit_threads",
     )
     # Times that must pass before something happens at all (an open, a poll, a request).
     MORE_THAN_ZERO: ClassVar[tuple[str, ...]] = (

@@ -753,20 +753,28 @@ class Writes:
             taken.append((node, d))
         # Small files go to a thread together (a thread hop each cost more than their
         # encryption), large ones one by one.
-        batches: list[list[tuple[Node, Dirty]]] = []
-        for node, d in taken:
-            if (
-                batches
-                and d.size <= SMALL_FILE
-                and len(batches[-1]) < self.options.commit_files
-                and all(x.size <= SMALL_FILE for _, x in batches[-1])
-            ):
-                batches[-1].append((node, d))
-                continue
-            batches.append([(node, d)])
-        for batch in batches:
-            results = await self.offload(self._write_objects, [d for _, d in batch])
-            for (node, d), result in zip(batch, results, strict=True):
+        # Up to commit_threads batches at once (a large file's encryption is parallel in
+        # itself; small files' wraps and temp files are not).
+        small = [(n, d) for n, d in taken if d.size <= SMALL_FILE]
+        per = max(1, min(self.options.commit_files, -(-len(small) // self.options.commit_threads)))
+        batches = [small[i : i + per] for i in range(0, len(small), per)]
+        batches += [[(n, d)] for n, d in taken if d.size > SMALL_FILE]
+        results: dict[int, list[Entry | Exception]] = {}
+
+        async def run(k: int) -> None:
+            results[k] = await self.offload(self._write_objects, [d for _, d in batches[k]])
+
+        limit = trio.CapacityLimiter(self.options.commit_threads)
+
+        async def bounded(k: int) -> None:
+            async with limit:
+                await run(k)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(len(batches)):
+                nursery.start_soon(bounded, k)
+        for k, batch in enumerate(batches):
+            for (node, d), result in zip(batch, results[k], strict=True):
                 if isinstance(result, Exception):
                     failed = self._failed(node, d, result)
                     continue
