@@ -63,10 +63,13 @@ def test_budgets_return_to_zero(tmp_path: Path) -> None:
     d.truncate(5 * CHUNK)  # growing: zeros, nothing stored
     assert budget.memory_used == CHUNK + 10
     s = DirtyStream(d)
-    out = bytearray(5 * CHUNK)
-    assert s.readinto(out) == 5 * CHUNK
-    assert out[CHUNK + 10 :] == bytes(5 * CHUNK - CHUNK - 10)
-    s.close()
+    assert s.size == 5 * CHUNK
+    out = bytearray(5 * CHUNK + 100)
+    assert s.read_at(memoryview(out), 0) == 5 * CHUNK  # clipped at the size
+    assert out[CHUNK + 10 :] == bytes(len(out) - CHUNK - 10)  # what was cut reads as zeros
+    part = bytearray(CHUNK)
+    assert s.read_at(memoryview(part), 2 * CHUNK) == CHUNK  # any offset
+    assert part == bytes(CHUNK)
     d.wipe()
     assert budget.memory_used == 0 and budget.spill_used == 0
     # a full spill refuses, it does not grow past its bound

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -37,9 +37,6 @@ from pqfs.format.stream import CHUNK
 from pqfs.runtime.memory import wipe
 from pqfs.storage.base import ObjectSource
 from pqfs.vault.schema import Entry
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
 
 TAG = 16
 SLOT = CHUNK + TAG  # one sealed block in a spill file
@@ -374,76 +371,19 @@ class Dirty:
 
 
 class DirtyStream:
-    """A Dirty's whole plaintext, in order, as a readable stream (what the commit encrypts).
-    On the commit's thread; the Dirty does not change meanwhile (`committing`)."""
-
-    BATCH = 32  # base chunks decrypted per read of the base object
+    """A Dirty's whole plaintext as what a commit encrypts (objects.write_object): its size and
+    `read_at`, which encrypt_stream's workers call at once, each for its own batch
+    (agefile._positional); the Dirty does not change meanwhile (`committing`)."""
 
     def __init__(self, d: Dirty) -> None:
-        self.d = d
         self.size = d.size
-        self.read_at = d.read_at  # what encrypt_stream uses (agefile._positional)
-        self.pos = 0
-        self._piece = bytearray()
-        self._piece_at = 0
-        self._base: dict[int, bytearray] = {}
+        self.read_at = d.read_at
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: WriteableBuffer) -> int:
-        out = memoryview(b).cast("B")
-        total = 0
-        while total < len(out) and self.pos < self.d.size:
-            if self._piece_at >= len(self._piece):
-                self._next_block()
-            n = min(len(out) - total, len(self._piece) - self._piece_at)
-            out[total : total + n] = memoryview(self._piece)[self._piece_at : self._piece_at + n]
-            self._piece_at += n
-            self.pos += n
-            total += n
-        return total
-
-    def read(self, n: int = -1) -> bytes:  # (io protocol; encrypt_stream uses readinto)
-        buf = bytearray(n if n >= 0 else self.d.size - self.pos)
-        got = self.readinto(buf)
-        return bytes(buf[:got])
-
-    def _next_block(self) -> None:
-        d = self.d
-        index = self.pos // CHUNK
-        length = min(CHUNK, d.size - index * CHUNK)
-        wipe(self._piece)
-        data = d.stored(index)
-        if data is None and d.base_covers(index):
-            data = self._base_chunk(index)
-        piece = bytearray(length)
-        if data is not None:
-            n = min(len(data), length)
-            memoryview(piece)[:n] = memoryview(data)[:n]  # (no temporary copy: see zeroize)
-            if data is not d.blocks.get(index):
-                wipe(data)
-        self._piece, self._piece_at = piece, self.pos - index * CHUNK
-
-    def _base_chunk(self, index: int) -> bytearray:
-        hit = self._base.pop(index, None)
-        if hit is not None:
-            return hit
-        for old in self._base.values():
-            wipe(old)
-        d = self.d
-        assert d.base_reader is not None and d.base is not None
-        last = -(-min(d.base_limit, d.base.size) // CHUNK)
-        count = min(self.BATCH, last - index)
-        got = d.base_reader.chunks(index, count, d.base_limit)
-        self._base = {index + k: c for k, c in enumerate(got[1:], 1)}
-        return got[0]
-
     def close(self) -> None:
-        wipe(self._piece)
-        for old in self._base.values():
-            wipe(old)
-        self._base.clear()
+        pass  # (read_at wipes what it decrypts; the buffers are encrypt_stream's)
 
 
 def open_base(v: Any, e: Entry) -> BaseReader:

@@ -232,28 +232,27 @@ class Writes:
     # ------------------------------------------------------------------ namespace ----
 
     def create(self, parent_ino: int, name: str, mode: int) -> Node:
-        tree = self._writable()
-        parent = self._dir(tree, parent_ino)
-        if self._child(tree, parent, name) is not None:
-            raise Exists(f"exists: {name}")
-        path = self._new_path(tree, parent, name)
-        now = time.time_ns()
-        node = tree.attach(parent, name, Entry(path, "file", mode & 0o777, now))
+        """A new empty file: on this mount only until its first commit."""
+        node = self._new_node(parent_ino, name, "file", mode)
         self.mutations += 1
         node.dirty = self._new_dirty(None, 0)
         self.dirty[node.ino] = node
-        self._touch_dir(parent, now)
         return node
 
     def mkdir(self, parent_ino: int, name: str, mode: int) -> Node:
+        """A new directory, recorded as one (it stays when empty)."""
+        node = self._new_node(parent_ino, name, "dir", mode)
+        self._queue(put_op(node.entry))
+        return node
+
+    def _new_node(self, parent_ino: int, name: str, kind: str, mode: int) -> Node:
         tree = self._writable()
         parent = self._dir(tree, parent_ino)
         if self._child(tree, parent, name) is not None:
             raise Exists(f"exists: {name}")
         path = self._new_path(tree, parent, name)
         now = time.time_ns()
-        node = tree.attach(parent, name, Entry(path, "dir", mode & 0o777, now))
-        self._queue(put_op(node.entry))
+        node = tree.attach(parent, name, Entry(path, kind, mode & 0o777, now))
         self._touch_dir(parent, now)
         return node
 
