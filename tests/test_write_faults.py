@@ -135,3 +135,19 @@ def test_s3_faults_during_commits_are_retried(
     assert b"every chunk authentic" in run_pqfs("verify", loc, env=env_direct).stdout
     for name, data in {**files, "late.txt": b"written while the server is down"}.items():
         assert run_pqfs("cat", loc, name, env=env_direct).stdout == data
+
+
+def test_s3_free_space_is_the_write_caches_room(
+    s3_bucket: str, seaweed: Any, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """An S3 store has no free space to ask for: df of a writable mount shows what staging can
+    take (Sonarr and Radarr check it before an import), a read-only one 1 PiB."""
+    env = {**cli_env, **seaweed.env()}
+    loc = f"s3://{s3_bucket}/vault"
+    run_pqfs("init", loc, env=env)
+    with mounted(loc, tmp_path / "mnt", env, "--write-cache-size", "100M") as mp:
+        st = os.statvfs(mp)
+        assert st.f_bavail * st.f_frsize == 100 * 1024 * 1024
+    with mounted(loc, tmp_path / "mnt", env, "--read-only") as mp:
+        st = os.statvfs(mp)
+        assert st.f_bavail * st.f_frsize == 1 << 50

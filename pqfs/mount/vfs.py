@@ -438,14 +438,22 @@ class VaultFS:
 
     async def statfs(self) -> Space:
         """The tree's size against the store's free room: a local vault's file system, asked on
-        a thread (a network file system may be slow to answer); a remote store's is unknown
-        (REMOTE_FREE). A locked vault shows no files, and still the free room."""
+        a thread (a network file system may be slow to answer); a remote store's is unknown:
+        the write cache's room when writable, else REMOTE_FREE. A locked vault shows no files,
+        and still the free room."""
         used, entries = (0, 0) if self.tree is None else self.tree.usage(BLOCK)
         storage = self.vault.storage
         if isinstance(storage, LocalStorage):
             st = await self.offload(os.statvfs, storage.root)
             free, avail = st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize
             free_entries = st.f_favail
+        elif not self.options.read_only:
+            # A remote store has no free space to ask for; what a writer can put here at once
+            # is what staging has room for (Sonarr and Radarr check it before an import).
+            st = await self.offload(os.statvfs, self.options.write_cache)
+            room = self.options.write_cache_size - self.writes.budget.spill_used
+            free = avail = max(0, min(st.f_bavail * st.f_frsize, room))
+            free_entries = REMOTE_FREE_ENTRIES
         else:
             free = avail = REMOTE_FREE
             free_entries = REMOTE_FREE_ENTRIES
