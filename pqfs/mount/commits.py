@@ -1,0 +1,411 @@
+"""Commit rounds of the mount's writes (writes.py holds the namespace and the data): which
+files are due, their new objects, made durable at once, then the catalog deltas that name them.
+`Commits` is the base of `writes.Writes`, which holds the state both use (its docstring: the
+invariants); the split keeps each module to one concern.
+
+Order of a round (each step safe to interrupt: tests/test_crash.py kills the daemon at each):
+  1. under each due file's write lock, `committing` set (writes wait, renames too);
+  2. on threads, each file's staged content encrypted into a new object (not durable yet);
+  3. one make_durable for them all;
+  4. on the loop, with no await, the queued ops and the puts of at most `commit_files` files
+     become a delta, appended (create-if-absent); then the next puts; each node's entry
+     becomes its new object only once its delta is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from pqfs.errors import PqfsError, VaultError
+from pqfs.format.encoding import b64encode
+from pqfs.format.stream import CHUNK
+from pqfs.mount.options import MountOptions
+from pqfs.mount.staging import Dirty, DirtyStream, SpillFile, StagingBudget, open_base
+from pqfs.mount.tree import Node
+from pqfs.vault.catalog import put_op, shown
+from pqfs.vault.objects import object_key, write_object
+from pqfs.vault.schema import Entry
+from pqfs.vault.vault import Vault
+
+log = logging.getLogger("pqfs.mount")
+Offload = Callable[..., Awaitable[Any]]
+
+SMALL_FILE = 1 << 20  # committed together, many to one thread hop
+
+# The crash test (tests/test_crash.py) kills the daemon at a named point of a commit, the
+# Nth time it passes it: PQFS_TEST_CRASH_AT=point:N. Unset, this costs one comparison.
+_CRASH_AT, _, _CRASH_N = os.environ.get("PQFS_TEST_CRASH_AT", "").partition(":")
+_crash_seen: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        _crash_seen[name] = n = _crash_seen.get(name, 0) + 1
+        if n >= int(_CRASH_N or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Stats:
+    commits: int = 0  # deltas written
+    files_committed: int = 0
+    bytes_committed: int = 0
+    commit_failures: int = 0
+    ops_committed: int = 0
+
+
+@dataclass
+class Written:
+    """One object a commit round wrote, before its delta."""
+
+    node: Node
+    dirty: Dirty
+    entry: Entry
+    version: int
+
+
+def _close_all(spills: list[SpillFile]) -> None:
+    """On a thread: close spill files (their keys are already gone)."""
+    for s in spills:
+        s.close()
+
+
+class Commits:
+    """Commit rounds (the module's docstring); the state is `writes.Writes`'s."""
+
+    vault: Vault
+    options: MountOptions
+    offload: Offload
+    budget: StagingBudget
+    dirty: dict[int, Node]
+    unlinked: dict[int, Node]
+    ops: list[dict[str, Any]]
+    ops_since: float
+    ops_retry_at: float
+    ops_failures: int
+    stats: Stats
+    last_failure: str
+    mutations: int
+    pressure: bool
+    _round: trio.Lock
+    _wake: trio.Event
+    head_after: Callable[[int], None]
+    after_round: Callable[[], None]
+
+    def _drop(self, node: Node) -> None:
+        if node.dirty is not None and node.dirty.committing is None:
+            node.dirty.wipe()
+            node.dirty = None
+        self.unlinked.pop(node.ino, None)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty or self.ops or self._round.locked())
+
+    def _ready(self, node: Node, now: float, everything: bool) -> bool:
+        d = node.dirty
+        if d is None or d.committing is not None:
+            return False
+        if everything:
+            return True
+        if now < d.retry_at:
+            return False
+        return node.writers == 0 and now - d.changed_at >= self.options.commit_delay
+
+    async def run(self) -> None:
+        """The committer: a round whenever something is due; never raises (a failed round is
+        logged and retried)."""
+        while True:
+            with trio.move_on_after(self.options.commit_tick):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = time.monotonic()
+            due = [n for n in self.dirty.values() if self._ready(n, now, False)]
+            forced: list[Node] = []
+            if self.pressure:
+                self.pressure = False
+                forced = self._pressure_choice(due)
+            ops_due = (
+                self.ops
+                and now - self.ops_since >= self.options.group_commit
+                and now >= self.ops_retry_at
+            )
+            if due or forced or ops_due:
+                try:
+                    await self.commit(due + forced, forced=forced)
+                except Exception as e:  # logged by commit; the next round retries
+                    log.debug("commit round failed: %s", type(e).__name__)
+
+    def _pressure_choice(self, due: list[Node]) -> list[Node]:
+        """Staging is full: also commit the file holding the most, open or not (the one
+        case where a file still being written is committed: a crash may then leave the part
+        written so far, which README says)."""
+        now = time.monotonic()
+        idle = [
+            n
+            for n in self.dirty.values()
+            if n.dirty is not None and n.dirty.committing is None and now >= n.dirty.retry_at
+        ]
+        if idle:
+            biggest = max(idle, key=lambda n: n.dirty.staged_bytes if n.dirty else 0)
+            if biggest not in due:
+                return [biggest]
+        return []
+
+    async def sync(self, nodes: list[Node] | None = None) -> None:
+        """Commit `nodes` (None: everything pending) and every queued op now, waiting for a
+        round already running first; raises if any of them could not be committed."""
+        if nodes is None:
+            nodes = list(self.dirty.values())
+        for n in nodes:  # a commit reading one now: wait for it, then commit what is left
+            if n.dirty is not None and n.dirty.committing is not None:
+                await n.dirty.committing.wait()
+        todo = [n for n in nodes if n.dirty is not None and n.linked]
+        failed = await self.commit(todo, everything=True)
+        if failed:
+            raise failed
+
+    async def commit(
+        self, nodes: list[Node], everything: bool = False, forced: list[Node] | None = None
+    ) -> PqfsError | None:
+        """One round: write the objects of `nodes` that are still due when it starts (all
+        of them with `everything`, and those in `forced`), make them durable at once, then
+        append the queued ops and their puts, in deltas of at most `commit_files` files.
+        Returns the error of a node that failed (None)."""
+        async with self._round:
+            return await self._commit(nodes, everything, forced or [])
+
+    async def _commit(
+        self, nodes: list[Node], everything: bool, forced: list[Node]
+    ) -> PqfsError | None:
+        now = time.monotonic()
+        written: list[Written] = []
+        failed: PqfsError | None = None
+        taken: list[tuple[Node, Dirty]] = []
+        for node in nodes:
+            async with node.write_lock():  # never a write half done
+                d = node.dirty
+                # (due when chosen, but a round may have run before this one: a file reopened
+                # for writing meanwhile is no longer due)
+                due = self._ready(node, now, everything or node in forced)
+                if d is None or not due or not node.linked:
+                    continue
+                d.committing = trio.Event()
+            taken.append((node, d))
+        # Small files go to a thread together (a thread hop each cost more than their
+        # encryption), large ones one by one.
+        # Up to commit_threads batches at once (a large file's encryption is parallel in
+        # itself; small files' wraps and temp files are not).
+        small = [(n, d) for n, d in taken if d.size <= SMALL_FILE]
+        per = max(1, min(self.options.commit_files, -(-len(small) // self.options.commit_threads)))
+        batches = [small[i : i + per] for i in range(0, len(small), per)]
+        batches += [[(n, d)] for n, d in taken if d.size > SMALL_FILE]
+        results: dict[int, list[Entry | Exception]] = {}
+
+        async def run(k: int) -> None:
+            results[k] = await self.offload(self._write_objects, [d for _, d in batches[k]])
+
+        limit = trio.CapacityLimiter(self.options.commit_threads)
+
+        async def bounded(k: int) -> None:
+            async with limit:
+                await run(k)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(len(batches)):
+                nursery.start_soon(bounded, k)
+        for k, batch in enumerate(batches):
+            for (node, d), result in zip(batch, results[k], strict=True):
+                if isinstance(result, Exception):
+                    failed = self._failed(node, d, result)
+                    continue
+                written.append(Written(node, d, result, d.version))
+                crash_point("object-written")
+        if written:
+            try:  # every object of the round durable at once (one syncfs), before any delta
+                await self.offload(self.vault.storage.make_durable)
+            except Exception as e:
+                for w in written:
+                    failed = self._failed(w.node, w.dirty, e)
+                return failed
+            crash_point("durable")
+        # The deltas: the first holds every op queued until now, each the puts of at most
+        # commit_files of the new objects, at their paths now (no await from taking the queue
+        # to the append's start: the module's invariants; the paths of files being committed
+        # do not move meanwhile, since renames wait for their commits).
+        step = self.options.commit_files
+        closing: list[SpillFile] = []
+        committed = False
+        for i in range(0, max(1, len(written)), step):
+            ops: list[dict[str, Any]] = []
+            if i == 0:
+                ops, self.ops = self.ops, []
+            # (a file unlinked during an earlier slice's append is left out: garbage below)
+            puts = [(w, self._put_of(w)) for w in written[i : i + step] if w.node.linked]
+            delta = ops + [put_op(p) for _, p in puts]
+            if not delta:
+                continue
+            try:
+                seq = await self.offload(self._append, delta)
+            except Exception as e:
+                # Everything kept: the ops back in front of the queue (their order kept), the
+                # staged data. The new objects are left to gc past its grace, not deleted: an
+                # append that failed after its segment was stored (a timeout, the state disk)
+                # names them.
+                self.ops = ops + self.ops
+                for w in written[i:]:
+                    if w.dirty.committing is not None and w.node.linked:
+                        failed = self._failed(w.node, w.dirty, e)
+                if not puts:  # only namespace ops: their failure is one too
+                    failed = self._ops_failed(e)
+                break
+            crash_point("appended")
+            self.head_after(seq)
+            if i == 0:
+                self.ops_retry_at = 0.0
+                self.ops_failures = 0
+            self._committed(puts, len(delta), closing)
+            committed = True
+        garbage = []
+        for w in written:  # unlinked during the commit: its object is garbage now
+            if w.dirty.committing is not None and not w.node.linked:
+                garbage.append(w.entry.object)
+                ev, w.dirty.committing = w.dirty.committing, None
+                ev.set()
+                if not w.node.handles:  # (open handles keep reading and writing it)
+                    self._drop(w.node)
+        self.last_failure = "" if failed is None else str(failed)
+        if closing or garbage:
+            await self.offload(self._clean_up, closing, garbage)
+        if committed:
+            self.after_round()
+        return failed
+
+    @staticmethod
+    def _put_of(w: Written) -> Entry:
+        return dataclasses.replace(
+            w.entry,
+            path=w.node.entry.path,
+            mode=w.node.attr.mode & 0o777,
+            mtime_ns=w.node.attr.mtime_ns,
+        )
+
+    def _committed(
+        self, puts: list[tuple[Written, Entry]], ops: int, closing: list[SpillFile]
+    ) -> None:
+        """A delta holding `puts` is written: each node's entry is its new object, what it
+        staged is wiped (its spill file closed later, on a thread: `closing`)."""
+        self.mutations += 1
+        s = self.stats
+        s.commits += 1
+        s.ops_committed += ops
+        for w, put in puts:
+            w.node.entry = put
+            w.node.kept = None
+            w.node.dirty = None
+            self.dirty.pop(w.node.ino, None)
+            w.dirty.wipe(closing)
+            ev, w.dirty.committing = w.dirty.committing, None
+            assert ev is not None
+            ev.set()
+            s.files_committed += 1
+            s.bytes_committed += put.size
+
+    def _clean_up(self, closing: list[SpillFile], garbage: list[str]) -> None:
+        """On a thread: close spill files (their keys are gone already) and delete objects no
+        delta names (best effort: gc takes what is left, past its grace)."""
+        _close_all(closing)
+        for object_id in garbage:
+            self._delete_soon(object_id)
+
+    def _ops_failed(self, e: Exception) -> PqfsError:
+        self.stats.commit_failures += 1
+        self.ops_failures += 1
+        delay = min(300.0, self.options.group_commit * 2**self.ops_failures)
+        self.ops_retry_at = time.monotonic() + delay
+        why = (
+            str(e) if isinstance(e, (PqfsError, OSError)) else f"internal error {type(e).__name__}"
+        )
+        log.error(
+            "could not commit %d operation(s) (kept; retried in %.0f s): %s",
+            len(self.ops),
+            delay,
+            why,
+            exc_info=not isinstance(e, (PqfsError, OSError)),
+        )
+        err = VaultError(f"could not commit {len(self.ops)} operation(s): {why}")
+        err.logged = True
+        self.last_failure = str(err)
+        return err
+
+    def _failed(self, node: Node, d: Dirty, e: Exception) -> PqfsError:
+        self.stats.commit_failures += 1
+        d.failures += 1
+        d.retry_at = time.monotonic() + min(300.0, self.options.commit_delay * 2**d.failures)
+        ev, d.committing = d.committing, None
+        if ev is not None:
+            ev.set()
+        if not node.linked and not node.handles:
+            self._drop(node)  # unlinked meanwhile: nothing left to commit it for
+        why = (
+            str(e) if isinstance(e, (PqfsError, OSError)) else f"internal error {type(e).__name__}"
+        )
+        log.error(
+            "could not commit %s (kept; retried in %.0f s): %s",
+            shown(node.entry.path),
+            d.retry_at - time.monotonic(),
+            why,
+            exc_info=not isinstance(e, (PqfsError, OSError)),
+        )
+        err = VaultError(f"could not commit {shown(node.entry.path)}: {why}")
+        err.logged = True
+        return err
+
+    def _write_objects(self, ds: list[Dirty]) -> list[Entry | Exception]:
+        """On a thread: each Dirty's object (_write_object), or the error it failed with."""
+        out: list[Entry | Exception] = []
+        for d in ds:
+            try:
+                out.append(self._write_object(d))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _write_object(self, d: Dirty) -> Entry:
+        """On a thread: the Dirty's plaintext encrypted into a new object (not yet durable)."""
+        if (
+            d.base is not None
+            and d.base_reader is None
+            and any(d.stored(i) is None for i in range(-(-min(d.base_limit, d.base.size) // CHUNK)))
+        ):
+            d.base_reader = open_base(self.vault, d.base)
+        stream = DirtyStream(d)  # (read at any offset: encrypted in parallel batches)
+        try:
+            object_id, header, size = write_object(self.vault, stream, durable=False)  # type: ignore[arg-type]
+        finally:
+            stream.close()
+        if size != d.size:
+            raise VaultError("staged data changed size while it was committed")
+        return Entry("", "file", 0, 0, size, object_id, header.length, b64encode(header.mac))
+
+    def _append(self, ops: list[dict[str, Any]]) -> int:
+        """On a thread: one delta (Vault.commit checks every op first)."""
+        written = self.vault.commit(ops)
+        return -1 if written is None else written.seq
+
+    def _delete_soon(self, object_id: str) -> None:
+        """An object no delta names (its commit failed, or its file went meanwhile): deleted
+        now if the store lets us; otherwise gc takes it once past its grace."""
+        try:
+            self.vault.storage.delete(object_key(object_id))
+        except OSError as e:
+            log.debug("leftover object kept for gc: %s", e.strerror)
