@@ -267,8 +267,10 @@ def test_s3_open_checks_the_final_chunk_alongside_the_opening_get(
         after = mount_stats(mp, env)
         assert after["s3_gets"] - before["s3_gets"] == 2  # the opening GET and the tail's
         assert latency <= took < 2 * latency - 0.5, took
-        st = os.statvfs(mp)  # a remote store: a petabyte free, so df is not "100 % full"
-        assert st.f_bavail * st.f_frsize >= 1 << 49 and st.f_files - st.f_ffree == 4
+        # a remote store: free is the write cache's room (never 0, so df is not "100 % full";
+        # tests/test_write_faults.py checks its value)
+        st = os.statvfs(mp)
+        assert st.f_bavail > 0 and st.f_files - st.f_ffree == 4
     lines = _log_lines(log, "lib/extended.bin")
     assert len(lines) == 1 and "cannot open (EIO): damaged payload" in lines[0], lines
     assert "(extended)" in lines[0]
