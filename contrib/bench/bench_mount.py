@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -881,6 +882,31 @@ def interrupts_as_keyboard() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def pick_systems(
+    names: Sequence[str], wanted: Sequence[str], factories: dict[str, Callable[[], Any]]
+) -> tuple[list[Any], dict[str, str], dict[str, str]]:
+    """The wanted systems that can run here, in `names`' order (fixed within a round): each
+    made by its factory, skipped with the reason its `missing()` gives (or no fusermount3 for a
+    peer); returns (systems, skipped: name -> why, versions: name -> version)."""
+    systems: list[Any] = []
+    skipped: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    for name in names:
+        if name not in wanted:
+            continue
+        s = factories[name]()
+        why = s.missing()
+        if why is None and shutil.which("fusermount3") is None and name != "pqfs":
+            why = "fusermount3 not found (apt-get install fuse3)"
+        if why:
+            print(f"bench: skipping {name}: {why}", file=sys.stderr)
+            skipped[name] = why
+            continue
+        versions[name] = s.version()
+        systems.append(s)
+    return systems, skipped, versions
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -923,22 +949,7 @@ def main() -> int:
         "gocryptfs": lambda: Gocryptfs(work),
         "rclone": lambda: Rclone(work),
     }
-    systems: list[System] = []
-    skipped: dict[str, str] = {}
-    versions: dict[str, str] = {}
-    for name in ALL_SYSTEMS:  # fixed order within a round
-        if name not in wanted:
-            continue
-        s = factories[name]()
-        why = s.missing()
-        if why is None and shutil.which("fusermount3") is None and name != "pqfs":
-            why = "fusermount3 not found (apt-get install fuse3)"
-        if why:
-            print(f"bench: skipping {name}: {why}", file=sys.stderr)
-            skipped[name] = why
-            continue
-        versions[name] = s.version()
-        systems.append(s)
+    systems, skipped, versions = pick_systems(ALL_SYSTEMS, wanted, factories)
     if not systems:
         print("bench: no system to measure", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)

@@ -76,6 +76,7 @@ from bench_mount import (
     log,
     machine,
     parse_size,
+    pick_systems,
     pqfs_stats,
     ratio_table,
     remove_work,
@@ -555,22 +556,8 @@ def main() -> int:
         "gocryptfs": lambda: WGocryptfs(work),
         "rclone": lambda: WRclone(work),
     }
-    systems: list[Writer] = []
-    skipped: dict[str, str] = {}
-    versions: dict[str, str] = {}
-    for name in ALL_SYSTEMS:
-        if name not in wanted:
-            continue
-        s = factories[name]()
-        why = s.missing()
-        if why is None and shutil.which("fusermount3") is None and name != "pqfs":
-            why = "fusermount3 not found (apt-get install fuse3)"
-        if why:
-            print(f"bench: skipping {name}: {why}", file=sys.stderr)
-            skipped[name] = why
-            continue
-        versions[name] = s.version()
-        systems.append(s)
+    systems: list[Writer]
+    systems, skipped, versions = pick_systems(ALL_SYSTEMS, wanted, factories)
     if not systems:
         print("bench: no system to measure", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)

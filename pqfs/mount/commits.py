@@ -70,7 +70,6 @@ class Written:
     node: Node
     dirty: Dirty
     entry: Entry
-    version: int
 
 
 def _close_all(spills: list[SpillFile]) -> None:
@@ -228,7 +227,7 @@ class Commits:
                 if isinstance(result, Exception):
                     failed = self._failed(node, d, result)
                     continue
-                written.append(Written(node, d, result, d.version))
+                written.append(Written(node, d, result))
                 crash_point("object-written")
         if written:
             try:  # every object of the round durable at once (one syncfs), before any delta

@@ -204,7 +204,6 @@ class Dirty:
         self.changed_at = time.monotonic()  # last write or truncate
         self.created = time.monotonic()
         self.committing: trio.Event | None = None  # set while a commit reads it
-        self.version = 0  # one more at every change: a commit records what it wrote
         self.failures = 0  # commits that failed in a row (their backoff)
         self.retry_at = 0.0
 
@@ -294,7 +293,6 @@ class Dirty:
 
     def touch(self) -> None:
         self.changed_at = time.monotonic()
-        self.version += 1
 
     def _has(self, index: int) -> bool:
         return index in self.blocks or (self.spill is not None and index in self.spill.slots)

@@ -34,7 +34,7 @@ import logging
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -60,7 +60,6 @@ from pqfs.vault.schema import Entry, path_problem
 from pqfs.vault.vault import Vault
 
 log = logging.getLogger("pqfs.mount")
-T = TypeVar("T")
 Offload = Callable[..., Awaitable[Any]]
 
 RENAME_NOREPLACE = 1  # renameat2's flags, as the kernel passes them
@@ -337,9 +336,6 @@ class Writes(Commits):
     @staticmethod
     def _touch_dir(d: Node, now: int) -> None:
         d.attr.mtime_ns = max(d.attr.mtime_ns, now)
-
-    def link(self) -> None:
-        raise NotPermitted("hard links are not supported (a copy works)")
 
     # ------------------------------------------------------------------ attributes ----
 
