@@ -19,6 +19,9 @@ from pathlib import Path
 
 FILES = [f"f{i}" for i in range(6)] + [f"d/g{i}" for i in range(3)]
 SIZES = (0, 100, 5000, 16384, 70_000, 300_000, 2_500_000)
+# A file written in order (the stream tier); on S3 past two parts (PQFS_CRASH_STREAM_SIZE), so
+# that a kill can land while its multipart upload has parts sent.
+STREAM = int(os.environ.get("PQFS_CRASH_STREAM_SIZE", "3000000"))
 
 
 def content(rng: random.Random, size: int) -> bytes:
@@ -46,7 +49,7 @@ def main(mount: str, journal: str, seed: int) -> None:
                 patch = rng.randbytes(min(rng.choice((4, 4096, 100_000)), len(old) - off))
                 data = old[:off] + patch + old[off + len(patch) :]
             else:
-                size = 3_000_000 if kind == "stream" else rng.choice(SIZES)
+                size = STREAM if kind == "stream" else rng.choice(SIZES)
                 data = content(rng, size)
                 if kind == "patch":
                     kind = "trunc"

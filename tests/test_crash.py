@@ -89,6 +89,7 @@ def _iteration(
     kill_after: float | None,
     point: str | None,
     before: dict[str, str],
+    stream_size: int,
 ) -> dict[str, str]:
     """One mount, one writer, one kill; returns the vault's files (path -> digest) after it,
     checked against what the writer journaled."""
@@ -100,6 +101,7 @@ def _iteration(
     writer = subprocess.Popen(
         [sys.executable, "-m", "tests.crash_workload", str(mp), str(journal), str(seed)],
         cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PQFS_CRASH_STREAM_SIZE": str(stream_size)},
     )
     try:
         if point is None:
@@ -163,6 +165,8 @@ def _check_clean(vault_dir: Path | str, env: dict[str, str], files: int) -> None
     if isinstance(vault_dir, Path):
         leftovers = [p for p in (vault_dir / "objects").rglob(".tmp-*")]
         assert not leftovers, leftovers
+    else:  # an upload gc left would be aborted here (none: gc aborted them all)
+        assert storage.abort_stale_uploads(older_than=0) == 0
 
 
 def _run(
@@ -170,6 +174,7 @@ def _run(
     env: dict[str, str],
     schedule: list[tuple[float | None, str | None]],
     vault: Path | str | None = None,
+    stream_size: int = 3_000_000,
 ) -> None:
     vault_dir = vault if vault is not None else tmp_path / "vault"
     run_pqfs("init", str(vault_dir), env=env)
@@ -187,6 +192,7 @@ def _run(
             kill_after,
             point,
             state,
+            stream_size,
         )
         if i % 6 == 5 or i == len(schedule) - 1:
             _check_clean(vault_dir, env, len(state))
@@ -205,10 +211,13 @@ def test_kill_at_commit_points(tmp_path: Path, cli_env: dict[str, str]) -> None:
 def test_kill_on_s3(
     s3_vault_location: str, seaweed: Any, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
-    """The same on SeaweedFS: random moments, then the commit points. PQFS_CRASH_S3_ITERATIONS
-    sets the random ones (CI: a few)."""
+    """The same on SeaweedFS: random moments, the commit points, and right after a part of a
+    streamed file's multipart upload was sent (its streamed files are 20 MB: past two 8 MiB
+    parts). PQFS_CRASH_S3_ITERATIONS sets the random ones (CI: a few). After gc past its grace
+    no upload is left (_check_clean)."""
     env = {**cli_env, **seaweed.env()}
     rng = random.Random(6)
     n = int(os.environ.get("PQFS_CRASH_S3_ITERATIONS", "6"))
-    schedule = [(rng.uniform(0.5, 3.0), None) for _ in range(n)] + [(None, p) for p in POINTS]
-    _run(tmp_path, env, schedule, vault=s3_vault_location)
+    points = [*POINTS, "part-sent:1", "part-sent:2"]
+    schedule = [(rng.uniform(0.5, 3.0), None) for _ in range(n)] + [(None, p) for p in points]
+    _run(tmp_path, env, schedule, vault=s3_vault_location, stream_size=20_000_000)

@@ -107,6 +107,42 @@ def test_files_written_read_back_and_land_in_the_vault(
     run_pqfs("verify", str(vault_dir), env=cli_env)
 
 
+def test_a_file_written_in_order_streams_into_the_vault_as_it_is_written(
+    vault_dir: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """The stream tier: while a file written from nothing in order is still open, only its
+    head and its last chunk are staged (the rest is already its new object's ciphertext); a
+    header patch at the end costs nothing, and the commit finishes that object. A patch in the
+    middle afterwards is staged over it, and the commit makes a fresh object."""
+    rng = random.Random(5)
+    film = bytearray(rng.randbytes(8 * 1024 * 1024 + 77))
+    other = bytearray(rng.randbytes(6 * 1024 * 1024))
+    with mounted(vault_dir, tmp_path / "mnt", cli_env, "--commit-delay", "3600") as mp:
+        fd = os.open(mp / "film.mp4", os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+        for off in range(0, len(film), 1 << 20):
+            os.write(fd, film[off : off + (1 << 20)])
+        s = mount_stats(mp, cli_env)
+        assert s["staged_memory"] <= 1 << 20 and s["staged_spill"] == 0
+        os.pwrite(fd, b"moov", 24)  # a muxer patching its header once the data is out
+        film[24:28] = b"moov"
+        os.close(fd)
+        (mp / "other.mkv").write_bytes(other)
+        fd = os.open(mp / "other.mkv", os.O_WRONLY)
+        os.pwrite(fd, b"PATCHED", 5_000_000)  # (ffmpeg's +faststart moves everything)
+        other[5_000_000:5_000_007] = b"PATCHED"
+        os.close(fd)
+        assert (mp / "film.mp4").read_bytes() == film
+        assert (mp / "other.mkv").read_bytes() == other
+        run_pqfs("sync", str(mp), env=cli_env)
+        s = mount_stats(mp, cli_env)
+        assert s["files_streamed"] == 1 and s["bytes_streamed"] >= 7 << 20
+        assert s["files_committed"] == 2 and s["commit_failures"] == 0
+        assert (mp / "film.mp4").read_bytes() == film
+    assert vault_files(vault_dir, cli_env) == {"film.mp4": film, "other.mkv": other}
+    assert not list(vault_dir.rglob(".tmp-*"))  # the stream given up was removed
+    run_pqfs("verify", str(vault_dir), env=cli_env)
+
+
 def test_overwrite_append_pwrite_truncate(
     vault_dir: Path, tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -351,10 +387,15 @@ def test_staging_full_makes_writers_wait_not_fail(
     cache.mkdir()
     args = ("--write-buffer", "1M", "--write-cache", str(cache), "--write-cache-size", "4M")
     with mounted(vault_dir, tmp_path / "mnt", cli_env, *args, *FAST) as mp:
-        (mp / "big.bin").write_bytes(data)
+        # its last byte first: not written in order, so staged (not the stream tier)
+        fd = os.open(mp / "big.bin", os.O_CREAT | os.O_WRONLY)
+        os.pwrite(fd, data[-1:], len(data) - 1)
+        for off in range(0, len(data), 1 << 20):
+            os.pwrite(fd, data[off : off + (1 << 20)], off)
+        os.close(fd)
         assert (mp / "big.bin").read_bytes() == data
         s = mount_stats(mp, cli_env)
-        assert s["staging_waits"] > 0
+        assert s["staging_waits"] > 0 and s["files_streamed"] == 0
         assert s["staged_spill"] <= 4 * 1024 * 1024
     assert vault_files(vault_dir, cli_env) == {"big.bin": data}
 

@@ -10,6 +10,12 @@ Order of a round (each step safe to interrupt: tests/test_crash.py kills the dae
   4. on the loop, with no await, the queued ops and the puts of at most `commit_files` files
      become a delta, appended (create-if-absent); then the next puts; each node's entry
      becomes its new object only once its delta is written.
+
+Other writers (a second mount, `pqfs add` elsewhere) may append segments after the tree's head
+meanwhile: each append reads theirs (once: `_foreign_ops`) and rebases the delta onto them
+(vault/rebase.py: a conflict copy, never an overwrite); a file put under a conflict name
+moves there in the tree too. The tree shows their changes at its next reload (VaultFS.refresh,
+once nothing is pending), which `forget_foreign` follows.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import trio
 
 from pqfs.errors import PqfsError, VaultError
 from pqfs.format.encoding import b64encode
-from pqfs.format.stream import CHUNK
+from pqfs.format.stream import CHUNK, chunk_count
 from pqfs.mount.options import MountOptions
-from pqfs.mount.staging import Dirty, DirtyStream, SpillFile, StagingBudget, open_base
-from pqfs.mount.tree import Node
-from pqfs.vault.catalog import put_op, shown
+from pqfs.mount.staging import Dirty, DirtyStream, SpillFile, StagingBudget, Streaming, open_base
+from pqfs.mount.tree import Node, Tree
+from pqfs.runtime.memory import wipe
+from pqfs.vault.catalog import Segment, put_op, shown
 from pqfs.vault.objects import object_key, write_object
+from pqfs.vault.rebase import Foreign, Rebased, conflict_label, rebase
 from pqfs.vault.schema import Entry
 from pqfs.vault.vault import Vault
 
@@ -61,6 +69,10 @@ class Stats:
     bytes_committed: int = 0
     commit_failures: int = 0
     ops_committed: int = 0
+    files_streamed: int = 0  # committed by finishing the object they streamed into
+    bytes_streamed: int = 0  # of those, what went into the object as it was written
+    rebased: int = 0  # deltas rebased onto other writers' segments
+    conflict_copies: int = 0  # files kept under a conflict name (rebase.py)
 
 
 @dataclass
@@ -72,8 +84,9 @@ class Written:
     entry: Entry
 
 
-def _close_all(spills: list[SpillFile]) -> None:
-    """On a thread: close spill files (their keys are already gone)."""
+def _close_all(spills: list[SpillFile | Streaming]) -> None:
+    """On a thread: close spill files (their keys are already gone) and streams (an unfinished
+    one's temp file removed)."""
     for s in spills:
         s.close()
 
@@ -99,6 +112,9 @@ class Commits:
     _wake: trio.Event
     head_after: Callable[[int], None]
     after_round: Callable[[], None]
+    _tree: Callable[[], Tree]
+    appended: set[int]  # segments this mount appended after the tree's head
+    _foreign_ops: dict[tuple[int, str], tuple[object, bool] | None]  # (seq, kind) -> theirs
 
     def _drop(self, node: Node) -> None:
         if node.dirty is not None and node.dirty.committing is None:
@@ -242,7 +258,7 @@ class Commits:
         # to the append's start: the module's invariants; the paths of files being committed
         # do not move meanwhile, since renames wait for their commits).
         step = self.options.commit_files
-        closing: list[SpillFile] = []
+        closing: list[SpillFile | Streaming] = []
         committed = False
         for i in range(0, max(1, len(written)), step):
             ops: list[dict[str, Any]] = []
@@ -254,7 +270,7 @@ class Commits:
             if not delta:
                 continue
             try:
-                seq = await self.offload(self._append, delta)
+                seq, rebased = await self.offload(self._append, delta, self._tree().head)
             except Exception as e:
                 # Everything kept: the ops back in front of the queue (their order kept), the
                 # staged data. The new objects are left to gc past its grace, not deleted: an
@@ -268,6 +284,9 @@ class Commits:
                     failed = self._ops_failed(e)
                 break
             crash_point("appended")
+            if rebased is not None:
+                puts = self._rebased(rebased, puts)
+            self.appended.add(seq)
             self.head_after(seq)
             if i == 0:
                 self.ops_retry_at = 0.0
@@ -299,7 +318,7 @@ class Commits:
         )
 
     def _committed(
-        self, puts: list[tuple[Written, Entry]], ops: int, closing: list[SpillFile]
+        self, puts: list[tuple[Written, Entry]], ops: int, closing: list[SpillFile | Streaming]
     ) -> None:
         """A delta holding `puts` is written: each node's entry is its new object, what it
         staged is wiped (its spill file closed later, on a thread: `closing`)."""
@@ -308,6 +327,10 @@ class Commits:
         s.commits += 1
         s.ops_committed += ops
         for w, put in puts:
+            st = w.dirty.streaming
+            if st is not None and st.clean:
+                s.files_streamed += 1
+                s.bytes_streamed += st.bytes
             w.node.entry = put
             w.node.kept = None
             w.node.dirty = None
@@ -319,7 +342,7 @@ class Commits:
             s.files_committed += 1
             s.bytes_committed += put.size
 
-    def _clean_up(self, closing: list[SpillFile], garbage: list[str]) -> None:
+    def _clean_up(self, closing: list[SpillFile | Streaming], garbage: list[str]) -> None:
         """On a thread: close spill files (their keys are gone already) and delete objects no
         delta names (best effort: gc takes what is left, past its grace)."""
         _close_all(closing)
@@ -380,7 +403,15 @@ class Commits:
         return out
 
     def _write_object(self, d: Dirty) -> Entry:
-        """On a thread: the Dirty's plaintext encrypted into a new object (not yet durable)."""
+        """On a thread: the Dirty's plaintext encrypted into a new object (not yet durable):
+        its stream's, finished, if it is clean (staging.py's invariants), else a fresh one."""
+        s = d.streaming
+        if s is not None and s.clean:
+            try:
+                return self._finish_stream(d, s)
+            except BaseException:
+                s.clean = False  # (never finished again: a fresh object next time)
+                raise
         if (
             d.base is not None
             and d.base_reader is None
@@ -396,10 +427,128 @@ class Commits:
             raise VaultError("staged data changed size while it was committed")
         return Entry("", "file", 0, 0, size, object_id, header.length, b64encode(header.mac))
 
-    def _append(self, ops: list[dict[str, Any]]) -> int:
-        """On a thread: one delta (Vault.commit checks every op first)."""
-        written = self.vault.commit(ops)
-        return -1 if written is None else written.seq
+    @staticmethod
+    def _finish_stream(d: Dirty, s: Streaming) -> Entry:
+        """On a thread: the chunks the stream has not taken (the head, and from `streamed` to
+        the end, the last one final) put into its object, which is then complete."""
+        chunks: list[tuple[int, bytearray]] = []
+        try:
+            for k in range(chunk_count(d.size)):
+                if s.head <= k < s.streamed:
+                    continue
+                pt = bytearray(min(CHUNK, d.size - k * CHUNK))
+                chunks.append((k, pt))
+                d.read_at(memoryview(pt), k * CHUNK)
+            s.obj.finish(chunks, d.size)
+        finally:
+            for _, pt in chunks:
+                wipe(pt)
+        h = s.obj.header
+        return Entry("", "file", 0, 0, d.size, s.obj.object_id, h.length, b64encode(h.mac))
+
+    def _append(self, ops: list[dict[str, Any]], base: int) -> tuple[int, Rebased | None]:
+        """On a thread: one delta (Vault.commit checks every op first), rebased onto what
+        other writers appended after segment `base` (the tree's head); the rebase, if it had
+        to be (None if no other writer came between)."""
+        label = conflict_label()
+        done: list[Rebased | None] = [None]
+
+        def onto(segs: list[Segment]) -> list[dict[str, Any]]:
+            foreign = self._foreign(segs, base)
+            if not foreign.segments:
+                done[0] = None
+                return ops
+            done[0] = r = rebase(ops, foreign, self._taken, label)
+            return r.ops
+
+        written = self.vault.commit(ops, rebase=onto)
+        return (-1 if written is None else written.seq), done[0]
+
+    def _foreign(self, segs: list[Segment], base: int) -> Foreign:
+        """On a thread: what other writers changed after segment `base`, from their segments
+        in the listing `segs` (each read once: `_foreign_ops`)."""
+        foreign = Foreign()
+        expected = base + 1
+        gap = False  # some of theirs were deleted (a compaction elsewhere) before we read them
+        for seg in segs:
+            if seg.seq <= base:
+                continue
+            gap = gap or seg.seq != expected
+            expected = seg.seq + 1
+            if seg.seq in self.appended:
+                continue
+            key = (seg.seq, seg.kind)
+            if key not in self._foreign_ops:
+                try:
+                    self._foreign_ops[key] = self.vault.segment_ops(seg)
+                except FileNotFoundError:
+                    gap = True
+                    continue
+            got = self._foreign_ops[key]
+            if got is None:
+                continue  # signed by no one authorized: readers ignore it too
+            ops, writer = got
+            if seg.kind == "snap":
+                # A compaction: the state after the segments before it, so nothing new,
+                # unless some of those were gone before they could be read.
+                if gap:
+                    foreign.apply_snapshot(ops, self._differs)
+                else:
+                    foreign.segments += 1
+                continue
+            foreign.apply(ops, writer, self._holds_file)
+        return foreign
+
+    def _node_at(self, path: str) -> Node | None:
+        """On a thread: the tree's node at `path`, if any (the loop may change the tree
+        meanwhile: a lookup, never an iteration)."""
+        try:
+            return self._tree().by_path(path)
+        except (KeyError, PqfsError):  # (removed meanwhile; locked)
+            return None
+
+    def _taken(self, path: str) -> bool:
+        return self._node_at(path) is not None
+
+    def _holds_file(self, path: str) -> bool:
+        n = self._node_at(path)
+        return n is not None and n.children is None and bool(n.entry.object)
+
+    def _differs(self, path: str, kind: str, object_id: str) -> bool:
+        n = self._node_at(path)
+        if n is None:
+            return True
+        if n.children is not None:
+            return kind != "dir"
+        return kind != "file" or n.entry.object != object_id
+
+    def _rebased(
+        self, r: Rebased, puts: list[tuple[Written, Entry]]
+    ) -> list[tuple[Written, Entry]]:
+        """On the loop, after a rebased delta was appended: its rewrites logged, each file put
+        under a conflict name moved there in the tree (before the user can change it again
+        under the name another writer now holds), `puts` as they were written."""
+        self.stats.rebased += 1
+        self.stats.conflict_copies += len(r.moved)
+        for note in r.notes:
+            log.warning("%s", note)
+        tree = self._tree()
+        for old, new in r.moved.items():
+            node = tree.by_path(old)
+            parent = tree.by_path(old.rpartition("/")[0])
+            new_parent = tree.by_path(new.rpartition("/")[0])
+            if node is None or parent is None or new_parent is None or node.children is not None:
+                continue
+            if tree.by_path(new) is not None:
+                continue  # (created meanwhile: the next reload shows the copy)
+            tree.move(node, parent, old.rpartition("/")[2], new_parent, new.rpartition("/")[2])
+            self.mutations += 1
+        return [(w, dataclasses.replace(p, path=r.moved.get(p.path, p.path))) for w, p in puts]
+
+    def forget_foreign(self, head: int) -> None:
+        """The tree was reloaded as of segment `head`: it holds every segment up to it."""
+        self.appended = {s for s in self.appended if s > head}
+        self._foreign_ops = {k: v for k, v in self._foreign_ops.items() if k[0] > head}
 
     def _delete_soon(self, object_id: str) -> None:
         """An object no delta names (its commit failed, or its file went meanwhile): deleted

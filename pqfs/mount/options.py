@@ -110,6 +110,12 @@ class MountOptions:
     write_cache: str = "/var/tmp"
     write_cache_size: int = 20 << 30
     write_timeout: float = 60.0
+    # A file written from nothing, in order (cp, rsync, an import, a muxer), goes into its new
+    # object as it is written, on a local store (staging.Streaming): only its first
+    # `stream_head` bytes stay staged until its commit, where muxers patch their header (MP4's
+    # mdat size, MKV's seek head, FLAC's STREAMINFO, MP3's Xing frame); half of
+    # write_buffer_file, so that the chunk being written stays in memory too. 0: no streaming.
+    stream_head: int = 512 << 10
     # A closed file is committed once nothing wrote to it for `commit_delay` seconds (a
     # reopen, a rename after close, a second save are absorbed); namespace operations
     # `group_commit` seconds after the first (one delta a second, however many); the

@@ -18,7 +18,13 @@ Invariants (kept here):
   * a Dirty is changed only on the trio thread, never while `committing` is set: a commit's
     thread then reads it (`DirtyStream`) while readers on the loop may too, and nothing moves;
   * budgets are reserved before a byte is stored and released when it is dropped: the memory
-    of every Dirty together never exceeds `memory`, their spill files never `spill` bytes.
+    of every Dirty together never exceeds `memory`, their spill files never `spill` bytes;
+  * a file written from nothing, in order (`Dirty.sequential`), streams into its new object
+    as it is written (`Streaming`, on a local store): its first `head` chunks and everything
+    from `streamed` on stay staged, chunks [head, streamed) are only in the object, put once
+    each (vault/objects.OpenObject). Changing one of those, or cutting into them, makes the
+    stream unclean: from then on nothing more is streamed, and the commit writes a fresh object
+    (those chunks read back from the stream's) instead of finishing this one.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from pqfs.errors import NoSpace, PayloadError
 from pqfs.format.agefile import AgeReader
-from pqfs.format.stream import CHUNK
+from pqfs.format.stream import CHUNK, CT_CHUNK
 from pqfs.runtime.memory import wipe
 from pqfs.storage.base import ObjectSource
+from pqfs.vault.objects import OpenObject
 from pqfs.vault.schema import Entry
 
 TAG = 16
@@ -184,6 +191,42 @@ class BaseReader:
         self.src.close()
 
 
+class Streaming:
+    """A Dirty's new object while it is written in order (the module's invariants): the stream
+    tier. Also what reads chunks [head, streamed) back (BaseReader's interface)."""
+
+    def __init__(self, obj: OpenObject, head: int) -> None:
+        self.obj = obj
+        self.head = head  # chunks [0, head) stay staged until the commit (a header patch)
+        self.streamed = head  # chunks [head, streamed) are in `obj` only
+        self.limit = 1 << 62  # bytes of them still part of the file (a truncation cuts it)
+        self.clean = True  # nothing streamed was changed or cut: the commit finishes `obj`
+        self.bytes = 0  # streamed so far (stats)
+        self.mirrored = 0  # bytes of ciphertext in the write cache (a store sent in parts)
+
+    def covers(self, index: int) -> bool:
+        return self.head <= index < self.streamed and index * CHUNK < self.limit
+
+    def chunks(self, first: int, count: int, limit: int) -> list[bytearray]:
+        """Plaintext of chunks [first, first+count) as streamed, cut at `limit`. Any thread."""
+        out = []
+        for k in range(first, first + count):
+            buf = bytearray(CHUNK)
+            try:
+                self.obj.get_into(k, memoryview(buf))
+            except BaseException:
+                wipe(buf)
+                raise
+            keep = max(0, min(CHUNK, limit - k * CHUNK))
+            wipe(memoryview(buf)[keep:])
+            del buf[keep:]
+            out.append(buf)
+        return out
+
+    def close(self) -> None:
+        self.obj.close()
+
+
 class Dirty:
     """The uncommitted content of one inode (see the module's invariants)."""
 
@@ -206,6 +249,8 @@ class Dirty:
         self.committing: trio.Event | None = None  # set while a commit reads it
         self.failures = 0  # commits that failed in a row (their backoff)
         self.retry_at = 0.0
+        self.sequential = self.base is None and size == 0  # may stream (module invariants)
+        self.streaming: Streaming | None = None
 
     # ------------------------------------------------------------ blocks ----
 
@@ -219,11 +264,61 @@ class Dirty:
         return None
 
     def base_covers(self, index: int) -> bool:
+        """Whether chunk `index` (not staged) comes from beneath: the base, or the stream."""
+        if self.streaming is not None:
+            return self.streaming.covers(index)
         return self.base is not None and index * CHUNK < min(self.base_limit, self.base.size)
+
+    @property
+    def under(self) -> tuple[BaseReader | Streaming | None, int]:
+        """What reads the chunks beneath the staged ones, and the bytes of it still valid."""
+        if self.streaming is not None:
+            return self.streaming, self.streaming.limit
+        return self.base_reader, self.base_limit
+
+    def stream_out(self) -> None:
+        """Put into the stream every staged chunk it can take: from `streamed` on, each that a
+        byte of the file follows (the last one's nonce is the final one's: the commit puts it),
+        dropped from staging once put (a hole goes as zeros). Trio thread, under the file's
+        lock."""
+        s = self.streaming
+        if s is None or not s.clean:
+            return
+        while (s.streamed + 1) * CHUNK < self.size:
+            k = s.streamed
+            if s.obj.parts is not None:  # its ciphertext kept in the write cache: budgeted
+                if not self.budget.take_spill(CT_CHUNK):
+                    return  # (staged meanwhile; the commit puts what is left)
+                s.mirrored += CT_CHUNK
+            blk = self.blocks.get(k)
+            from_spill = blk is None and self.spill is not None and k in self.spill.slots
+            if from_spill:
+                assert self.spill is not None
+                blk = self.spill.get(k)
+            full = blk if blk is not None and len(blk) == CHUNK else None
+            if full is None:
+                full = bytearray(CHUNK)
+                if blk is not None:
+                    full[: len(blk)] = blk
+            try:
+                s.obj.put(k, full)
+            finally:
+                if full is not blk:
+                    wipe(full)
+                if from_spill and blk is not None:
+                    wipe(blk)
+            s.streamed += 1
+            s.bytes += CHUNK
+            if k in self.blocks:
+                self._drop_memory(k)
+            elif self.spill is not None and self.spill.slots.pop(k, None) is not None:
+                self.budget.give_spill(SLOT)
 
     def store(self, index: int, data: bytearray) -> bool:
         """Keep block `index` (taking `data`, which may be the block itself, changed in
         place); False if neither memory nor spill had room."""
+        if self.streaming is not None and self.streaming.covers(index):
+            self.streaming.clean = False  # a streamed chunk changes: a fresh object at commit
         old = self.blocks.get(index)
         grow = len(data) - self._reserved.get(index, 0)
         in_memory = old is not None or self.memory + max(grow, 0) <= self.budget.per_file_memory
@@ -235,6 +330,9 @@ class Dirty:
             if old is not None and old is not data:
                 wipe(old)
             self.blocks[index] = data
+            if self.spill is not None and self.spill.slots.pop(index, None) is not None:
+                # spilled before, in memory now (room came back): the sealed copy is stale
+                self.budget.give_spill(SLOT)
             return True
         if self.spill is None:
             try:
@@ -267,6 +365,12 @@ class Dirty:
 
     def truncate(self, size: int) -> None:
         """A new size: what lies past it is gone (and reads as zeros if the file grows again)."""
+        self.sequential = False
+        s = self.streaming
+        if s is not None and size <= s.streamed * CHUNK:
+            # (at the boundary too: the chunk before it was streamed as not the last)
+            s.limit = min(s.limit, size)
+            s.clean = False
         if size < self.size:
             keep = -(-size // CHUNK)
             for k in [k for k in self.blocks if k >= keep]:
@@ -294,7 +398,8 @@ class Dirty:
     def touch(self) -> None:
         self.changed_at = time.monotonic()
 
-    def _has(self, index: int) -> bool:
+    def has(self, index: int) -> bool:
+        """Whether block `index` is staged (in memory or spilled)."""
         return index in self.blocks or (self.spill is not None and index in self.spill.slots)
 
     def read_at(self, buf: memoryview, offset: int) -> int:
@@ -308,12 +413,13 @@ class Dirty:
         first, last = offset // CHUNK, (end - 1) // CHUNK
         i = first
         while i <= last:
-            if not self._has(i) and self.base_covers(i):
+            if not self.has(i) and self.base_covers(i):
                 j = i
-                while j < last and not self._has(j + 1) and self.base_covers(j + 1):
+                while j < last and not self.has(j + 1) and self.base_covers(j + 1):
                     j += 1
-                assert self.base_reader is not None
-                pieces = self.base_reader.chunks(i, j - i + 1, self.base_limit)
+                reader, limit = self.under
+                assert reader is not None
+                pieces = reader.chunks(i, j - i + 1, limit)
                 for k, piece in enumerate(pieces):
                     self._copy(buf, offset, end, i + k, piece)
                     wipe(piece)
@@ -347,7 +453,7 @@ class Dirty:
     def staged_bytes(self) -> int:
         return self.memory + (0 if self.spill is None else len(self.spill.slots) * CHUNK)
 
-    def wipe(self, closing: list[SpillFile] | None = None) -> None:
+    def wipe(self, closing: list[SpillFile | Streaming] | None = None) -> None:
         """Drop everything staged (after its commit, at unlink, at lock): memory wiped, the
         spill file forgotten (it was never linked: its blocks go with its descriptor) and
         closed, or put in `closing` for the caller to close on a thread (closing the last
@@ -366,6 +472,14 @@ class Dirty:
         if self.base_reader is not None:
             self.base_reader.close()
             self.base_reader = None
+        if self.streaming is not None:
+            self.budget.give_spill(self.streaming.mirrored)
+            self.streaming.mirrored = 0
+            if closing is None:
+                self.streaming.close()
+            else:
+                closing.append(self.streaming)
+            self.streaming = None
 
 
 class DirtyStream:

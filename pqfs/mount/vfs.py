@@ -246,6 +246,7 @@ class VaultFS:
             if w not in seen:
                 log.warning("%s", w)
         self.tree = new
+        self.writes.forget_foreign(new.head)
         for h in self.handles.values():  # open files follow their file into the new tree
             old_node = h.node
             n = new.nodes.get(old_node.ino)

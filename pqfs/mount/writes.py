@@ -47,15 +47,17 @@ from pqfs.errors import (
     NotEmpty,
     NotFound,
     NotPermitted,
+    PqfsError,
     ReadOnly,
 )
 from pqfs.format.stream import CHUNK
-from pqfs.mount.commits import Commits, Stats
+from pqfs.mount.commits import Commits, Stats, crash_point
 from pqfs.mount.options import MountOptions
-from pqfs.mount.staging import Dirty, StagingBudget, open_base
+from pqfs.mount.staging import Dirty, StagingBudget, Streaming, open_base
 from pqfs.mount.tree import Node, Tree
 from pqfs.runtime.memory import wipe
 from pqfs.vault.catalog import del_op, put_op, shown
+from pqfs.vault.objects import CannotStream, OpenObject
 from pqfs.vault.schema import Entry, path_problem
 from pqfs.vault.vault import Vault
 
@@ -133,6 +135,9 @@ class Writes(Commits):
         # ran meanwhile is thrown away (VaultFS.refresh), since it cannot hold the change.
         self.mutations = 0
         self.stats = Stats()
+        self.appended: set[int] = set()
+        self.can_stream = True  # the store takes positional writes (OpenObject), as far as known
+        self._foreign_ops: dict[tuple[int, str], tuple[object, bool] | None] = {}
         self.last_failure = ""
         self._round = self.round_lock = trio.Lock()  # one commit round (or reload) at a time
         self._wake = trio.Event()
@@ -450,7 +455,44 @@ class Writes(Commits):
             node.attr.mtime_ns = time.time_ns()
             self._tree().changed()
 
+    async def _stream(self, node: Node, d: Dirty) -> None:
+        """The stream tier (staging.py's invariants): a file written in order from nothing
+        starts streaming into its new object once it is past the staged head, then each
+        write's whole chunks go there. Under the node's write lock. A failure only ends the
+        stream: what it could not take stays staged."""
+        head = self.options.stream_head // CHUNK
+        if d.streaming is None:
+            if not (head and d.sequential and self.can_stream and d.size > (head + 1) * CHUNK):
+                return
+            try:
+                obj = await self.offload(OpenObject, self.vault, self.options.write_cache)
+            except CannotStream:
+                self.can_stream = False
+                return
+            except OSError as e:
+                d.sequential = False
+                log.warning("could not stream %s into the vault: %s", shown(node.entry.path), e)
+                return
+            if node.dirty is not d or d.streaming is not None:
+                await self.offload(obj.close)
+                return
+            d.streaming = Streaming(obj, head)
+        obj = d.streaming.obj
+        try:
+            d.stream_out()
+            if obj.parts_ready():  # (S3: the parts written whole go out, off the loop)
+                await self.offload(obj.send_parts)
+                crash_point("part-sent")
+        except Exception as e:
+            if d.streaming is not None:
+                d.streaming.clean = False
+            why = str(e) if isinstance(e, (PqfsError, OSError)) else type(e).__name__
+            log.warning("streaming %s stopped (staged instead): %s", shown(node.entry.path), why)
+
     async def _base_chunks(self, d: Dirty, first: int, count: int) -> list[bytearray]:
+        if d.streaming is not None:
+            s = d.streaming
+            return await self.offload(s.chunks, first, count, s.limit)  # type: ignore[no-any-return]
         if d.base_reader is None:
             assert d.base is not None
             reader = await self.offload(open_base, self.vault, d.base)
@@ -477,7 +519,10 @@ class Writes(Commits):
                 self._writable()  # (again after a wait: a lock may have come meanwhile)
                 async with node.write_lock():
                     d = await self._dirty(node)
+                    if pos > d.size:
+                        d.sequential = False  # (a hole first: not a file written in order)
                     pos = await self._write_blocks(d, mv, off, pos, end)
+                    await self._stream(node, d)
                     d.touch()
                     node.attr.size = d.size
                     node.attr.mtime_ns = time.time_ns()
@@ -543,19 +588,30 @@ class Writes(Commits):
         first, last = off // CHUNK, (end - 1) // CHUNK
         self.wipe_reply()
         out = self._reply = bytearray(end - off)
-        base_needed = [
-            i for i in range(first, last + 1) if d.stored(i) is None and d.base_covers(i)
-        ]
         base: dict[int, bytearray] = {}
-        if base_needed:
-            lo, hi = base_needed[0], base_needed[-1]
+        while True:
+            # Again after each await: a write may have streamed staged chunks out meanwhile
+            # (they then come from beneath too), never the other way (it holds the lock).
+            needed = [
+                i
+                for i in range(first, last + 1)
+                if i not in base and not d.has(i) and d.base_covers(i)
+            ]
+            if not needed:
+                break
+            lo, hi = needed[0], needed[-1]
             try:
                 got = await self._base_chunks(d, lo, hi - lo + 1)
             except Exception:
                 if node.dirty is not d:
                     return None  # committed meanwhile (its base reader closed under this read)
+                for c in base.values():
+                    wipe(c)
                 raise
             for k, c in enumerate(got):
+                old = base.pop(lo + k, None)
+                if old is not None:
+                    wipe(old)
                 base[lo + k] = c
             if node.dirty is not d:
                 for c in base.values():
@@ -631,6 +687,10 @@ class Writes(Commits):
             "files_committed": s.files_committed,
             "bytes_committed": s.bytes_committed,
             "ops_committed": s.ops_committed,
+            "files_streamed": s.files_streamed,
+            "bytes_streamed": s.bytes_streamed,
+            "commits_rebased": s.rebased,
+            "conflict_copies": s.conflict_copies,
             "commit_failures": s.commit_failures,
             "last_commit_failure": self.last_failure or None,
         }

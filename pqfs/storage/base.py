@@ -126,6 +126,24 @@ class ObjectSource(RangeSource, Protocol):
         to rely on in `buf` then): the caller reads on a worker instead."""
 
 
+class PartWriter(Protocol):
+    """An object sent as numbered parts (Storage.part_writer): every part but the last of
+    `part_size` bytes; nothing visible at its key before finish(), which puts the parts in
+    order (or, if write() was used and no part, one PUT); abort() gives it up. Thread-safe
+    against nothing: one caller at a time."""
+
+    part_size: int
+
+    def put_part(self, number: int, data: bytes) -> None:
+        """Part `number` (from 1), sent in the background; waits while too many are."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class Storage(ABC):
     # The storage layer's bounds, set by every backend's constructor.
     options: StorageOptions
@@ -160,6 +178,12 @@ class Storage(ABC):
         With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent). Without
         `durable`, the block may end before the bytes are on stable storage: for a batch of
         objects that make_durable() flushes before anything names them (ingest)."""
+
+    def part_writer(self, key: str, exclusive: bool = False) -> PartWriter | None:
+        """A new object sent in numbered parts, in any order (an S3 multipart upload), or None
+        if this store writes objects as one stream (then `writer`: a local file takes writes
+        at any offset anyway)."""
+        return None
 
     def make_durable(self) -> None:  # noqa: B027 - most backends make every write durable
         """Everything written with durable=False is on stable storage when this returns."""

@@ -65,6 +65,9 @@ class S3Storage(S3Requests, Storage):
         self._count("s3_get_bytes", len(data))
         return data
 
+    def part_writer(self, key: str, exclusive: bool = False) -> Upload:
+        return Upload(self, key, exclusive)
+
     @contextlib.contextmanager
     def writer(self, key: str, exclusive: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
         """(An S3 object is durable once its PUT or its upload's COMPLETE is answered.)"""

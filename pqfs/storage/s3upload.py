@@ -18,7 +18,7 @@ class Upload:
 
     def __init__(self, storage: S3Requests, key: str, exclusive: bool) -> None:
         self.storage = storage
-        self._part_size = storage.bounds.part_size
+        self._part_size = self.part_size = storage.bounds.part_size
         self._in_flight = storage.bounds.uploads_in_flight
         self.key = key
         self.full_key = storage._key(key)
@@ -55,19 +55,29 @@ class Upload:
         )
         s._count("s3_copy_bytes", end - start)
 
-    def _send(self, part: bytes) -> None:
+    def _send(self, part: bytes, number: int | None = None) -> None:
         s = self.storage
         s._count("s3_put_bytes", len(part))
+        n = len(self._parts) + 1 if number is None else number
         self._submit(
-            f"PUT {self.key} part {len(self._parts) + 1}",
+            f"PUT {self.key} part {n}",
             lambda upload_id, number: s._client.upload_part(
                 Bucket=s.bucket, Key=self.full_key, UploadId=upload_id, PartNumber=number, Body=part
             ),
+            number,
         )
 
-    def _submit(self, what: str, request: Callable[[str, int], Any]) -> None:
-        """Send the next part (`request(upload id, part number)` answers with its ETag) on the
-        pool, creating the upload first if need be."""
+    def put_part(self, number: int, data: bytes) -> None:
+        """Part `number` explicitly (storage.base.PartWriter): parts in any order, the first
+        one last, as the mount's stream tier sends a file whose head is patched at its end."""
+        assert not self._buf, "numbered parts and write() do not mix"
+        self._send(data, number)
+
+    def _submit(
+        self, what: str, request: Callable[[str, int], Any], number: int | None = None
+    ) -> None:
+        """Send part `number` (default: the next; `request(upload id, part number)` answers
+        with its ETag) on the pool, creating the upload first if need be."""
         s = self.storage
         if self._upload_id is None:
             # The create runs on the pool, not on this thread: a Ctrl-C landing as its answer
@@ -85,7 +95,8 @@ class Upload:
         pending = [f for f in self._parts if not f.done()]
         if len(pending) >= self._in_flight:
             pending[0].result()
-        number = len(self._parts) + 1
+        if number is None:
+            number = len(self._parts) + 1
         upload_id = self._upload_id
         assert self._pool is not None
 
@@ -113,7 +124,7 @@ class Upload:
         if self._buf:
             self._send(bytes(self._buf))
             self._buf.clear()
-        parts = [f.result() for f in self._parts]
+        parts = sorted((f.result() for f in self._parts), key=lambda p: p["PartNumber"])
         upload_id = self._upload_id
         s._call(
             f"COMPLETE {self.key}",

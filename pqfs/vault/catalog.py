@@ -395,7 +395,7 @@ def open_segment(raw: bytes, identities: Sequence[Identity]) -> bytes:
 
 def tail_digest(storage: Storage) -> str:
     """SHA-256 of the stored bytes of the newest segment ("" if there is none)."""
-    return _tail(storage)[1]
+    return _tail(storage, list_segments(storage))[1]
 
 
 def _opened(raw: bytes, identities: Sequence[Identity]) -> bytes:
@@ -520,6 +520,18 @@ def _read_segment(
 _Read = tuple[bytes, dict[str, Any] | None, str]
 
 
+def segment_ops(
+    storage: Storage, identities: Sequence[Identity], seg: Segment, config: VaultConfig | None
+) -> tuple[object, bool] | None:
+    """(ops, whether a writer rather than the owner made them) of one segment, read and
+    checked alone (not its place in the chain: load does that); None if it is signed by no
+    one authorized (readers ignore it). FileNotFoundError if it is gone (compacted)."""
+    _, doc, who = _read_segment(storage, identities, seg, config)
+    if doc is None:
+        return None
+    return doc.get("ops"), who not in ("owner", "")
+
+
 def _start(
     storage: Storage,
     identities: Sequence[Identity],
@@ -593,8 +605,7 @@ class SegmentTooLarge(VaultError):
     """A segment readers would refuse (MAX_SEGMENT_BYTES): never written."""
 
 
-def _tail(storage: Storage) -> tuple[int, str]:
-    segs = list_segments(storage)
+def _tail(storage: Storage, segs: list[Segment]) -> tuple[int, str]:
     if not segs:
         return 0, ""
     last = segs[-1]
@@ -646,6 +657,7 @@ class Written:
 
 
 TailCheck = Callable[[int, str], None]  # (tail seq, its digest): raises to refuse appending
+Rebase = Callable[[list[Segment]], Sequence[dict[str, Any]]]  # the listing -> the ops to write
 
 
 def append(
@@ -656,6 +668,7 @@ def append(
     expect_prev: str | None = None,
     signer: Signer | None = None,
     check_tail: TailCheck | None = None,
+    rebase: Rebase | None = None,
 ) -> Written | None:
     """Write a new segment after the current tail; returns its number and digest.
 
@@ -665,6 +678,9 @@ def append(
     that another writer appended after the snapshot's state was read. Never writes a name
     readers would not read (more than 16 digits). With `signer` the segment is a version-2
     one, signed; `check_tail` sees each tail before anything is chained to it (rollback).
+    With `rebase`, the ops written are what it makes of the listing each attempt sees (a
+    writer with a view of the catalog rewrites them around what others appended: rebase.py);
+    nothing is written (None) if it leaves none.
     """
     ops = list(ops)
     kind = "snap" if snapshot else "delta"
@@ -673,7 +689,8 @@ def append(
     for _ in range(bounds.BOUNDS.append_attempts):
         if lost:
             _back_off(lost)
-        tail = _tail(storage)
+        segs = list_segments(storage)
+        tail = _tail(storage, segs)
         seq, digest = tail
         if expect_prev is not None and digest != expect_prev:
             return None
@@ -688,6 +705,10 @@ def append(
                 "a segment (vault damaged or tampered)"
             )
         last = tail
+        if rebase is not None:
+            ops = list(rebase(segs))
+            if not ops:
+                return None
         stored = _segment_bytes(recipients, seq + 1, kind, digest, ops, signer)
         key = f"{PREFIX}{seq + 1:016d}.{kind}.age"
         try:

@@ -437,10 +437,13 @@ class Vault:
         trust.check_catalog(self.location, cat.head_seq, cat.digests)
         return cat
 
-    def commit(self, ops: Sequence[dict[str, object]]) -> cat_mod.Written | None:
-        """Append `ops` as one segment (returned; None if there were no ops). Each is checked
-        first: never write an op that readers would ignore (conflicts are the caller's to
-        check, with check_put, before the work)."""
+    def commit(
+        self, ops: Sequence[dict[str, object]], rebase: cat_mod.Rebase | None = None
+    ) -> cat_mod.Written | None:
+        """Append `ops` as one segment (returned; None if there were no ops, or `rebase` left
+        none). Each is checked first: never write an op that readers would ignore (conflicts
+        are the caller's to check, with check_put, before the work; `rebase`, see
+        catalog.append, only moves or drops them)."""
         for op in ops:
             try:
                 check_op(op)
@@ -448,15 +451,20 @@ class Vault:
                 raise VaultError(f"refusing to record a malformed catalog op: {e}") from None
         if not ops:
             return None
-        written = self.append(ops)
+        written = self.append(ops, rebase=rebase)
         self._catalog = None
         return written
+
+    def segment_ops(self, seg: cat_mod.Segment) -> tuple[object, bool] | None:
+        """One segment's ops alone (catalog.segment_ops), checked as a load checks them."""
+        return cat_mod.segment_ops(self.storage, self.identities, seg, self.config)
 
     def append(
         self,
         ops: Sequence[dict[str, object]],
         snapshot: bool = False,
         expect_prev: str | None = None,
+        rebase: cat_mod.Rebase | None = None,
     ) -> cat_mod.Written | None:
         """Append one segment, signed as this host may (signer), never after a tail older
         than what this host has seen; the segment written is pinned as seen."""
@@ -478,6 +486,7 @@ class Vault:
             expect_prev=expect_prev,
             signer=self.signer(),
             check_tail=check_tail,
+            rebase=rebase,
         )
         if written is not None:
             trust.pin_written(location, written.seq, written.digest)
