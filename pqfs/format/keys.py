@@ -109,9 +109,12 @@ class HybridRecipient:
         _check_x25519_public(public_bytes[kem.MLKEM_PK :], "age1pq")
         self.public_bytes = public_bytes
         self.backend = backend or kem.default_backend()
+        self._native = (
+            kem.native_public_key(public_bytes) if self.backend == "cryptography" else None
+        )
 
     def wrap(self, file_key: bytes | bytearray) -> Stanza:
-        sealed = kem.seal(self.public_bytes, file_key, HYBRID_INFO, self.backend)
+        sealed = kem.seal(self.public_bytes, file_key, HYBRID_INFO, self.backend, self._native)
         return Stanza(["mlkem768x25519", b64encode(sealed[: kem.ENC_SIZE])], sealed[kem.ENC_SIZE :])
 
     def encode(self) -> str:
