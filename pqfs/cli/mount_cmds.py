@@ -27,6 +27,7 @@ from pqfs.cli.messages import Hinted, info
 from pqfs.cli.progress import human
 from pqfs.cli.unlock import identity_file_bytes, passphrase
 from pqfs.errors import PqfsError
+from pqfs.mount import client
 from pqfs.mount.options import MountOptions
 from pqfs.runtime import zeroize
 from pqfs.runtime.zeroize import wipe
@@ -345,10 +346,8 @@ def parse_umount(sub: Subparsers) -> None:
 
 def _mount_attr(mountpoint: str, name: bytes) -> bytes:
     """An attribute of a running pqfs mount's root (its statistics, its control socket)."""
-    from pqfs.mount import daemon
-
-    kind = daemon.mount_type(mountpoint)
-    if kind != daemon.FSTYPE:
+    kind = client.mount_type(mountpoint)
+    if kind != client.FSTYPE:
         raise PqfsError(f"{mountpoint} is not a pqfs mount")
     try:
         return os.getxattr(mountpoint, name.decode())
@@ -363,21 +362,17 @@ def _mount_attr(mountpoint: str, name: bytes) -> bytes:
 
 def _live(mountpoint: str) -> bool:
     """A pqfs mount whose daemon answers (not stale, not something else)."""
-    from pqfs.mount import daemon
-
     try:
         os.stat(mountpoint)
     except OSError:
         return False
-    return daemon.mount_type(mountpoint) == daemon.FSTYPE
+    return client.mount_type(mountpoint) == client.FSTYPE
 
 
 def _control(mountpoint: str, command: str, secret: bytes | bytearray = b"") -> None:
     """Lock or unlock a running mount through its daemon's control socket."""
-    from pqfs.mount import control
-
-    address = _mount_attr(mountpoint, control.XATTR_CONTROL)
-    answer = control.request(address, command, secret)
+    address = _mount_attr(mountpoint, client.XATTR_CONTROL)
+    answer = client.request(address, command, secret)
     if answer.code == 0:
         return
     if answer.code == errno.EACCES and command == "unlock":
@@ -497,9 +492,7 @@ STAT_LINES = [
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pqfs.mount import control
-
-    raw = _mount_attr(args.mountpoint, control.XATTR_STATS)
+    raw = _mount_attr(args.mountpoint, client.XATTR_STATS)
     data = json.loads(raw)
     if args.json:
         print(json.dumps(data, indent=2))

@@ -25,28 +25,20 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
-from pqfs.errors import PqfsError
+from pqfs.mount.client import ANSWER_TIMEOUT as ANSWER_TIMEOUT  # (the client's end: client.py)
+from pqfs.mount.client import XATTR_CONTROL as XATTR_CONTROL
+from pqfs.mount.client import XATTR_STATS as XATTR_STATS
+from pqfs.mount.client import Answer as Answer
+from pqfs.mount.client import request as request
 from pqfs.runtime.zeroize import wipe
 
 log = logging.getLogger("pqfs.mount")
 
-XATTR_CONTROL = b"user.pqfs.control"
-XATTR_STATS = b"user.pqfs.stats"  # the mount's statistics, as JSON (pqfs stats)
 COMMANDS = (b"lock", b"unlock", b"unlock-identity", b"sync")
-ANSWER_TIMEOUT = 120.0  # the client's wait: an unlock runs scrypt and loads the catalog
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-@dataclass
-class Answer:
-    """What a request's handler answers: 0, or an errno and a one-line message."""
-
-    code: int = 0
-    message: str = ""
 
 
 Handler = Callable[[bytes, bytearray, int], Awaitable[Answer]]  # command, secret, caller's uid
@@ -178,35 +170,3 @@ def _peer_uid(conn: trio.socket.SocketType) -> int:
 
 def _line(answer: Answer) -> bytes:
     return (f"{answer.code} {answer.message}".strip() + "\n").encode("utf-8", "replace")
-
-
-def request(address: bytes, command: str, secret: bytes | bytearray = b"") -> Answer:
-    """The client's end: send one request to the daemon whose socket is `address` (as read
-    from the mount's XATTR_CONTROL) and return its answer. A sync or a lock waits for commits
-    (gigabytes to a remote store, each bounded by its --timeout): as long as they take."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(None if command in ("sync", "lock") else ANSWER_TIMEOUT)
-        try:
-            s.connect(b"\0" + address)
-            try:
-                s.sendall(command.encode() + b"\n")
-                if secret:
-                    s.sendall(secret)
-                s.shutdown(socket.SHUT_WR)
-            except BrokenPipeError:
-                pass  # it answered before reading all of it (a refusal): read why
-            reply = b""
-            try:
-                while chunk := s.recv(4096):
-                    reply += chunk
-            except ConnectionResetError:
-                # A refusal is sent before the request is read, and closing a socket with
-                # unread data resets it: the answer, one whole line, has arrived all the same.
-                if not reply.endswith(b"\n"):
-                    raise
-        except OSError as e:
-            raise PqfsError(f"the mount's daemon did not answer: {e.strerror or e}") from None
-    code, _, message = reply.decode("utf-8", "replace").strip().partition(" ")
-    if not code.isdigit():
-        raise PqfsError("the mount's daemon gave no answer")
-    return Answer(int(code), message)

@@ -27,6 +27,8 @@ import trio
 from pqfs.errors import PqfsError
 from pqfs.mount import background, idlepoll
 from pqfs.mount.background import STOP_SIGNALS, close_inherited_fds
+from pqfs.mount.client import FSTYPE as FSTYPE
+from pqfs.mount.client import mount_type as mount_type
 from pqfs.mount.control import ControlServer
 from pqfs.mount.fuseops import Operations
 from pqfs.mount.logs import no_syslog_warning, setup_logging
@@ -37,27 +39,8 @@ from pqfs.vault.vault import Vault
 
 log = logging.getLogger("pqfs.mount")
 
-FSTYPE = "fuse.pqfs"
-
 
 # ------------------------------------------------------------------------- checks ----
-
-
-def mount_type(path: str) -> str | None:
-    """The filesystem type mounted exactly at `path` (from /proc/self/mountinfo), or None."""
-    target = os.path.realpath(path)
-    found = None
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                mp = fields[4].encode().decode("unicode_escape")
-                if mp == target:
-                    found = right.split()[0]  # the last mount on a path is the visible one
-    except OSError:
-        return None
-    return found
 
 
 def check_mountpoint(path: str) -> None:
