@@ -138,6 +138,11 @@ def test_a_file_written_in_order_streams_into_the_vault_as_it_is_written(
         assert s["files_streamed"] == 1 and s["bytes_streamed"] >= 7 << 20
         assert s["files_committed"] == 2 and s["commit_failures"] == 0
         assert (mp / "film.mp4").read_bytes() == film
+        # a streamed file deleted before its commit: its temp object goes (off the loop)
+        (mp / "gone.bin").write_bytes(bytes(film[: 3 << 20]))
+        assert list(vault_dir.rglob(".tmp-*"))
+        (mp / "gone.bin").unlink()
+        wait_for(lambda: not list(vault_dir.rglob(".tmp-*")), "the stream's temp file to go")
     assert vault_files(vault_dir, cli_env) == {"film.mp4": film, "other.mkv": other}
     assert not list(vault_dir.rglob(".tmp-*"))  # the stream given up was removed
     run_pqfs("verify", str(vault_dir), env=cli_env)

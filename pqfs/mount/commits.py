@@ -84,7 +84,7 @@ class Written:
     entry: Entry
 
 
-def _close_all(spills: list[SpillFile | Streaming]) -> None:
+def close_all(spills: list[SpillFile | Streaming]) -> None:
     """On a thread: close spill files (their keys are already gone) and streams (an unfinished
     one's temp file removed)."""
     for s in spills:
@@ -115,11 +115,17 @@ class Commits:
     _tree: Callable[[], Tree]
     appended: set[int]  # segments this mount appended after the tree's head
     _foreign_ops: dict[tuple[int, str], tuple[object, bool] | None]  # (seq, kind) -> theirs
+    to_close: list[SpillFile | Streaming]  # of files dropped: closed on a thread (_drop)
 
     def _drop(self, node: Node) -> None:
+        """A file removed (or given up) with nothing to commit: its staging wiped now, its
+        spill file or stream closed by the committer on a thread (unlinking a large one frees
+        its blocks there and then: tens of ms, too long for the loop)."""
         if node.dirty is not None and node.dirty.committing is None:
-            node.dirty.wipe()
+            node.dirty.wipe(self.to_close)
             node.dirty = None
+            if self.to_close:
+                self._wake.set()
         self.unlinked.pop(node.ino, None)
 
     @property
@@ -154,6 +160,9 @@ class Commits:
                         await self._wake.wait()
             self._wake = trio.Event()
             now = scanned = time.monotonic()
+            if self.to_close:
+                closing, self.to_close = self.to_close, []
+                await self.offload(close_all, closing)
             due = [n for n in self.dirty.values() if self._ready(n, now, False)]
             forced: list[Node] = []
             if self.pressure:
@@ -355,7 +364,7 @@ class Commits:
     def _clean_up(self, closing: list[SpillFile | Streaming], garbage: list[str]) -> None:
         """On a thread: close spill files (their keys are gone already) and delete objects no
         delta names (best effort: gc takes what is left, past its grace)."""
-        _close_all(closing)
+        close_all(closing)
         for object_id in garbage:
             self._delete_soon(object_id)
 

@@ -51,9 +51,9 @@ from pqfs.errors import (
     ReadOnly,
 )
 from pqfs.format.stream import CHUNK
-from pqfs.mount.commits import Commits, Stats, crash_point
+from pqfs.mount.commits import Commits, Stats, close_all, crash_point
 from pqfs.mount.options import MountOptions
-from pqfs.mount.staging import Dirty, StagingBudget, Streaming, open_base
+from pqfs.mount.staging import Dirty, SpillFile, StagingBudget, Streaming, open_base
 from pqfs.mount.tree import Node, Tree
 from pqfs.runtime.memory import wipe
 from pqfs.vault.catalog import del_op, put_op, shown
@@ -137,6 +137,7 @@ class Writes(Commits):
         self.stats = Stats()
         self.appended: set[int] = set()
         self.can_stream = True  # the store takes positional writes (OpenObject), as far as known
+        self.to_close: list[SpillFile | Streaming] = []
         self._foreign_ops: dict[tuple[int, str], tuple[object, bool] | None] = {}
         self.last_failure = ""
         self._round = self.round_lock = trio.Lock()  # one commit round (or reload) at a time
@@ -669,6 +670,8 @@ class Writes(Commits):
         self.dirty.clear()
         self.unlinked.clear()
         self.ops.clear()
+        closing, self.to_close = self.to_close, []
+        close_all(closing)  # (their keys are gone already)
 
     def stats_dict(self) -> dict[str, object]:
         now = time.monotonic()
