@@ -555,7 +555,7 @@ class Commits:
         for old, new in r.moved.items():
             node = tree.by_path(old)
             parent = tree.by_path(old.rpartition("/")[0])
-            new_parent = tree.by_path(new.rpartition("/")[0])
+            new_parent = self._dir_at(tree, new.rpartition("/")[0])
             if node is None or parent is None or new_parent is None or node.children is not None:
                 continue
             if tree.by_path(new) is not None:
@@ -563,6 +563,19 @@ class Commits:
             tree.move(node, parent, old.rpartition("/")[2], new_parent, new.rpartition("/")[2])
             self.mutations += 1
         return [(w, dataclasses.replace(p, path=r.moved.get(p.path, p.path))) for w, p in puts]
+
+    @staticmethod
+    def _dir_at(tree: Tree, path: str) -> Node | None:
+        """The tree's directory at `path`, made (as the catalog implies it) if missing: a
+        conflict copy's parent (`DIR (conflict ...)`) is new. None if a file is in the way."""
+        node = tree.by_path(path)
+        if node is not None or not path:
+            return node if node is not None and node.children is not None else None
+        parent = Commits._dir_at(tree, path.rpartition("/")[0])
+        if parent is None:
+            return None
+        name = path.rpartition("/")[2]
+        return tree.attach(parent, name, Entry(path, "dir", 0o755, time.time_ns()))
 
     def forget_foreign(self, head: int) -> None:
         """The tree was reloaded as of segment `head`: it holds every segment up to it."""

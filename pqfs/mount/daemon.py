@@ -283,6 +283,7 @@ def _serve_on_trio(
 ) -> None:
     """serve(), on a trio loop of this thread's, with the mount's instruments."""
     fs = VaultFS(vault, options)
+    sys.setswitchinterval(options.switch_interval)
     trio.run(serve, fs, mountpoint, allow_other, ready, instruments=[fs.stall, fs.idle])
 
 

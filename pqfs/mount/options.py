@@ -127,6 +127,12 @@ class MountOptions:
     # between taking the op queue and appending, grows with it (~20 us a file).
     commit_files: int = 256
     commit_threads: int = 1  # threads writing a round's objects at once (2 lost to the GIL)
+    # Seconds the loop's thread keeps the GIL while a worker waits for it (sys.setswitchinterval;
+    # Python's default is 5 ms). A commit thread takes the GIL back after each of its system
+    # calls (~6 for a small file): behind a loop busy with a copy of small files, it waited
+    # ~5 ms each time. At 1 ms the copy's writing loop was ~20 % faster and reads no slower
+    # (10,000 files; a 1 GiB cat and random 64 KiB preads, 2026-12-02).
+    switch_interval: float = 0.001
     key_cache_entries: int = 4096  # unwrapped file keys cached (least recently used wiped first)
     spare_eventfds: int = 64  # idle worker wake-up eventfds kept for reuse; more are closed
     direct_slot_bytes: int = 256 << 10  # one O_DIRECT read: up to 3 chunks, aligned both sides
@@ -185,6 +191,7 @@ class MountOptions:
         "hook_timeout",
         "write_timeout",
         "commit_tick",
+        "switch_interval",
     )
 
     def __post_init__(self) -> None:

@@ -13,7 +13,9 @@ so that nothing of either side is lost:
     delete elsewhere);
   * a delete (of a file, or of a directory moved away) of a path at or below which the others
     put something is dropped: their version stays (a directory moved away then stays too,
-    with what it held: duplicates, never a loss);
+    with what it held: duplicates, never a loss); what this writer then puts at or below that
+    path goes below a conflict copy of it instead (`DIR (conflict DATE HOST)/...`), since
+    whatever the delete was to clear is still there;
   * a directory put where the others made a file is dropped (readers would ignore it).
 
 Each rewrite is reported in one line (`Rebased.notes`), which the mount logs. Pure: what the
@@ -151,19 +153,36 @@ def rebase(
     if not foreign:
         return Rebased(list(ops), moved, notes)
 
+    rerooted: dict[str, str] = {}  # a path whose delete was dropped -> its conflict copy
+
     def occupied(p: str) -> bool:
-        return taken(p) or p in foreign.put or p in moved.values()
+        return taken(p) or p in foreign.put or p in moved.values() or p in rerooted.values()
+
+    def under_kept(path: str) -> str | None:
+        """`path` below the conflict copy of a kept path it is at or below, if any."""
+        for a in [path, *_ancestors(path)]:
+            if a in rerooted:
+                return rerooted[a] + path[len(a) :]
+        return None
 
     for op in ops:
         path = op.get("path")
         if not isinstance(path, str):
             out.append(op)
             continue
+        again = under_kept(path)
+        if again is not None:
+            out.append({**op, "path": again})
+            if op.get("op") == "put" and op.get("type") == "file":
+                moved[path] = again
+            continue
         if op.get("op") == "del":
             if path in foreign.put or foreign.put_below(path):
+                rerooted[path] = conflict_path(path, label, occupied, at_root=False)
                 notes.append(
                     f"{shown(path)} was changed by another writer meanwhile: it is kept there "
-                    "(this mount's delete or move of it left the other writer's version)"
+                    "(this mount's delete or move of it left the other writer's version; what "
+                    f"this mount put there since is under {shown(rerooted[path])})"
                 )
                 continue
             out.append(op)
