@@ -156,15 +156,19 @@ class OpenObject:
     def put(self, index: int, plaintext: memoryview | bytes | bytearray) -> None:
         """Chunk `index` (a full chunk that is not the last), encrypted at its offset. One
         caller at a time (the mount's loop, under the file's lock)."""
+        self._encrypt_at(index, plaintext, last=False)
+        self._high = max(self._high, index + 1)
+        if self._low < 0:
+            self._low = index
+
+    def _encrypt_at(self, index: int, pt: memoryview | bytes | bytearray, last: bool) -> None:
+        """Chunk `index` encrypted at its final offset, once (the class's invariant)."""
         if index in self.put_chunks:
             raise VaultError(f"chunk {index} of a new object put twice (a nonce would repeat)")
         self.put_chunks.add(index)
         ct = memoryview(self._ct)
-        n = encrypt_chunk_into(self._aead, index, False, memoryview(plaintext), ct)
+        n = encrypt_chunk_into(self._aead, index, last, memoryview(pt), ct)
         fd_pwriter(self.fd)(ct[:n], self.payload + index * CT_CHUNK)
-        self._high = max(self._high, index + 1)
-        if self._low < 0:
-            self._low = index
 
     def parts_ready(self) -> bool:
         """Whether a part is written whole and not sent yet (send_parts has work): one that
@@ -210,13 +214,8 @@ class OpenObject:
         if not chunks or size != last * (CT_CHUNK - TAG) + len(chunks[-1][1]) or size < 0:
             raise VaultError("an object is finished with its last chunk")
         try:
-            out = memoryview(self._ct)
             for index, pt in chunks:
-                if index in self.put_chunks:
-                    raise VaultError(f"chunk {index} of a new object put twice")
-                self.put_chunks.add(index)
-                n = encrypt_chunk_into(self._aead, index, index == last, memoryview(pt), out)
-                fd_pwriter(self.fd)(out[:n], self.payload + index * CT_CHUNK)
+                self._encrypt_at(index, pt, last=index == last)
             total = self.payload + last * CT_CHUNK + len(chunks[-1][1]) + TAG
             os.ftruncate(self.fd, total)  # (nothing past the last chunk)
             if self.parts is not None:
