@@ -740,14 +740,15 @@ def test_on_change_hook_gets_the_changed_paths(
         new = tmp_path / "new.mkv"
         new.write_bytes(b"new")
         run_pqfs("add", str(root), str(new), "films/new.mkv", env=cli_env)
-        wait_for(out.exists, "the hook's first run")
+        # A whole line, not just the file: the hook opens it before it writes.
+        wait_for(lambda: out.exists() and out.read_text().endswith("\n"), "the hook's first run")
         run = json.loads(out.read_text().splitlines()[0])
         assert run["args"] == ["--", "films/new.mkv"]
         assert run["pw"] is None, "the hook gets no passphrase"
         assert run["creds"] is None, "nor where systemd keeps it"
         assert (mp / "films" / "new.mkv").read_bytes() == b"new"
         run_pqfs("rm", str(root), "films/old.mkv", env=cli_env)
-        wait_for(lambda: len(out.read_text().splitlines()) == 2, "the hook's second run")
+        wait_for(lambda: out.read_text().count("\n") == 2, "the hook's second run")
         assert json.loads(out.read_text().splitlines()[1])["args"] == ["--", "films/old.mkv"]
 
 
