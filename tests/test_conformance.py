@@ -97,6 +97,30 @@ def test_storage_failed_write_leaves_nothing(backend: Backend) -> None:
     assert backend.partial_writes("fail") == 0
 
 
+def test_storage_fresh_writes(backend: Backend) -> None:
+    """A fresh key (a new object's random ID) may be written in place: it reads back whole,
+    is created exclusively (another's object is neither replaced nor removed), and a write
+    that fails leaves nothing, in place or in a temp file."""
+    st = backend.storage("fresh")
+    data = os.urandom(3 * MiB + 7)
+    with st.writer("objects/ab/new", durable=False, fresh=True) as f:
+        f.write(data[:MiB])
+        # locally it is written where it ends, with no temp file; an S3 upload is unseen
+        assert st.exists("objects/ab/new") == (backend.s3 is None)
+        assert backend.partial_writes("fresh") == 0
+        f.write(data[MiB:])
+    st.make_durable()
+    assert st.read_bytes("objects/ab/new") == data
+    with pytest.raises(FileExistsError), st.writer("objects/ab/new", fresh=True) as f:
+        f.write(b"another")
+    assert st.read_bytes("objects/ab/new") == data
+    with pytest.raises(RuntimeError), st.writer("objects/ab/cut", fresh=True) as f:
+        f.write(os.urandom(9 * MiB))
+        raise RuntimeError("the producer failed")
+    assert st.list("") == [("objects/ab/new", len(data))]
+    assert backend.partial_writes("fresh") == 0
+
+
 def test_storage_ranges_of_a_large_object(backend: Backend) -> None:
     """A streamed object of several upload parts reads back exactly, at any offset."""
     rng = random.Random(5)

@@ -157,10 +157,12 @@ class RecordingStorage:
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
-    def writer(self, key: str, exclusive: bool = False, durable: bool = True) -> object:
+    def writer(
+        self, key: str, exclusive: bool = False, durable: bool = True, fresh: bool = False
+    ) -> object:
         kind = "segment" if key.startswith("catalog/") else "object"
         self.events.append(f"{kind}{'' if durable else ' (not durable)'}")
-        return self._inner.writer(key, exclusive, durable)  # type: ignore[attr-defined]
+        return self._inner.writer(key, exclusive, durable, fresh)  # type: ignore[attr-defined]
 
     def put_bytes(self, key: str, data: bytes, exclusive: bool = False) -> None:
         with self.writer(key, exclusive) as f:  # type: ignore[attr-defined]

@@ -439,7 +439,12 @@ class Commits:
             d.base_reader = open_base(self.vault, d.base)
         stream = DirtyStream(d)  # (read at any offset: encrypted in parallel batches)
         try:
-            object_id, header, size = write_object(self.vault, stream, durable=False)  # type: ignore[arg-type]
+            object_id, header, size = write_object(
+                self.vault,
+                stream,  # type: ignore[arg-type]
+                durable=False,
+                in_place=d.size <= SMALL_FILE,  # (gc removes one a crash cut, past its grace)
+            )
         finally:
             stream.close()
         if size != d.size:

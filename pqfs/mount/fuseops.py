@@ -214,9 +214,11 @@ class Operations(pyfuse3.Operations):
         finally:
             wipe_bytes(buf)  # pyfuse3's copy of the plaintext, ours alone: staged by now
 
-    @_boundary
     async def flush(self, fh: int) -> None:
-        pass  # close(2): the commit follows the last release (writes.py)
+        # close(2) waits for this answer; the commit follows the last release (writes.py), so
+        # there is nothing to do here. ENOSYS once tells the kernel never to send a flush
+        # again: a round trip less for every close (a copy of 1,000 small files: 1,000 fewer).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

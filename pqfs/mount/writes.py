@@ -484,6 +484,8 @@ class Writes(Commits):
             if obj.parts_ready():  # (S3: the parts written whole go out, off the loop)
                 await self.offload(obj.send_parts)
                 crash_point("part-sent")
+            elif obj.behind():  # (local: to the disk as it comes, not all at the commit)
+                await self.offload(obj.write_behind)
         except Exception as e:
             if d.streaming is not None:
                 d.streaming.clean = False

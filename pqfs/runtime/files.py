@@ -83,12 +83,43 @@ def preadfull(fd: int, buf: memoryview, offset: int) -> int:
     return total
 
 
-def fd_pwriter(fd: int) -> Callable[[memoryview | bytes, int], None]:
+_libc: ctypes.CDLL | None = None
+
+# A new object's bytes go to the disk as they are written, from this many at once (one
+# system call each): the kernel starts writing back dirty pages only past
+# dirty_background_ratio (10 % of memory: 2.3 GiB on a 23 GiB machine), so a 1 GiB object
+# written whole was still all in memory at its make_durable, which then waited for the disk
+# as long as the writing had taken (a 4 KiB edit of a 1 GiB file: ~1.3 s encrypting, then
+# ~2.3 s syncfs, 2026-12-02). Written behind, the two overlap.
+WRITE_BEHIND = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing the range's dirty pages to the
+    disk, without waiting for them (it waits only while the disk's queue is full: the
+    writer then goes at the disk's pace). Durability still comes from fsync or syncfs; on a
+    filesystem or kernel without it, nothing happens (best effort)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.sync_file_range(
+        fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE
+    )
+
+
+def fd_pwriter(fd: int, write_behind: bool = False) -> Callable[[memoryview | bytes, int], None]:
+    """pwrite(data, offset) writing all of `data`. With `write_behind`, each write of at least
+    WRITE_BEHIND bytes is sent to the disk as it lands (start_writeback)."""
+
     def pwrite(data: memoryview | bytes, offset: int) -> None:
         mv = memoryview(data)
+        start, size = offset, len(mv)
         while mv:
             n = os.pwrite(fd, mv, offset)
             mv, offset = mv[n:], offset + n
+        if write_behind and size >= WRITE_BEHIND:
+            start_writeback(fd, start, size)
 
     return pwrite
 
@@ -105,9 +136,6 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_libc: ctypes.CDLL | None = None
 
 
 def syncfs(fd: int) -> None:

@@ -172,12 +172,16 @@ class Storage(ABC):
 
     @abstractmethod
     def writer(
-        self, key: str, exclusive: bool = False, durable: bool = True
+        self, key: str, exclusive: bool = False, durable: bool = True, fresh: bool = False
     ) -> contextlib.AbstractContextManager[BinaryIO]:
         """Stream a new object; it appears at `key` only when the block exits without error.
         With `exclusive`, FileExistsError if `key` exists (atomic create-if-absent). Without
         `durable`, the block may end before the bytes are on stable storage: for a batch of
-        objects that make_durable() flushes before anything names them (ingest)."""
+        objects that make_durable() flushes before anything names them (ingest).
+        `fresh` (implies `exclusive`): `key` is new and nothing names it until the caller's
+        catalog segment does (a content object's random ID, FORMAT.md §3), so a store may
+        write it in place, where a reader could see it partly written and a crash may leave it
+        cut short: garbage that gc deletes past its grace. On error the store removes it."""
 
     def part_writer(self, key: str, exclusive: bool = False) -> PartWriter | None:
         """A new object sent in numbered parts, in any order (an S3 multipart upload), or None

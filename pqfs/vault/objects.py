@@ -27,7 +27,7 @@ from pqfs.format.stream import (
     encrypt_chunk_into,
     payload_aead,
 )
-from pqfs.runtime.files import fd_pwriter, preadfull
+from pqfs.runtime.files import fd_pwriter, preadfull, start_writeback
 from pqfs.runtime.memory import wipe
 from pqfs.storage.base import ObjectSource, PartWriter, Storage
 from pqfs.vault.schema import Entry
@@ -65,15 +65,22 @@ def write_object(
     recipients: Sequence[Recipient] = (),
     progress: Callable[[int], None] | None = None,
     durable: bool = True,
+    in_place: bool = False,
 ) -> tuple[str, Header, int]:
     """Encrypt a stream into a new content object, to the vault's recipients and `recipients`;
     returns (object id, header, size). Without `durable` the caller makes the batch durable
-    (storage.make_durable) before a catalog segment names the object."""
+    (storage.make_durable) before a catalog segment names the object. `in_place`: written
+    straight under its key (Storage.writer's `fresh`; FORMAT.md §3), for a caller whose
+    objects are small and many (the mount's commit of a copy of small files), where a
+    crash may then leave a cut object that gc removes past its grace; else it appears only
+    whole (a `pqfs add` killed mid-file leaves nothing to see)."""
     object_id = os.urandom(16).hex()
     fk = v.new_file_key(object_id)  # derived where the identity is held (FORMAT.md §2.2)
     try:
-        with v.storage.writer(object_key(object_id), exclusive=True, durable=durable) as f:
-            pw = fd_pwriter(f.fileno()) if hasattr(f, "fileno") else None
+        with v.storage.writer(
+            object_key(object_id), exclusive=True, durable=durable, fresh=in_place
+        ) as f:
+            pw = fd_pwriter(f.fileno(), write_behind=True) if hasattr(f, "fileno") else None
             header, size = encrypt_stream(
                 src, f.write, [*v.recipients, *recipients], progress, pwrite=pw, file_key=fk
             )
@@ -85,6 +92,11 @@ def write_object(
 
 class CannotStream(VaultError):
     """The store takes no writes at any offset (S3): an OpenObject cannot be made there."""
+
+
+# A stream's ciphertext goes to the disk in steps this large (OpenObject.write_behind, one
+# thread hop each, awaited by the writer: a copy then goes no faster than the disk takes it).
+STREAM_WRITE_BEHIND = 8 << 20
 
 
 class OpenObject:
@@ -123,6 +135,7 @@ class OpenObject:
         self._cm: contextlib.AbstractContextManager[BinaryIO] | None = None
         self.parts: PartWriter | None = None
         self._next_part = 2  # the next part send_parts sends (the first goes at finish)
+        self._written_back = 0  # where write_behind got to (a local store)
         self.fd = -1
         self._open = True  # neither finished nor given up
         key = object_key(self.object_id)
@@ -179,6 +192,22 @@ class OpenObject:
             return False
         n = self._next_part
         return n * p.part_size <= self._front() and (n - 1) * p.part_size >= self._start()
+
+    def behind(self) -> bool:
+        """Whether write_behind has work: on a local store, at least STREAM_WRITE_BEHIND bytes
+        put in order since it last ran."""
+        if self.parts is not None or self._low < 0:
+            return False
+        return self._front() - max(self._written_back, self._start()) >= STREAM_WRITE_BEHIND
+
+    def write_behind(self) -> None:
+        """On a thread: start sending to the disk what the stream put since the last call
+        (files.start_writeback: the commit's make_durable then waits for the last few MiB,
+        not for the whole file)."""
+        start, end = max(self._written_back, self._start()), self._front()
+        if end > start:
+            start_writeback(self.fd, start, end - start)
+            self._written_back = end
 
     def _start(self) -> int:
         return self.payload + self._low * CT_CHUNK
